@@ -116,11 +116,28 @@ class StrategySettings(_Section):
     atr_stop_mult: float = Field(1.5, gt=0, le=20)
     reward_risk: float = Field(2.0, gt=0, le=20)
     min_confidence: float = Field(0.55, ge=0, le=1)
+    ema_fast: int = Field(20, gt=1, le=500, description="EMA periods of the trend measure")
+    ema_slow: int = Field(50, gt=1, le=500)
+    rsi_period: int = Field(14, gt=1, le=200)
+    macd_fast: int = Field(12, gt=1, le=200)
+    macd_slow: int = Field(26, gt=1, le=400)
+    macd_signal: int = Field(9, gt=1, le=200)
+    bb_period: int = Field(20, gt=1, le=200)
+    bb_std: float = Field(2.0, gt=0, le=10)
+    bb_rank_window: int = Field(50, gt=1, le=1000, description="bars over which the band width is ranked")
+    adx_period: int = Field(14, gt=1, le=200)
+    volume_period: int = Field(20, gt=1, le=500)
+    swing_window: int = Field(2, ge=1, le=20, description="bars on each side of a fractal swing")
+    ob_lookback: int = Field(10, ge=1, le=200, description="bars searched back for an order block's candle")
+    ob_impulse_atr: float = Field(1.0, ge=0, le=20, description="move, in ATRs, that makes a break impulsive")
+    ob_reach_atr: float = Field(3.0, gt=0, le=50, description="distance, in ATRs, at which an order block stops counting")
 
     @model_validator(mode="after")
     def _some_weight(self):
         if self.w_trend + self.w_structure + self.w_orderblock + self.w_momentum + self.w_volatility <= 0:
             raise ValueError("the score weights w_* must not all be zero")
+        if not (self.ema_fast < self.ema_slow and self.macd_fast < self.macd_slow):
+            raise ValueError("ema_fast < ema_slow and macd_fast < macd_slow must hold")
         return self
 
 class ModelSettings(_Section):
