@@ -28,7 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 "Subcommand -> (module, one-line help)."
 
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "indicators": "tradelab.indicators",
+}
 "Benchmark name -> module defining `bench_arguments(parser)` and `run_bench(args) -> dict`."
 
 # %% ../nbs/90_cli.ipynb #d1ff695d
