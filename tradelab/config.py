@@ -165,6 +165,8 @@ class TradingSettings(_Section):
     taker_fee: float = Field(0.0005, ge=0, le=0.01)
     slippage_bps: float = Field(2.0, ge=0, le=500)
     expiry_s: float = Field(24 * 3600.0, gt=0)
+    funding_rate: float = Field(0.0001, ge=-0.03, le=0.03,
+                                description="funding per 8 h for paper and virtual positions when premiumIndex is not used")
 
     @model_validator(mode="after")
     def _ordered(self):
