@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("tradelab.cli", "print the effective configuration, secrets masked"),
     "bench": ("tradelab.cli", "run a benchmark: tradelab bench NAME [--json]"),
+    "train": ("tradelab.model", "train the scoring model on a training file and export it to ONNX"),
 }
 "Subcommand -> (module, one-line help)."
 
