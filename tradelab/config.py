@@ -184,6 +184,7 @@ class RiskSettings(_Section):
     drawdown_pause: float = Field(0.10, gt=0, lt=1)
     drawdown_halt: float = Field(0.15, gt=0, lt=1)
     reduced_size: float = Field(0.5, gt=0, le=1, description="size multiplier at the reduced level")
+    cooldown_s: float = Field(6 * 3600.0, gt=0, description="a pause on new entries lasts this long before probation")
 
     @model_validator(mode="after")
     def _ordered(self):
