@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("tradelab.cli", "print the effective configuration, secrets masked"),
     "bench": ("tradelab.cli", "run a benchmark: tradelab bench NAME [--json]"),
     "train": ("tradelab.model", "train the scoring model on a training file and export it to ONNX"),
+    "sim": ("tradelab.sim", "serve a local Binance USD-M compatible exchange: replayed or synthetic market"),
 }
 "Subcommand -> (module, one-line help)."
 
