@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHMARKS: dict[str, str] = {
     "indicators": "tradelab.indicators",
     "store": "tradelab.store",
+    "virtual": "tradelab.bench_virtual",
 }
 "Benchmark name -> module defining `bench_arguments(parser)` and `run_bench(args) -> dict`."
 
