@@ -12,7 +12,7 @@ from tradelab.features import MIRROR_EXACT, build_features, measure, mirror_batc
 from tradelab.indicators import adx, atr, bollinger, ema, macd, random_walk, rsi, volume_ratio
 from tradelab.records import Side
 from tradelab.strategy import analyze_batch
-from tradelab.structure import market_structure, order_blocks, swings
+from tradelab.structure import market_structure, nearest_blocks, order_blocks, swings
 
 ANY = StrategySettings(min_confidence=0.0)
 
@@ -106,3 +106,30 @@ def test_structure_and_blocks_match_the_bar_by_bar_rules(window):
         np.testing.assert_array_equal(st.trend[i], trend)
         np.testing.assert_array_equal(ob.bull_index[i], _bull_blocks_by_bar(o[i], h[i], lo[i], c[i], brk, a[i], 8, 0.5))
     assert (ob.bull_index >= 0).any() and (st.choch != 0).any()
+
+
+def _nearest_bull_by_bar(o, h, lo, c, brk, a, lookback, impulse):
+    "Every bullish block ever formed, kept while no close goes below it; the nearest at the end."
+    active = []
+    for t in range(len(c)):
+        if brk[t] > 0:
+            j = next((j for j in range(t - 1, -1, -1) if c[j] < o[j]), -1)
+            if j >= 0 and t - j <= lookback and c[t] - h[j] >= impulse * a[t]: active.append((t, h[j], lo[j]))
+        active = [b for b in active if c[t] >= b[2]]
+    if not active: return np.nan, np.nan
+    _, top, bottom = min(active, key=lambda b: (max(c[-1] - b[1], 0.0), -b[0]))
+    return top, bottom
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nearest_blocks_match_the_bar_by_bar_rules(seed):
+    h, lo, c, _ = random_walk(20, 400, seed=50 + seed)
+    o = np.concatenate([c[:, :1], c[:, :-1]], axis=1)
+    h, lo = np.maximum(h, np.maximum(o, c)), np.minimum(lo, np.minimum(o, c))
+    a = atr(h, lo, c, 14)
+    st = market_structure(h, lo, c, 2)
+    top, bottom, _, _ = nearest_blocks(o, h, lo, c, st, a, lookback=10, impulse_atr=0.5)
+    for i in range(20):
+        ref = _nearest_bull_by_bar(o[i], h[i], lo[i], c[i], st.breaks[i], a[i], 10, 0.5)
+        np.testing.assert_array_equal([top[i], bottom[i]], ref)
+    assert np.isfinite(top).sum() > 5
