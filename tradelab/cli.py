@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 BENCHMARKS: dict[str, str] = {
     "indicators": "tradelab.indicators",
+    "klines": "tradelab.bench_klines",
     "store": "tradelab.store",
     "virtual": "tradelab.bench_virtual",
 }
