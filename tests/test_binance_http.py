@@ -138,7 +138,8 @@ def test_ban_holds_every_request_until_it_ends(market):
             answers = await asyncio.wait_for(asyncio.gather(*tasks), 20)
             return banned, answers, sim.stats(), gov.stats()
     banned, answers, srv, gov = asyncio.run(run())
-    print(f"\nban: {banned} request(s) answered 418 (those in flight), then {srv['requests'] - banned} after the ban, 0 during it")
+    after = srv["requests"] - banned
+    print(f"\nban: {banned} request(s) answered 418 (those in flight), then {after} after the ban, 0 during it")
     assert 1 <= banned <= 10 and all(len(k) == 9 for k in answers)
     assert srv["status_418"] == banned and srv["requests"] == banned + 10 and gov.banned == banned
 
