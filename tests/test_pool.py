@@ -1,0 +1,185 @@
+"""Process-level checks of the pool: real forkserver workers, real ONNX files, real kill -9."""
+import asyncio
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from tradelab.config import load_settings
+from tradelab.errors import SchemaMismatch
+from tradelab.model import FeatureSchema, current_schema, load_model, train_model, write_training_set
+from tradelab.pool import GlobalProcessPool, ParallelAnalyzer, analyze_in_process
+from tradelab.records import MarketBatch, SeriesBatch
+from tradelab.synthetic import synthetic_market
+
+N_SYMBOLS = 60
+
+
+def _model(folder, name: str, weights: np.ndarray, schema: FeatureSchema):
+    "A real model whose win probability follows `weights` over the first features."
+    import pandas as pd
+    rng = np.random.default_rng(len(name))
+    n = 3000
+    X = rng.normal(size=(n, schema.n)).astype(np.float32)
+    logit = X[:, : len(weights)] @ weights
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    frame = pd.DataFrame(X, columns=list(schema.names)).assign(time_ms=np.arange(n), symbol="SYN", label=y)
+    write_training_set(folder / f"{name}.parquet", frame, schema)
+    return train_model(folder / f"{name}.parquet", folder / f"{name}.onnx", schema=schema, max_iter=40).path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder, schema = tmp_path_factory.mktemp("models"), current_schema()
+    return {"a": _model(folder, "a", np.array([2.0, -1.0]), schema),
+            "b": _model(folder, "b", np.array([-2.0, 1.0]), schema),
+            "other_schema": _model(folder, "other", np.array([1.0]), FeatureSchema(schema.version + 1, schema.names))}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    settings, market = load_settings(env={}), synthetic_market(N_SYMBOLS, days=6, seed=3)
+    frames = {tf: SeriesBatch.stack(tf, [market.series(s, tf).klines() for s in market.symbols], settings.data.limit(tf))
+              for tf in settings.data.timeframes}
+    return MarketBatch(tuple(market.symbols), frames, market.span_ms[1])
+
+
+def _settings(**pool):
+    return load_settings(env={}, pool={"workers": 2, "in_process_below": 0, **pool})
+
+
+def _fingerprint(signals):
+    return [(s.symbol, round(s.confidence, 9)) for s in signals]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_model_loads_once_per_worker(models, batch):
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            analyzer = ParallelAnalyzer(pool, settings)
+            stamps = []
+            for _ in range(10):
+                await analyzer.analyze_async(batch)
+                stamps += analyzer.last.workers
+            return pool, stamps
+    pool, stamps = run(go())
+    assert len(pool.reports) == 2 and len({r.pid for r in pool.reports}) == 2
+    assert all(r.model_loads == 1 and r.generation == 1 for r in pool.reports)
+    assert {s.pid for s in stamps} <= {r.pid for r in pool.reports} and all(s.model_loads == 1 for s in stamps)
+    assert pool.pools_created == 1
+
+
+def test_survives_a_killed_worker(models, batch):
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            analyzer = ParallelAnalyzer(pool, settings)
+            before, old = await analyzer.analyze_async(batch), list(pool.pids)
+            os.kill(old[0], signal.SIGKILL)
+            after = await analyzer.analyze_async(batch)
+            report = analyzer.last
+            again = await analyzer.analyze_async(batch)
+            return pool, analyzer, report, old, before, after, again
+    pool, analyzer, report, old, before, after, again = run(go())
+    assert before and _fingerprint(after) == _fingerprint(before) == _fingerprint(again)
+    assert report.rebuilds == 1 and report.skipped == 0
+    assert analyzer.last.rebuilds == 0  # the next cycle runs on the rebuilt pool as usual
+    assert pool.pools_created == 2 and pool.generation == 2
+    assert not set(pool.pids) & set(old) and len(pool.pids) == 2
+
+
+def test_kill_between_cycles_is_retried_once(models, batch):
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            analyzer = ParallelAnalyzer(pool, settings)
+            await analyzer.analyze_async(batch)
+            for pid in pool.pids: os.kill(pid, signal.SIGKILL)
+            signals = await analyzer.analyze_async(batch)
+            return analyzer.last, signals
+    last, signals = run(go())
+    assert last.rebuilds == 1 and last.skipped == 0 and len(signals) > 0
+
+
+def test_new_model_replaces_the_old_between_cycles(models, batch):
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            analyzer = ParallelAnalyzer(pool, settings)
+            first = await analyzer.analyze_async(batch)
+            model_b = await analyzer.replace_model(models["b"])
+            second = await analyzer.analyze_async(batch)
+            return pool, analyzer, first, second, model_b
+    pool, analyzer, first, second, model_b = run(go())
+    a, b = load_model(models["a"]), load_model(models["b"])
+    assert {s.model_version for s in first} == {a.version} and {s.model_version for s in second} == {b.version}
+    assert {r.model_version for r in analyzer.last.workers} == {b.version}
+    assert all(r.model_loads == 1 for r in pool.reports) and pool.pools_created == 2
+    X = np.stack([s.features for s in second])
+    np.testing.assert_allclose([s.model_prob for s in second], b.predict_proba(X), atol=1e-6)
+    p_a, p_b = a.predict_proba(X), b.predict_proba(X)
+    assert np.abs(p_a - p_b).max() > 1e-3  # the two models disagree, so the swap is visible
+
+
+def test_wrong_schema_is_refused_before_the_workers(models, batch):
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            analyzer, pids = ParallelAnalyzer(pool, settings), list(pool.pids)
+            with pytest.raises(SchemaMismatch, match=r"schema version \d+; this tradelab computes version \d+"):
+                await analyzer.replace_model(models["other_schema"])
+            signals = await analyzer.analyze_async(batch)
+            return pool, pids, signals
+    pool, pids, signals = run(go())
+    assert pool.pids == pids and pool.pools_created == 1
+    assert {s.model_version for s in signals} == {load_model(models["a"]).version}
+    fresh = GlobalProcessPool(_settings().pool, models["other_schema"])
+    with pytest.raises(SchemaMismatch):
+        fresh.start()
+    assert fresh.pools_created == 0 and not fresh.started
+
+
+def test_a_task_past_its_timeout_is_skipped_and_the_pool_recovers(models, batch):
+    async def go():
+        async with GlobalProcessPool(_settings().pool, models["a"]) as pool:
+            hurried = ParallelAnalyzer(pool, _settings(task_timeout_s=1e-4))
+            skipped = await hurried.analyze_async(batch)
+            report = hurried.last
+            normal = await ParallelAnalyzer(pool, _settings()).analyze_async(batch)
+            return pool, report, skipped, normal
+    pool, report, skipped, normal = run(go())
+    assert skipped == [] and report.skipped == N_SYMBOLS and report.rebuilds == 1
+    assert pool.generation == 2 and len(normal) > 0
+
+
+def test_pool_and_in_process_agree(models, batch):
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            pooled = await ParallelAnalyzer(pool, settings).analyze_async(batch)
+        local = _settings(workers=0)
+        async with GlobalProcessPool(local.pool, models["a"]) as here:
+            analyzer = ParallelAnalyzer(here, local)
+            return pooled, await analyzer.analyze_async(batch), analyzer.last, here
+    pooled, inproc, last, here = run(go())
+    assert last.in_process and here.pools_created == 0
+    assert _fingerprint(pooled) == _fingerprint(inproc)
+    direct = analyze_in_process(batch, _settings().strategy, load_model(models["a"]), 0.5).signals
+    assert sorted(_fingerprint(direct)) == sorted(_fingerprint(inproc))
+
+
+def test_the_event_loop_keeps_running_during_a_cycle(models, batch):
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            task = asyncio.ensure_future(ParallelAnalyzer(pool, settings).analyze_async(batch))
+            for _ in range(3): await asyncio.sleep(0)
+            running = not task.done()
+            return running, await task
+    running, signals = run(go())
+    assert running and signals
