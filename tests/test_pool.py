@@ -183,3 +183,22 @@ def test_the_event_loop_keeps_running_during_a_cycle(models, batch):
             return running, await task
     running, signals = run(go())
     assert running and signals
+
+
+def test_symbols_that_fail_are_dropped_one_line_each(models, batch, caplog):
+    "A batch whose 5m closes are one bar short breaks every symbol: each is dropped and logged once, the cycle survives."
+    broken = batch.take(slice(0, 8))
+    broken.frames["5m"].close = broken.frames["5m"].close[:, :-1]
+
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            analyzer = ParallelAnalyzer(pool, settings)
+            with caplog.at_level("WARNING", logger="tradelab.pool"):
+                dropped = await analyzer.analyze_async(broken)
+            report = analyzer.last
+            return dropped, report, await analyzer.analyze_async(batch)
+    dropped, report, healthy = run(go())
+    assert dropped == [] and report.failed == broken.symbols and report.skipped == 0
+    assert sorted(r.getMessage().split()[0] for r in caplog.records if r.name == "tradelab.pool") == sorted(broken.symbols)
+    assert healthy
