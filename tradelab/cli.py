@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHMARKS: dict[str, str] = {
     "indicators": "tradelab.indicators",
     "klines": "tradelab.bench_klines",
+    "sim": "tradelab.sim",
     "store": "tradelab.store",
     "virtual": "tradelab.bench_virtual",
 }
