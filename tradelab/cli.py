@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 "Subcommand -> (module, one-line help)."
 
 BENCHMARKS: dict[str, str] = {
+    "analysis": "tradelab.bench_analysis",
     "indicators": "tradelab.indicators",
     "klines": "tradelab.bench_klines",
     "sim": "tradelab.sim",
