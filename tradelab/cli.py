@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("tradelab.cli", "run a benchmark: tradelab bench NAME [--json]"),
     "train": ("tradelab.model", "train the scoring model on a training file and export it to ONNX"),
     "sim": ("tradelab.sim", "serve a local Binance USD-M compatible exchange: replayed or synthetic market"),
+    "run": ("tradelab.runner", "run the bot headless: paper trading against the configured exchange until SIGINT/SIGTERM"),
+    "demo": ("tradelab.runner", "the whole system offline: simulator and bot at high speed, then a summary"),
 }
 "Subcommand -> (module, one-line help)."
 
