@@ -140,3 +140,14 @@ def test_command_replays_real_data_with_faults():
     finally:
         code = sim.stop()
     assert code == 0
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--data", "/nonexistent/klines.parquet"], 1, "/nonexistent/klines.parquet: no such kline file"),
+    (["--synthetic", "3", "--days", "1", "--speed", "0"], 2, "--speed: the clock speed must be > 0"),
+    (["--synthetic", "3", "--days", "1", "--error-rate", "1.5"], 2, "faults.error_rate must be in [0, 1]"),
+    (["--synthetic", "3", "--start", "soon"], 2, "--start: 'soon'"),
+])
+def test_command_refuses_bad_arguments(args, code, words):
+    done = subprocess.run([TRADELAB, "sim", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == code and words in done.stderr, done.stderr
