@@ -2,6 +2,8 @@
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -202,3 +204,14 @@ def test_symbols_that_fail_are_dropped_one_line_each(models, batch, caplog):
     assert dropped == [] and report.failed == broken.symbols and report.skipped == 0
     assert sorted(r.getMessage().split()[0] for r in caplog.records if r.name == "tradelab.pool") == sorted(broken.symbols)
     assert healthy
+
+
+def test_a_script_without_main_guard_fails_fast(tmp_path):
+    "Workers import the main script again; without the guard they die at once, and start() says so at once."
+    script = tmp_path / "unguarded.py"
+    script.write_text("from tradelab.config import load_settings\n"
+                      "from tradelab.pool import GlobalProcessPool\n"
+                      "GlobalProcessPool(load_settings(env={}, pool={'workers': 2}).pool).start().close()\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1
+    assert "tradelab.errors.ModelError: a pool worker process exited while starting" in out.stderr
