@@ -22,18 +22,11 @@ from .sim import SimServer
 from .synthetic import synthetic_market
 
 # %% auto #0
-__all__ = ['Key', 'POLICIES', 'SteppedClock', 'drive', 'FullRefetch', 'SeedTTL', 'Tradelab', 'Staleness', 'run_policy',
-           'bench_klines', 'bench_arguments', 'run_bench']
+__all__ = ['Key', 'POLICIES', 'drive', 'FullRefetch', 'SeedTTL', 'Tradelab', 'Staleness', 'run_policy', 'bench_klines',
+           'bench_arguments', 'run_bench']
 
 # %% ../nbs/19_bench_klines.ipynb #9a99bc06
-class SteppedClock(TestClock):
-    "A `TestClock` that tells when its earliest sleeper is due."
-    __slots__ = ()
-    def next_wake_ms(self) -> int | None:
-        "The time the earliest pending `sleep` ends; None if nothing sleeps."
-        return self._sleepers[0][0] if self._sleepers else None
-
-async def drive(clock: SteppedClock, work, governor: WeightGovernor, poll_s: float = 0.02):
+async def drive(clock: TestClock, work, governor: WeightGovernor, poll_s: float = 0.02):
     "Await `work`; whenever no request is in flight and something sleeps on `clock`, move the clock to it."
     task = asyncio.ensure_future(work)
     while True:
@@ -124,7 +117,7 @@ def _settings_for(base: Settings, url: str) -> Settings:
 async def run_policy(name: str, market: Market, settings: Settings, start_ms: int, cycles: int,
                      cycle_s: float = 60.0) -> dict:
     "Run policy `name` for `cycles` cycles from `start_ms`; its requests, weight, time, staleness and refusals."
-    clock = SteppedClock(start_ms)
+    clock = TestClock(start_ms)
     async with SimServer(market, clock) as sim:
         s = _settings_for(settings, sim.url)
         async with BinanceClient(s.exchange, clock) as client:

@@ -74,6 +74,10 @@ class TestClock:
             if not fut.done(): fut.set_result(None)
 
     def advance(self, seconds: float) -> None: self.set_ms(self._now + int(seconds * 1000))
+
+    def next_wake_ms(self) -> int | None:
+        "When the earliest pending `sleep` ends; None if nothing sleeps (a driver can jump straight there)."
+        return self._sleepers[0][0] if self._sleepers else None
     def __repr__(self): return f"TestClock(now_ms={self._now}, sleepers={len(self._sleepers)})"
 
 # %% ../nbs/02_clock.ipynb #af3efb35
