@@ -64,7 +64,11 @@ def _bot_env(url: str) -> dict:
     over = {"EXCHANGE__BASE_URL": url, "EXCHANGE__MAX_RETRIES": "2", "BOT__SCAN_INTERVAL_S": "2",
             "BOT__MONITOR_INTERVAL_S": "1", "DATA__TIMEFRAMES": '["15m", "5m", "1m"]',
             "DATA__LIMITS": '{"15m": 100, "5m": 100, "1m": 100}', "UNIVERSE__TOP_N": str(N_SYMBOLS),
-            "STRATEGY__MIN_CONFIDENCE": "0.5", "TRADING__EXPIRY_S": str(EXPIRY_S), "TRADING__RISK_PER_TRADE": "0.0025"}
+            "STRATEGY__MIN_CONFIDENCE": "0.5", "TRADING__EXPIRY_S": str(EXPIRY_S), "TRADING__RISK_PER_TRADE": "0.0025",
+            # one real position at a time, so the other signals are followed as virtual positions
+            "TRADING__MAX_TRADES": "1", "TRADING__MAX_OPEN_POSITIONS": "1",
+            # positions that expire after seconds mostly lose their fees: keep the breaker from pausing entries
+            "RISK__LOSSES_REDUCE": "50", "RISK__LOSSES_PAUSE": "60", "RISK__LOSSES_HALT": "70"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRADELAB_")}
     return env | {f"TRADELAB_{k}": v for k, v in over.items()}
 
@@ -105,8 +109,9 @@ def test_sigkill_mid_cycle_then_restart_loses_and_duplicates_nothing(sim, tmp_pa
         def ready():
             try: r = _rows(db)
             except sqlite3.OperationalError: return False     # not created or not migrated yet
-            return _state(r, "OPEN") and _state(r, "CLOSED") and _in_flight(sim) > 0
-        _wait(ready, 90, "open and closed positions, and a monitor request in flight", poll_s=0.01)
+            open_kinds = {v[0] for v in _state(r, "OPEN").values()}
+            return open_kinds == {"REAL", "VIRTUAL"} and _state(r, "CLOSED") and _in_flight(sim) > 0
+        _wait(ready, 90, "open real and virtual positions, closed ones, and a monitor request in flight", poll_s=0.01)
         os.killpg(bot.pid, signal.SIGKILL)                   # the bot and its pool workers, mid-request
         killed_ms = _get(f"{sim}/_sim/clock")["now_ms"]      # exchange time of the kill
         bot.wait(timeout=10)
