@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 BENCHMARKS: dict[str, str] = {
     "analysis": "tradelab.bench_analysis",
+    "bot": "tradelab.bench_bot",
     "indicators": "tradelab.indicators",
     "klines": "tradelab.bench_klines",
     "sim": "tradelab.sim",
