@@ -23,7 +23,7 @@ from .clock import SimClock, sleep_until
 from .config import Settings, load_settings
 from .errors import ConfigError
 from .loops import CycleRecord
-from .market import Market
+from .market import Market, load_parquet_market
 from .positions import Kind
 from .sim import SimServer
 from .synthetic import synthetic_market
@@ -85,10 +85,17 @@ def demo_settings(sim_url: str, home: str | Path, symbols: int, config: str | No
     over = _merge(DEMO_OVERRIDES, {"exchange": {"base_url": sim_url}, "universe": {"top_n": symbols}})
     return load_settings(config, env=env, home=str(home), **over)
 
-def demo_market(symbols: int, hours: float, seed: int) -> tuple[Market, int]:
-    "A synthetic market long enough for `hours` after `HISTORY_DAYS` of history, and the moment the demo starts."
-    market = synthetic_market(symbols, HISTORY_DAYS + hours / 24 + 0.5, seed)
-    return market, market.span_ms[0] + HISTORY_DAYS * 86_400_000
+def demo_market(symbols: int, hours: float, seed: int, data: str | Path | None = None) -> tuple[Market, int]:
+    "The demo's market (synthetic, or the real klines file `data`) and its start, `HISTORY_DAYS` in."
+    if data is None: market = synthetic_market(symbols, HISTORY_DAYS + hours / 24 + 0.5, seed)
+    else:
+        info = Path(data).with_name("exchange_info.json")
+        market = load_parquet_market(data, exchange_info=info if info.exists() else None)
+    start = market.span_ms[0] + HISTORY_DAYS * 86_400_000
+    if start + hours * 3_600_000 > market.span_ms[1]:
+        left_h = (market.span_ms[1] - start) / 3.6e6
+        raise ConfigError(f"--hours {hours:g}: {market!r} ends {left_h:.1f} h after the demo's start")
+    return market, start
 
 # %% ../nbs/51_runner.ipynb #eac5c81e
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ def _summary(bot: TradingBot, sim: SimServer, args, wall_s: float, home: str | N
 async def run_demo(args, home: str) -> tuple[DemoSummary, TradingBot]:
     "Simulator and bot for `args.hours` simulated hours at `args.speed`; the summary and the stopped bot."
     t0 = time.perf_counter()
-    market, start = await asyncio.to_thread(demo_market, args.symbols, args.hours, args.seed)
+    market, start = await asyncio.to_thread(demo_market, args.symbols, args.hours, args.seed, args.data)
     clock = SimClock(start, args.speed)
     async with SimServer(market, clock) as sim:
         bot = TradingBot(demo_settings(sim.url, home, args.symbols, args.config, args.env), clock=clock)
@@ -177,6 +184,7 @@ def cli_demo_arguments(p) -> None:
     p.add_argument("--speed", type=float, default=240.0, help="simulated seconds per real second (default 240)")
     p.add_argument("--symbols", type=int, default=40, help="synthetic symbols in the market and the universe (default 40)")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic market (default 7)")
+    p.add_argument("--data", metavar="PARQUET", help="replay real 1m klines from this file instead (e.g. klines_1m.parquet)")
     p.add_argument("--home", help="keep the database and caches here (default: a temporary directory, removed)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
