@@ -125,7 +125,7 @@ class DemoSummary:
     requests: int
     weight: int
     stage_ms: dict = field(default_factory=dict)
-    home: str = ""
+    home: str | None = None
 
     def to_json(self) -> str: return json.dumps(asdict(self), indent=None)
 
@@ -155,7 +155,7 @@ def _summary(bot: TradingBot, sim: SimServer, args, wall_s: float, home: str | N
         model=None if c.pool.model is None else c.pool.model.version,
         price_requests=st["endpoints"].get(TICKER_PRICE, {}).get("requests", 0), requests=st["requests"], weight=st["weight"],
         stage_ms={"scan": stage_summary(list(bot.scan.history)), "monitor": stage_summary(list(bot.monitor.history))},
-        home=home or "")
+        home=home)
 
 async def run_demo(args, home: str) -> tuple[DemoSummary, TradingBot]:
     "Simulator and bot for `args.hours` simulated hours at `args.speed`; the summary and the stopped bot."
