@@ -271,9 +271,11 @@ def _describe(err: ValidationError) -> str:
     "One line per problem, each naming the config key."
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        got = "" if e["type"] in ("extra_forbidden", "missing") or key == "(root)" else f" (got {e.get('input')!r})"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error" and not isinstance(e.get("input"), (str, int, float)):
+            lines.append(f"config key '{key}': {msg}" if key else msg); continue   # a rule across keys names them itself
+        got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e.get('input')!r})"
         lines.append(f"config key '{key}': {msg}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

@@ -29,8 +29,9 @@ from .sim import SimServer
 from .synthetic import synthetic_market
 
 # %% auto #0
-__all__ = ['log', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'serve', 'cli_run_arguments', 'cli_run', 'demo_settings', 'demo_market',
-           'DemoSummary', 'stage_summary', 'run_demo', 'cli_demo_arguments', 'check_demo_home', 'cli_demo']
+__all__ = ['log', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'serve', 'cli_run_arguments', 'cli_run', 'at_url',
+           'demo_settings', 'demo_market', 'DemoSummary', 'stage_summary', 'run_demo', 'cli_demo_arguments',
+           'check_demo_home', 'cli_demo']
 
 # %% ../nbs/51_runner.ipynb #f7506e14
 log = logging.getLogger(__name__)
@@ -78,6 +79,13 @@ def _merge(a: dict, b: Mapping) -> dict:
     out = dict(a)
     for k, v in b.items(): out[k] = _merge(out.get(k, {}), v) if isinstance(v, Mapping) else v
     return out
+
+PENDING_URL = "http://127.0.0.1"
+"Where the demo's settings point until the simulator has its port."
+
+def at_url(settings: Settings, url: str) -> Settings:
+    "`settings` with `exchange.base_url` set to `url` (an address the program chose, so already valid)."
+    return settings.model_copy(update={"exchange": settings.exchange.model_copy(update={"base_url": url.rstrip("/")})})
 
 def demo_settings(sim_url: str, home: str | Path, symbols: int, config: str | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
@@ -160,10 +168,11 @@ def _summary(bot: TradingBot, sim: SimServer, args, wall_s: float, home: str | N
 async def run_demo(args, home: str) -> tuple[DemoSummary, TradingBot]:
     "Simulator and bot for `args.hours` simulated hours at `args.speed`; the summary and the stopped bot."
     t0 = time.perf_counter()
+    settings = demo_settings(PENDING_URL, home, args.symbols, args.config, args.env)   # bad settings stop us here
     market, start = await asyncio.to_thread(demo_market, args.symbols, args.hours, args.seed, args.data)
     clock = SimClock(start, args.speed)
     async with SimServer(market, clock) as sim:
-        bot = TradingBot(demo_settings(sim.url, home, args.symbols, args.config, args.env), clock=clock)
+        bot = TradingBot(at_url(settings, sim.url), clock=clock)
         try:
             await bot.initialize()
             bot.start()
