@@ -87,9 +87,9 @@ def _rank_last(x: np.ndarray, window: int) -> np.ndarray:
     return np.where(np.isnan(cur[:, 0]), np.nan, np.where(cnt > 0, (less + 0.5 * eq) / np.maximum(cnt, 1), 0.5))
 
 def _volatility(f: SeriesBatch, a: np.ndarray, s: StrategySettings) -> dict[str, np.ndarray]:
-    up, mid, lo, width = bollinger(f.close, s.bb_period, s.bb_std)
-    x_adx, pdi, mdi = adx(f.high, f.low, f.close, s.adx_period)
-    vr = volume_ratio(f.volume, s.volume_period)[:, -1]
+    up, mid, lo, width = bollinger(f.close[:, -(s.bb_rank_window + s.bb_period - 1):], s.bb_period, s.bb_std)
+    x_adx, pdi, mdi = adx(f.high, f.low, f.close, s.adx_period, a if s.adx_period == s.atr_period else None)
+    vr = volume_ratio(f.volume[:, -(s.volume_period + 1):], s.volume_period)[:, -1]
     c_t, band = f.close[:, -1], up[:, -1] - lo[:, -1]
     with np.errstate(divide="ignore", invalid="ignore"):
         return {

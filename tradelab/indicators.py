@@ -44,8 +44,9 @@ LOOP_FROM_ROWS = 400
 def _smooth_filter(a: np.ndarray, s: np.ndarray, alpha: float, period: int) -> np.ndarray:
     m, n = a.shape
     y = np.full((m, n), np.nan)
-    for start in np.unique(s[s < n]):
-        g = np.flatnonzero(s == start)
+    starts = np.unique(s[s < n])
+    for start in starts:
+        g = slice(None) if len(starts) == 1 and (s == start).all() else np.flatnonzero(s == start)   # slices copy nothing
         seed = a[g, start - period + 1:start + 1].mean(axis=1)
         y[g, start] = seed
         if start + 1 < n:
@@ -163,14 +164,15 @@ def bollinger(close, period: int = 20, k: float = 2.0) -> tuple[np.ndarray, np.n
     return up, mid, lo, (up - lo) / mid
 
 # %% ../nbs/20_indicators.ipynb #0131c029
-def adx(high, low, close, period: int = 14) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    "Wilder's ADX with +DI and -DI, all in [0, 100]."
+def adx(high, low, close, period: int = 14, atr_values=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Wilder's ADX with +DI and -DI, all in [0, 100]; `atr_values`: the ATR of the same `period`, if already computed."
     (h, one), (lo, _), (c, _) = _rows(high), _rows(low), _rows(close)
     up, down = _diff(h), -_diff(lo)
     nan = np.isnan(up) | np.isnan(down)
     pdm = np.where(nan, np.nan, np.where((up > down) & (up > 0), up, 0.0))
     mdm = np.where(nan, np.nan, np.where((down > up) & (down > 0), down, 0.0))
-    tr = wilder(true_range(h, lo, c), period)
+    tr = wilder(true_range(h, lo, c), period) if atr_values is None else _rows(atr_values)[0]
+    if tr.shape != h.shape: raise DataError(f"atr_values has shape {tr.shape}, the prices {h.shape}")
     with np.errstate(divide="ignore", invalid="ignore"):   # a market that never moved: TR 0, DI undefined
         pdi = 100.0 * wilder(pdm, period) / tr
         mdi = 100.0 * wilder(mdm, period) / tr

@@ -108,26 +108,26 @@ class OrderBlocks:
                f"{int((self.bear_index[..., -1] >= 0).sum())} bearish)"
 
 # %% ../nbs/21_structure.ipynb #f2abd33d
-def _formations(o, h, lo, c, brk, atr, lookback, impulse, sign) -> tuple[np.ndarray, np.ndarray]:
-    "Bars where a block of one side (`sign` +1 bullish, -1 bearish) forms, and the index of its candle."
-    m, n = c.shape
-    r = np.arange(m)[:, None]
-    opposite = sign * (c - o) < 0
-    j = np.full((m, n), -1)
-    j[:, 1:] = _ffill_index(opposite)[:, :-1]             # last opposite candle strictly before t
-    jj = np.maximum(j, 0)
-    far = np.where(sign > 0, h[r, jj], lo[r, jj])          # the side of the candle the move must leave
+def _formations(o, h, lo, c, brk, atr, lookback, impulse, sign) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Where blocks of one side (`sign` +1 bullish, -1 bearish) form: row, bar, and the bar of the block's candle."
+    last_opposite = _ffill_index(sign * (c - o) < 0)
+    rows, bars = np.nonzero(brk[:, 1:] == sign)            # breaks are rare: the rest is evaluated at them only
+    bars = bars + 1
+    j = last_opposite[rows, bars - 1]                      # last opposite candle strictly before the break
+    far = (h if sign > 0 else lo)[rows, np.maximum(j, 0)]  # the side of the candle the move must leave
     with np.errstate(invalid="ignore"):
-        form = (brk == sign) & (j >= 0) & (np.arange(n) - j <= lookback) & (sign * (c - far) >= impulse * atr)
-    return form, j
+        ok = (j >= 0) & (bars - j <= lookback) & (sign * (c[rows, bars] - far) >= impulse * atr[rows, bars])
+    return rows[ok], bars[ok], j[ok]
 
 def _side_blocks(o, h, lo, c, brk, atr, lookback, impulse, sign):
     "Active blocks of one side per bar: top, bottom, candle index."
     r = np.arange(c.shape[0])[:, None]
-    form, j = _formations(o, h, lo, c, brk, atr, lookback, impulse, sign)
+    rows, bars, j = _formations(o, h, lo, c, brk, atr, lookback, impulse, sign)
+    form, candle = np.zeros(c.shape, bool), np.full(c.shape, -1)
+    form[rows, bars], candle[rows, bars] = True, j
     k = _ffill_index(form)                                 # bar that formed the current block
     kk = np.maximum(k, 0)
-    cand = np.where(k >= 0, j[r, kk], -1)
+    cand = np.where(k >= 0, candle[r, kk], -1)
     top, bottom = np.where(cand >= 0, h[r, np.maximum(cand, 0)], np.nan), np.where(cand >= 0, lo[r, np.maximum(cand, 0)], np.nan)
     through = np.cumsum(sign * (c - np.where(sign > 0, bottom, top)) < 0, axis=1)
     alive = (cand >= 0) & (through == through[r, kk])      # no close through the block since it formed
@@ -145,18 +145,21 @@ def order_blocks(open_, high, low, close, structure: Structure, atr, lookback: i
 
 # %% ../nbs/21_structure.ipynb #70b3204a
 def _nearest_side(o, h, lo, c, brk, atr, lookback, impulse, sign) -> tuple[np.ndarray, np.ndarray]:
-    form, j = _formations(o, h, lo, c, brk, atr, lookback, impulse, sign)
-    m, n = c.shape
-    r, jj = np.arange(m)[:, None], np.maximum(j, 0)
-    top, bottom = h[r, jj], lo[r, jj]
+    rows, bars, j = _formations(o, h, lo, c, brk, atr, lookback, impulse, sign)
+    m = c.shape[0]
+    top, bottom = h[rows, j], lo[rows, j]
+    near, far = (top, bottom) if sign > 0 else (bottom, top)
     ext = (np.minimum if sign > 0 else np.maximum).accumulate(c[:, ::-1], axis=1)[:, ::-1]
     after = np.concatenate([ext[:, 1:], np.full((m, 1), np.inf * sign)], axis=1)   # extreme close after each bar
-    alive = form & (sign * (after - np.where(sign > 0, bottom, top)) >= 0)
-    gap = np.maximum(sign * (c[:, -1:] - np.where(sign > 0, top, bottom)), 0.0)
-    key = np.where(alive, gap, np.inf)
-    k = n - 1 - np.argmin(key[:, ::-1], axis=1)            # reversed: the latest of equal gaps
-    found = np.isfinite(key[np.arange(m), k])
-    return np.where(found, top[np.arange(m), k], np.nan), np.where(found, bottom[np.arange(m), k], np.nan)
+    gap = np.maximum(sign * (c[rows, -1] - near), 0.0)
+    with np.errstate(invalid="ignore"):
+        keep = (sign * (after[rows, bars] - far) >= 0) & np.isfinite(gap)
+    rows, bars, gap, top, bottom = rows[keep], bars[keep], gap[keep], top[keep], bottom[keep]
+    order = np.lexsort((-bars, gap, rows))                 # per row: smallest gap, then the latest block
+    first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]] if order.size else order
+    out_top, out_bottom = np.full(m, np.nan), np.full(m, np.nan)
+    out_top[rows[first]], out_bottom[rows[first]] = top[first], bottom[first]
+    return out_top, out_bottom
 
 def nearest_blocks(open_, high, low, close, structure: Structure, atr, lookback: int = 10,
                    impulse_atr: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
