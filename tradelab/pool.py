@@ -13,7 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from .records import MarketBatch, SeriesBatch, Signal
 from .strategy import analyze_batch
 
 # %% auto #0
-__all__ = ['log', 'START_METHOD', 'PRELOAD', 'START_TIMEOUT_S', 'Task', 'WorkerReport', 'worker_report', 'rendezvous',
+__all__ = ['log', 'GROWTH', 'START_METHOD', 'PRELOAD', 'START_TIMEOUT_S', 'Task', 'WorkerReport', 'worker_report', 'rendezvous',
            'predict_chunk', 'BatchRef', 'SharedBatch', 'chunk_bounds', 'split_batch', 'ChunkResult',
            'analyze_in_process', 'analyze_chunk', 'analyze_shared', 'default_workers', 'GlobalProcessPool',
            'rank_signals', 'CycleReport', 'ParallelAnalyzer']
@@ -39,18 +39,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class WorkerReport:
-    "What a worker says about itself: its pid, pool generation, model loads so far and model version."
+    "What a worker says about itself: pid, pool generation, model loads, model version, shared blocks mapped."
     pid: int
     generation: int
     model_loads: int
     model_version: str | None
+    blocks_mapped: int = 0
 
 class _WorkerState:
-    __slots__ = ("pid", "generation", "model", "model_loads", "peers")
+    __slots__ = ("pid", "generation", "model", "model_loads", "peers", "block", "blocks_mapped")
     def __init__(self, generation: int, peers=None):
         self.pid, self.generation, self.model, self.model_loads, self.peers = os.getpid(), generation, None, 0, peers
+        self.block: SharedMemory | None = None
+        self.blocks_mapped = 0
     def report(self) -> WorkerReport:
-        return WorkerReport(self.pid, self.generation, self.model_loads, self.model.version if self.model else None)
+        return WorkerReport(self.pid, self.generation, self.model_loads, self.model.version if self.model else None,
+                            self.blocks_mapped)
 
 _worker: _WorkerState | None = None
 
@@ -106,23 +110,45 @@ class BatchRef:
         return MarketBatch(self.symbols, {k: SeriesBatch(iv, **c) for (k, iv), c in cols.items()}, self.now_ms)
 
 # %% ../nbs/25_pool.ipynb #223cba62
+GROWTH = 1.25
+"A block that is too small is replaced by one this much larger than the batch that did not fit."
+
 class SharedBatch:
-    "A market batch copied once into a shared-memory block; tasks get `BatchRef`s to rows of it."
-    def __init__(self, batch: MarketBatch):
-        arrays = [(k, f.interval, c, np.ascontiguousarray(getattr(f, c))) for k, f in batch.frames.items() for c in _COLUMNS]
+    "A shared-memory block holding one market batch at a time, rewritten each cycle; tasks get `BatchRef`s to its rows."
+    def __init__(self, batch: MarketBatch | None = None):
+        self.shm: SharedMemory | None = None
+        self.layout: tuple = ()
+        self.symbols: tuple[str, ...] = ()
+        self.now_ms = self.writes = self.blocks_created = 0
+        if batch is not None: self.write(batch)
+
+    def write(self, batch: MarketBatch) -> SharedBatch:
+        "Copy `batch` into the block; a larger block replaces it first when the batch does not fit."
+        arrays = [(k, f.interval, c, getattr(f, c)) for k, f in batch.frames.items() for c in _COLUMNS]
         offsets = np.cumsum([0] + [-(-a.nbytes // 64) * 64 for *_, a in arrays]).tolist()
-        self.shm = SharedMemory(create=True, size=max(offsets[-1], 1))
+        if self.shm is None or self.shm.size < offsets[-1]:
+            self._unlink()
+            self.shm = SharedMemory(create=True, size=max(int(offsets[-1] * GROWTH), 64))
+            self.blocks_created += 1
         self.layout = tuple((k, iv, c, a.dtype.str, a.shape, o) for (k, iv, c, a), o in zip(arrays, offsets, strict=False))
         for (*_, a), (*_, o) in zip(arrays, self.layout, strict=True): np.ndarray(a.shape, a.dtype, self.shm.buf, o)[...] = a
-        self.symbols, self.now_ms = batch.symbols, batch.now_ms
+        self.symbols, self.now_ms, self.writes = batch.symbols, batch.now_ms, self.writes + 1
+        return self
 
     def ref(self, start: int, stop: int) -> BatchRef:
+        if self.shm is None: raise StateError("the shared batch holds no block: write() a batch first")
         return BatchRef(self.shm.name, self.layout, start, stop, self.symbols[start:stop], self.now_ms)
+
+    def _unlink(self) -> None:
+        shm, self.shm = self.shm, None
+        if shm is not None:
+            shm.close()
+            shm.unlink()
 
     def close(self) -> None:
         "Release and remove the block (workers that still map it keep their mapping until they let go)."
-        self.shm.close()
-        self.shm.unlink()
+        self._unlink()
+        self.layout, self.symbols = (), ()
 
     def __enter__(self) -> SharedBatch: return self
     def __exit__(self, *exc) -> None: self.close()
@@ -164,12 +190,19 @@ def analyze_chunk(batch: MarketBatch, strategy, blend: float) -> ChunkResult:
     "Pool task: analyse a pickled `batch` with this worker's model."
     return _stamped(analyze_in_process(batch, strategy, _worker.model if _worker else None, blend))
 
+def _mapped(name: str) -> SharedMemory:
+    "This worker's mapping of block `name`, kept across tasks; the mapping of a replaced block is let go."
+    if _worker is None: raise StateError("pool tasks run in pool workers only")
+    held = _worker.block
+    if held is not None and held.name == name: return held
+    if held is not None:
+        with contextlib.suppress(BufferError): held.close()  # a view still alive: the mapping goes with it
+    _worker.block, _worker.blocks_mapped = SharedMemory(name), _worker.blocks_mapped + 1
+    return _worker.block
+
 def analyze_shared(ref: BatchRef, strategy, blend: float) -> ChunkResult:
-    "Pool task: analyse rows of a shared-memory batch in place with this worker's model."
-    shm = SharedMemory(ref.name)
-    try: result = analyze_in_process(ref.view(shm.buf), strategy, _worker.model if _worker else None, blend)
-    finally:
-        with contextlib.suppress(BufferError): shm.close()  # a view still alive: the mapping goes with it
+    "Pool task: analyse rows of the shared-memory batch in place with this worker's model."
+    result = analyze_in_process(ref.view(_mapped(ref.name).buf), strategy, _worker.model, blend)
     return _stamped(result)
 
 # %% ../nbs/25_pool.ipynb #57bb7dc8
@@ -235,6 +268,10 @@ class GlobalProcessPool:
         self.model: OnnxModel | None = None
         self.pools_created = self.generation = 0
         self.reports: list[WorkerReport] = []
+        self.staging = SharedBatch()
+        "The shared-memory block cycles copy their batch into; unlinked by `close`."
+        self.lock = asyncio.Lock()
+        "Held by an analyzer for a whole cycle: one cycle at a time uses the workers and the block."
         self._executor: ProcessPoolExecutor | None = None
         self.started = False
 
@@ -247,8 +284,9 @@ class GlobalProcessPool:
         return self
 
     def close(self) -> None:
-        "Stop the workers, after their running tasks."
+        "Stop the workers, after their running tasks, then remove the shared-memory block."
         self._retire(kill=False)
+        self.staging.close()
         self.started = False
 
     def rebuild(self, reason: str, kill: bool = False) -> None:
@@ -330,17 +368,14 @@ async def _run_task(pool: GlobalProcessPool, task: Task, symbols: Sequence[str],
         log.error("a task of %d symbols (%s..%s) exceeded %g s and was skipped", b - a, symbols[a], symbols[b - 1], timeout_s)
         return _TIMEOUT
 
-@contextlib.contextmanager
-def _tasks(batch: MarketBatch, bounds: list[tuple[int, int]], shared: SharedBatch | None) -> Iterator[list[Task]]:
-    "Tasks over shared memory when there is a block, pickled chunks otherwise; the block is removed afterwards."
-    try:
-        if shared is None: yield [(analyze_chunk, batch.take(slice(a, b)), a, b) for a, b in bounds]
-        else: yield [(analyze_shared, shared.ref(a, b), a, b) for a, b in bounds]
-    finally:
-        if shared is not None: shared.close()
+def _tasks(batch: MarketBatch, bounds: list[tuple[int, int]], shared: SharedBatch | None) -> list[Task]:
+    "Tasks over the shared block when the batch is in it, pickled chunks otherwise."
+    if shared is None: return [(analyze_chunk, batch.take(slice(a, b)), a, b) for a, b in bounds]
+    return [(analyze_shared, shared.ref(a, b), a, b) for a, b in bounds]
 
-def _share(batch: MarketBatch) -> SharedBatch | None:
-    try: return SharedBatch(batch)
+def _stage(pool: GlobalProcessPool, batch: MarketBatch) -> SharedBatch | None:
+    "The pool's block with `batch` written into it, or None when shared memory is unavailable."
+    try: return pool.staging.write(batch)
     except OSError as e:
         log.warning("no shared memory for a batch of %d symbols (%s); pickling the chunks instead", len(batch), e)
         return None
@@ -351,7 +386,6 @@ class ParallelAnalyzer:
     def __init__(self, pool: GlobalProcessPool, settings: Settings):
         self.pool, self.strategy, self.blend, self.settings = pool, settings.strategy, settings.model.blend, settings.pool
         self.last = CycleReport()
-        self._lock = asyncio.Lock()
 
     def runs_in_process(self, n_symbols: int) -> bool:
         "True when a batch of `n_symbols` is analysed in this process (no workers, or too few symbols)."
@@ -364,7 +398,7 @@ class ParallelAnalyzer:
 
     async def analyze_async(self, batch: MarketBatch) -> list[Signal]:
         "Signals for every symbol of `batch` that has one, ranked; failed symbols are logged and dropped."
-        async with self._lock:
+        async with self.pool.lock:
             self.last = CycleReport(len(batch), in_process=self.runs_in_process(len(batch)))
             if not len(batch): return []
             if self.last.in_process:
@@ -374,25 +408,25 @@ class ParallelAnalyzer:
 
     async def replace_model(self, path: str | Path) -> OnnxModel:
         "Swap the model between cycles: validated here first, then every worker re-initialised."
-        async with self._lock: return await asyncio.to_thread(self.pool.replace_model, path)
+        async with self.pool.lock: return await asyncio.to_thread(self.pool.replace_model, path)
 
     async def _in_pool(self, batch: MarketBatch) -> list[ChunkResult]:
         bounds = self.bounds(len(batch))
-        shared = await asyncio.to_thread(_share, batch)
+        shared = await asyncio.to_thread(_stage, self.pool, batch)
         self.last.n_tasks, self.last.shared_memory = len(bounds), shared is not None
         timeout_s = self.settings.task_timeout_s * math.ceil(len(bounds) / self.pool.workers)
-        with _tasks(batch, bounds, shared) as tasks:
-            run = lambda ts: asyncio.gather(*(_run_task(self.pool, t, batch.symbols, self.strategy, self.blend, timeout_s)
-                                              for t in ts))
-            results = await run(tasks)
-            for attempt in (1, 2):
-                broken = [i for i, r in enumerate(results) if r is _BROKEN]
-                if not broken: break
-                if attempt == 2: log.error("the rebuilt process pool broke again: %d symbols skipped this cycle",
-                                           sum(tasks[i][3] - tasks[i][2] for i in broken))
-                await self._rebuild(f"a worker died; {len(broken)} of {len(tasks)} tasks unfinished", kill=False)
-                if attempt == 1:
-                    for i, r in zip(broken, await run([tasks[i] for i in broken]), strict=True): results[i] = r
+        tasks = _tasks(batch, bounds, shared)
+        run = lambda ts: asyncio.gather(*(_run_task(self.pool, t, batch.symbols, self.strategy, self.blend, timeout_s)
+                                          for t in ts))
+        results = await run(tasks)
+        for attempt in (1, 2):
+            broken = [i for i, r in enumerate(results) if r is _BROKEN]
+            if not broken: break
+            if attempt == 2: log.error("the rebuilt process pool broke again: %d symbols skipped this cycle",
+                                       sum(tasks[i][3] - tasks[i][2] for i in broken))
+            await self._rebuild(f"a worker died; {len(broken)} of {len(tasks)} tasks unfinished", kill=False)
+            if attempt == 1:
+                for i, r in zip(broken, await run([tasks[i] for i in broken]), strict=True): results[i] = r
         if any(r is _TIMEOUT for r in results): await self._rebuild("a task ran past task_timeout_s", kill=True)
         self.last.skipped = sum(b - a for (_, _, a, b), r in zip(tasks, results, strict=True) if not isinstance(r, ChunkResult))
         return [r for r in results if isinstance(r, ChunkResult)]
