@@ -150,7 +150,7 @@ class PoolSettings(_Section):
     workers: int | None = Field(None, ge=0, le=256, description="None: one per core; 0: in-process")
     batch_size: int | None = Field(None, gt=0, description="symbols per task; None: split evenly")
     task_timeout_s: float = Field(30.0, gt=0)
-    in_process_below: int = Field(200, ge=0, description="smaller batches are analysed in-process (tradelab bench analysis)")
+    in_process_below: int = Field(60, ge=0, description="smaller batches are analysed in-process (tradelab bench analysis)")
 
 # %% ../nbs/01_config.ipynb #da55b42c
 class TradingSettings(_Section):
