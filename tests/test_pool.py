@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import pytest
@@ -144,6 +145,35 @@ def test_wrong_schema_is_refused_before_the_workers(models, batch):
     with pytest.raises(SchemaMismatch):
         fresh.start()
     assert fresh.pools_created == 0 and not fresh.started
+
+
+def test_one_shared_block_serves_every_cycle_and_grows_with_the_batch(models, batch):
+    "Cycles rewrite one block the workers keep mapped; a bigger batch gets a bigger block; close removes it."
+    small = batch.take(slice(0, 20))
+
+    async def go():
+        settings = _settings()
+        async with GlobalProcessPool(settings.pool, models["a"]) as pool:
+            analyzer, phases = ParallelAnalyzer(pool, settings), []
+            for b in (small, batch, small):
+                mapped = {}
+                for _ in range(3):
+                    signals = await analyzer.analyze_async(b)
+                    mapped.update({w.pid: w.blocks_mapped for w in analyzer.last.workers})
+                phases.append((pool.staging.shm.name, pool.staging.blocks_created, mapped, signals))
+            return pool, phases
+    pool, phases = run(go())
+    (name1, created1, mapped1, _), (name2, created2, mapped2, grown), (name3, created3, mapped3, _) = phases
+    assert created1 == 1 and set(mapped1.values()) == {1}                  # 3 cycles, one block, one mapping per worker
+    assert name2 != name1 and created2 == 2
+    assert all(m == 1 + (pid in mapped1) for pid, m in mapped2.items())    # the new block is mapped once more
+    assert (name3, created3) == (name2, 2) and all(m <= 2 for m in mapped3.values())  # a smaller batch fits: no new block
+    assert pool.staging.shm is None and pool.pools_created == 1
+    for name in (name1, name2):
+        with pytest.raises(FileNotFoundError):
+            SharedMemory(name)
+    direct = analyze_in_process(batch, _settings().strategy, load_model(models["a"]), 0.5).signals
+    assert sorted(_fingerprint(grown)) == sorted(_fingerprint(direct))
 
 
 def test_a_task_past_its_timeout_is_skipped_and_the_pool_recovers(models, batch):
