@@ -173,14 +173,14 @@ async def refresh_universe(c: Components) -> tuple[str, ...]:
     c.symbols = symbols
     return symbols
 
-async def open_real(c: Components, ranked: Sequence[Signal]) -> tuple[list[Position], int]:
-    "Ranks 1..K through the breaker to the execution backend; (positions opened, refusals)."
-    opened, refused = [], 0
+async def open_real(c: Components, ranked: Sequence[Signal]) -> tuple[list[Position], list[int]]:
+    "Ranks 1..K through the breaker to the execution backend; (positions opened, ranks refused)."
+    opened, refused = [], []
     for rank, sig in enumerate(ranked[: c.settings.trading.max_trades], start=1):
         decision = c.breaker.check_entry(sig.symbol)
-        if not decision.allowed: refused += 1; continue
+        if not decision.allowed: refused.append(rank); continue
         async with c.lock: out = await c.execution.open(sig, rank=rank, size_factor=decision.size_factor)
-        if isinstance(out, Refusal): c.breaker.record(out); refused += 1; continue
+        if isinstance(out, Refusal): c.breaker.record(out); refused.append(rank); continue
         opened.append(out)
     return opened, refused
 
@@ -194,9 +194,9 @@ async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
         held = {p.symbol for p in c.execution.positions}
         ranked = [sig for sig in signals if sig.symbol not in held]
     with stages.stage("execute"): opened, refused = await open_real(c, ranked)
-    with stages.stage("virtual"): followed = await c.virtual.open_signals(ranked)
+    with stages.stage("virtual"): followed = await c.virtual.open_signals(ranked, refused)
     figures = {"symbols": len(c.symbols), "stale_series": len(report.stale), "signals": len(signals),
-               "opened": len(opened), "refused": refused, "virtual_opened": len(followed)}
+               "opened": len(opened), "refused": len(refused), "virtual_opened": len(followed)}
     c.counters.update({k: v for k, v in figures.items() if k in ("signals", "opened", "refused", "virtual_opened")})
     c.counters["scan_cycles"] += 1
     return figures | {"open": len(c.execution.positions), "virtual_open": len(c.virtual)}

@@ -157,6 +157,7 @@ class TradingSettings(_Section):
     "Position sizing, execution costs and limits."
     max_trades: int = Field(3, ge=0, le=100)
     virtual_until: int = Field(10, ge=0, le=1000)
+    follow_refused: bool = Field(True, description="follow virtually the top signals the breaker or the execution refused")
     starting_equity: float = Field(10_000.0, gt=0)
     risk_per_trade: float = Field(0.01, gt=0, le=0.1, description="share of equity lost at the stop")
     leverage_min: int = Field(1, ge=1, le=125)

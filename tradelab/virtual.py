@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .clock import Clock, bar_open_ms
@@ -28,12 +28,14 @@ def virtual_ranks(t) -> range:
     "The ranks followed virtually: `max_trades + 1 .. virtual_until` (empty when `virtual_until` is 0)."
     return range(t.max_trades + 1, t.virtual_until + 1)
 
-def virtual_candidates(signals: Sequence[Signal], t, open_keys: Container[tuple[str, Side]] = ()) -> list[tuple[int, Signal]]:
-    "(rank, signal) of the ranked `signals` to follow virtually: in `virtual_ranks`, one per symbol and side."
+def virtual_candidates(signals: Sequence[Signal], t, open_keys: Container[tuple[str, Side]] = (),
+                       refused: Collection[int] = ()) -> list[tuple[int, Signal]]:
+    "(rank, signal) of the ranked `signals` to follow virtually: in `virtual_ranks` or `refused`, one per symbol and side."
     ranks, taken, out = virtual_ranks(t), set(), []
+    follow = {r for r in refused if r <= t.max_trades} if t.follow_refused and t.virtual_until else set()
     for rank, sig in enumerate(signals, start=1):
         key = (sig.symbol, sig.side)
-        if rank not in ranks or key in taken or key in open_keys: continue
+        if (rank not in ranks and rank not in follow) or key in taken or key in open_keys: continue
         taken.add(key)
         out.append((rank, sig))
     return out
@@ -77,11 +79,11 @@ class VirtualPositionManager:
                                     leverage=leverage_for(sig.confidence, t), opened_ms=now,
                                     expiry_ms=now + int(t.expiry_s * 1000), fee_rate=t.taker_fee, rank=rank)
 
-    async def open_signals(self, signals: Sequence[Signal]) -> list[Position]:
-        "Open virtual positions for the ranked `signals` in the virtual ranks; the ones opened."
+    async def open_signals(self, signals: Sequence[Signal], refused: Collection[int] = ()) -> list[Position]:
+        "Open virtual positions for the ranked `signals` in the virtual ranks and the `refused` ones; the ones opened."
         async with self._lock:
             now = self.clock.now_ms()
-            opened = [self._position(r, s, now) for r, s in virtual_candidates(signals, self.trading, self.book)]
+            opened = [self._position(r, s, now) for r, s in virtual_candidates(signals, self.trading, self.book, refused)]
             if opened and self.store is not None: await asyncio.to_thread(self.store.save_open, opened)
             for p in opened: self.book.add(p)
         if opened: log.info("%d virtual position(s) opened, %d open", len(opened), len(self.book))
