@@ -9,14 +9,14 @@ import asyncio
 import numpy as np
 import pytest
 
-from tradelab.binance import BinanceClient
+from tradelab.exchange.client import BinanceClient
 from tradelab.clock import SimClock, TestClock
 from tradelab.config import load_settings
 from tradelab.errors import RateLimited
-from tradelab.governor import WeightGovernor
-from tradelab.sim import SimServer
-from tradelab.simrules import Faults
-from tradelab.synthetic import synthetic_market
+from tradelab.exchange.governor import WeightGovernor
+from tradelab.sim.server import SimServer
+from tradelab.sim.rules import Faults
+from tradelab.sim.synthetic import synthetic_market
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,20 @@ import sys
 
 import numpy as np
 
-from tradelab.binance import BinanceClient
+from tradelab.exchange.client import BinanceClient
 from tradelab.clock import TestClock
 from tradelab.config import load_settings
-from tradelab.data import DataService, Due
+from tradelab.data.service import DataService, Due
 from tradelab.errors import UnknownSymbol
-from tradelab.market import Market, Series
-from tradelab.sim import SimServer
-from tradelab.synthetic import synthetic_market
+from tradelab.sim.source import MarketSource, Series
+from tradelab.sim.server import SimServer
+from tradelab.sim.synthetic import synthetic_market
 
 DAY, HOUR, MIN = 86_400_000, 3_600_000, 60_000
 
 
 @contextlib.asynccontextmanager
-async def exchange(market: Market, start_ms: int, home, **sections):
+async def exchange(market: MarketSource, start_ms: int, home, **sections):
     "A simulator on a stepped clock, a client and a DataService (built from `sections`), all on that clock."
     clock = TestClock(start_ms)
     async with SimServer(market, clock) as sim:
@@ -36,7 +36,7 @@ def klines_count(sim) -> tuple[int, int]:
     return s.get("requests", 0), s.get("weight", 0)
 
 
-def assert_true_to(market: Market, svc: DataService) -> None:
+def assert_true_to(market: MarketSource, svc: DataService) -> None:
     "Every series the service holds is contiguous and carries exactly the market's bars."
     for sym, tf in svc.series:
         v, _ = svc.read(sym, tf)
@@ -54,7 +54,7 @@ class Records(logging.Handler):
 
 
 @contextlib.contextmanager
-def records(name: str = "tradelab.data"):
+def records(name: str = "tradelab.data.service"):
     h, logger = Records(), logging.getLogger(name)
     logger.addHandler(h)
     try: yield h.records
@@ -63,13 +63,13 @@ def records(name: str = "tradelab.data"):
 
 # A bar missing on the exchange: the 5m bar of 00:20 is absent (its five 1m bars never traded).
 
-def gapped_market(gap_open_ms: int) -> Market:
+def gapped_market(gap_open_ms: int) -> MarketSource:
     m = synthetic_market(2, days=7, seed=4)
     sym = "SYN000USDT"
     b = m.series(sym)
     keep = (b.open_time < gap_open_ms) | (b.open_time >= gap_open_ms + 5 * MIN)
     cut = Series("1m", b.open_time[keep], b.open[keep], b.high[keep], b.low[keep], b.close[keep], b.volume[keep])
-    return Market({sym: cut, "SYN001USDT": m.series("SYN001USDT")}, m.entries, "synthetic with a gap")
+    return MarketSource({sym: cut, "SYN001USDT": m.series("SYN001USDT")}, m.entries, "synthetic with a gap")
 
 
 async def _missing_bar(home):
@@ -252,10 +252,10 @@ def test_a_gap_shorter_than_the_window_is_one_request_not_pages(tmp_path):
 
 RESTART = """
 import asyncio, json, sys
-from tradelab.binance import BinanceClient
+from tradelab.exchange.client import BinanceClient
 from tradelab.clock import TestClock
 from tradelab.config import load_settings
-from tradelab.data import DataService
+from tradelab.data.service import DataService
 
 async def main(url, home, now_ms, symbols):
     clock = TestClock(now_ms)

@@ -11,10 +11,10 @@ import pytest
 
 from tradelab.config import load_settings
 from tradelab.errors import SchemaMismatch
-from tradelab.model import FeatureSchema, current_schema, load_model, train_model, write_training_set
-from tradelab.pool import GlobalProcessPool, ParallelAnalyzer, analyze_in_process
-from tradelab.records import MarketBatch, SeriesBatch
-from tradelab.synthetic import synthetic_market
+from tradelab.analysis.model import FeatureSchema, current_schema, load_model, train_model, write_training_set
+from tradelab.analysis.pool import GlobalProcessPool, ParallelAnalyzer, analyze_in_process
+from tradelab.records import AnalysisBatch, SeriesBatch
+from tradelab.sim.synthetic import synthetic_market
 
 N_SYMBOLS = 60
 
@@ -45,7 +45,7 @@ def batch():
     settings, market = load_settings(env={}), synthetic_market(N_SYMBOLS, days=6, seed=3)
     frames = {tf: SeriesBatch.stack(tf, [market.series(s, tf).klines() for s in market.symbols], settings.data.limit(tf))
               for tf in settings.data.timeframes}
-    return MarketBatch(tuple(market.symbols), frames, market.span_ms[1])
+    return AnalysisBatch(tuple(market.symbols), frames, market.span_ms[1])
 
 
 def _settings(**pool):
@@ -226,13 +226,13 @@ def test_symbols_that_fail_are_dropped_one_line_each(models, batch, caplog):
         settings = _settings()
         async with GlobalProcessPool(settings.pool, models["a"]) as pool:
             analyzer = ParallelAnalyzer(pool, settings)
-            with caplog.at_level("WARNING", logger="tradelab.pool"):
+            with caplog.at_level("WARNING", logger="tradelab.analysis.pool"):
                 dropped = await analyzer.analyze_async(broken)
             report = analyzer.last
             return dropped, report, await analyzer.analyze_async(batch)
     dropped, report, healthy = run(go())
     assert dropped == [] and report.failed == broken.symbols and report.skipped == 0
-    assert sorted(r.getMessage().split()[0] for r in caplog.records if r.name == "tradelab.pool") == sorted(broken.symbols)
+    assert sorted(r.getMessage().split()[0] for r in caplog.records if r.name == "tradelab.analysis.pool") == sorted(broken.symbols)
     assert healthy
 
 
@@ -240,7 +240,7 @@ def test_a_script_without_main_guard_fails_fast(tmp_path):
     "Workers import the main script again; without the guard they die at once, and start() says so at once."
     script = tmp_path / "unguarded.py"
     script.write_text("from tradelab.config import load_settings\n"
-                      "from tradelab.pool import GlobalProcessPool\n"
+                      "from tradelab.analysis.pool import GlobalProcessPool\n"
                       "GlobalProcessPool(load_settings(env={}, pool={'workers': 2}).pool).start().close()\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 1

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tradelab.binance import TICKER_PRICE
-from tradelab.synthetic import synthetic_market
+from tradelab.exchange.client import TICKER_PRICE
+from tradelab.sim.synthetic import synthetic_market
 
 SEED, N_SYMBOLS, HISTORY_DAYS = 5, 30, 2
 EXPIRY_S = 10

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tradelab.store import Database, PositionReader
+from tradelab.storage.store import Database, PositionReader
 
 N = 2000          # positions per step
 HALF = N // 2
@@ -30,9 +30,9 @@ WRITER = r'''
 import sys, time
 from collections import namedtuple
 import numpy as np
-from tradelab.positions import ExitReason, Kind, Position
+from tradelab.trading.positions import ExitReason, Kind, Position
 from tradelab.records import Side
-from tradelab.store import Database, PositionRepository, RefusalRecord, RefusalRepository
+from tradelab.storage.store import Database, PositionRepository, RefusalRecord, RefusalRepository
 
 path, hold_at, steps, N, HALF, T0 = sys.argv[1], *map(int, sys.argv[2:])
 SCHEMA = namedtuple("Schema", "version names")(99, tuple(f"f{i}" for i in range(16)))

@@ -5,19 +5,19 @@ import asyncio
 import numpy as np
 import pytest
 
-from tradelab.binance import BinanceClient
+from tradelab.exchange.client import BinanceClient
 from tradelab.clock import TestClock
 from tradelab.config import ExchangeSettings, RiskSettings, Settings, TradingSettings
 from tradelab.errors import MalformedResponse
-from tradelab.execution import PaperExecution, Refusal
-from tradelab.features import N_FEATURES
-from tradelab.positions import BarExtremes, ExitReason, Kind, Position, PositionBook, PositionState, random_positions
+from tradelab.trading.execution import PaperExecution, Refusal
+from tradelab.analysis.features import N_FEATURES
+from tradelab.trading.positions import BarExtremes, ExitReason, Kind, Position, PositionBook, PositionState, random_positions
 from tradelab.records import PriceSnapshot, Side, Signal, round_price, round_qty
-from tradelab.risk import BreakerStore, CircuitBreaker, Level
-from tradelab.sim import SimServer
-from tradelab.store import Database, PositionRepository
-from tradelab.synthetic import synthetic_market
-from tradelab.virtual import VirtualPositionManager, fetch_bar_extremes
+from tradelab.trading.risk import BreakerStore, CircuitBreaker, Level
+from tradelab.sim.server import SimServer
+from tradelab.storage.store import Database, PositionRepository
+from tradelab.sim.synthetic import synthetic_market
+from tradelab.trading.virtual import VirtualPositionManager, fetch_bar_extremes
 
 T0 = 1_700_000_000_000
 
@@ -103,16 +103,16 @@ def test_paper_over_http_respects_exchange_filters(tmp_path):
         market = synthetic_market(8, 1, seed=4)
         clock = TestClock(market.default_start_ms())
         async with SimServer(market, clock) as sim, BinanceClient(ExchangeSettings(base_url=sim.url), clock) as client:
-            markets = await client.markets()
+            contracts = await client.contracts()
             snap = await client.all_prices()
-            paper = PaperExecution(TradingSettings(max_open_positions=8), clock, markets, client)
+            paper = PaperExecution(TradingSettings(max_open_positions=8), clock, contracts, client)
             opened = []
             for i, s in enumerate(market.symbols):
                 x = await paper.open(_signal(s, Side.LONG if i % 2 else Side.SHORT, snap.price(s), 0.05, conf=i / 8), rank=i + 1)
                 assert not isinstance(x, Refusal), x
                 opened.append(x)
             for p in opened:
-                info = markets[p.symbol]
+                info = contracts[p.symbol]
                 assert round_price(info, p.entry) == p.entry and round_qty(info, p.size) == p.size
                 assert p.entry * p.size >= info.min_notional
                 assert int(p.side) * (p.entry - snap.price(p.symbol)) >= 0            # slippage against us

@@ -13,23 +13,23 @@ from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
-from .archive import DataArchiver
-from .binance import BinanceClient
+from .storage.archive import DataArchiver
+from .exchange.client import BinanceClient
 from .clock import Clock, LiveClock
 from .config import Settings
-from .data import DataService
+from .data.service import DataService
 from .errors import ConfigError, DataError, StateError
-from .execution import PaperExecution, Refusal
+from .trading.execution import PaperExecution, Refusal
 from .loops import CycleRecord, Loop
-from .performance import PerformanceManager
-from .pool import GlobalProcessPool, ParallelAnalyzer
-from .positions import Kind, Position
+from .storage.performance import PerformanceManager
+from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
+from .trading.positions import Kind, Position
 from .records import PriceSnapshot, Signal
-from .risk import BreakerStore, CircuitBreaker
-from .store import Database, PositionRepository
+from .trading.risk import BreakerStore, CircuitBreaker
+from .storage.store import Database, PositionRepository
 from .timing import StageTimes
-from .universe import Universe
-from .virtual import VirtualPositionManager
+from .data.universe import Universe
+from .trading.virtual import VirtualPositionManager
 
 # %% auto #0
 __all__ = ['log', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot', 'Components', 'paper_balance',
@@ -113,7 +113,7 @@ class Components:
     db: Database
     positions: PositionRepository
     client: BinanceClient
-    markets: Mapping[str, object]
+    contracts: Mapping[str, object]
     data: DataService
     pool: GlobalProcessPool
     analyzer: ParallelAnalyzer
@@ -144,22 +144,22 @@ async def build_components(settings: Settings, clock: Clock, stack: AsyncExitSta
     positions, archive = PositionRepository(db), DataArchiver(db)
     client = await stack.enter_async_context(BinanceClient(s.exchange, clock))
     await client.sync_clock()
-    markets = await client.markets(s.universe.quote)
+    contracts = await client.contracts(s.universe.quote)
     pool = await stack.enter_async_context(GlobalProcessPool(s.pool, model_path=s.model.path))
     data = await stack.enter_async_context(DataService(s, client, clock))   # loads the warm cache; saves it on close
     open_real = positions.load_open(Kind.REAL)
-    execution = PaperExecution(s.trading, clock, markets, client, balance=paper_balance(s, archive, open_real), store=positions)
+    execution = PaperExecution(s.trading, clock, contracts, client, balance=paper_balance(s, archive, open_real), store=positions)
     execution.restore(open_real)
     virtual = VirtualPositionManager(s, clock, store=positions)
     virtual.restore()
     breaker = CircuitBreaker(s.risk, clock, s.trading.starting_equity, BreakerStore.open(db))
     breaker.restore()
     performance = PerformanceManager.from_archive(db, s.trading.starting_equity)
-    c = Components(s, clock, db, positions, client, markets, data, pool, ParallelAnalyzer(pool, s), execution, virtual,
+    c = Components(s, clock, db, positions, client, contracts, data, pool, ParallelAnalyzer(pool, s), execution, virtual,
                    breaker, archive, performance, Universe(s.universe, client, clock),
                    virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl)
-    log.info("bot ready: %d real and %d virtual positions restored, breaker %s, %d markets, database %s",
-             len(open_real), len(virtual), breaker.level.name, len(markets), db.path)
+    log.info("bot ready: %d real and %d virtual positions restored, breaker %s, %d contracts, database %s",
+             len(open_real), len(virtual), breaker.level.name, len(contracts), db.path)
     return c
 
 # %% ../nbs/50_bot.ipynb #fa46d222

@@ -25,21 +25,21 @@ log = logging.getLogger(__name__)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("tradelab.cli", "print the effective configuration, secrets masked"),
     "bench": ("tradelab.cli", "run a benchmark: tradelab bench NAME [--json]"),
-    "train": ("tradelab.model", "train the scoring model on a training file and export it to ONNX"),
-    "sim": ("tradelab.sim", "serve a local Binance USD-M compatible exchange: replayed or synthetic market"),
+    "train": ("tradelab.analysis.model", "train the scoring model on a training file and export it to ONNX"),
+    "sim": ("tradelab.sim.server", "serve a local Binance USD-M compatible exchange: replayed or synthetic market"),
     "run": ("tradelab.runner", "run the bot headless: paper trading against the configured exchange until SIGINT/SIGTERM"),
     "demo": ("tradelab.runner", "the whole system offline: simulator and bot at high speed, then a summary"),
 }
 "Subcommand -> (module, one-line help)."
 
 BENCHMARKS: dict[str, str] = {
-    "analysis": "tradelab.bench_analysis",
-    "bot": "tradelab.bench_bot",
-    "indicators": "tradelab.indicators",
-    "klines": "tradelab.bench_klines",
-    "sim": "tradelab.sim",
-    "store": "tradelab.store",
-    "virtual": "tradelab.bench_virtual",
+    "analysis": "tradelab.bench.analysis",
+    "bot": "tradelab.bench.bot",
+    "indicators": "tradelab.analysis.indicators",
+    "klines": "tradelab.bench.klines",
+    "sim": "tradelab.sim.server",
+    "store": "tradelab.storage.store",
+    "virtual": "tradelab.bench.virtual",
 }
 "Benchmark name -> module defining `bench_arguments(parser)` and `run_bench(args) -> dict`."
 

@@ -21,7 +21,7 @@ from .bot import BotControl, BotSnapshot, PositionView, TradingBot
 from .clock import SimClock
 from .loops import CycleRecord
 from .runner import demo_market, demo_settings
-from .sim import SimServer
+from .sim.server import SimServer
 
 # %% auto #0
 __all__ = ['log', 'TABLE_COLUMNS', 'BREAKER_COLORS', 'SimulatedBot', 'positions_frame', 'positions_html', 'stage_series',

@@ -17,7 +17,7 @@ from .errors import DataError, MalformedResponse
 
 # %% auto #0
 __all__ = ['KLINE_COLUMNS', 'Side', 'SymbolInfo', 'round_step', 'round_price', 'round_qty', 'Klines', 'parse_klines',
-           'PriceSnapshot', 'Signal', 'SeriesBatch', 'MarketBatch']
+           'PriceSnapshot', 'Signal', 'SeriesBatch', 'AnalysisBatch']
 
 # %% ../nbs/03_records.ipynb #e9f6fe04
 class Side(enum.IntEnum):
@@ -182,16 +182,16 @@ class SeriesBatch:
         return cls(interval, times, **vals)
 
 @dataclass(slots=True)
-class MarketBatch:
+class AnalysisBatch:
     "Several symbols across timeframes, as scored together by one pool task."
     symbols: tuple[str, ...]
     frames: dict[str, SeriesBatch]
     now_ms: int
 
     def __len__(self): return len(self.symbols)
-    def take(self, idx) -> MarketBatch:
+    def take(self, idx) -> AnalysisBatch:
         "The sub-batch of rows `idx` (a slice or index array)."
         sym = tuple(np.asarray(self.symbols, dtype=object)[idx])
         cols = ("open_time", "open", "high", "low", "close", "volume")
         frames = {tf: SeriesBatch(f.interval, *(getattr(f, c)[idx] for c in cols)) for tf, f in self.frames.items()}
-        return MarketBatch(sym, frames, self.now_ms)
+        return AnalysisBatch(sym, frames, self.now_ms)

@@ -17,16 +17,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .binance import TICKER_PRICE
+from .exchange.client import TICKER_PRICE
 from .bot import BotState, TradingBot
 from .clock import SimClock, sleep_until
 from .config import Settings, load_settings
 from .errors import ConfigError
 from .loops import CycleRecord
-from .market import Market, load_parquet_market
-from .positions import Kind
-from .sim import SimServer
-from .synthetic import synthetic_market
+from .sim.source import MarketSource, load_parquet_market
+from .trading.positions import Kind
+from .sim.server import SimServer
+from .sim.synthetic import synthetic_market
 
 # %% auto #0
 __all__ = ['log', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'serve', 'cli_run_arguments', 'cli_run', 'at_url',
@@ -93,7 +93,7 @@ def demo_settings(sim_url: str, home: str | Path, symbols: int, config: str | No
     over = _merge(DEMO_OVERRIDES, {"exchange": {"base_url": sim_url}, "universe": {"top_n": symbols}})
     return load_settings(config, env=env, home=str(home), **over)
 
-def demo_market(symbols: int, hours: float, seed: int, data: str | Path | None = None) -> tuple[Market, int]:
+def demo_market(symbols: int, hours: float, seed: int, data: str | Path | None = None) -> tuple[MarketSource, int]:
     "The demo's market (synthetic, or the real klines file `data`) and its start, `HISTORY_DAYS` in."
     if data is None: market = synthetic_market(symbols, HISTORY_DAYS + hours / 24 + 0.5, seed)
     else:
