@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from tradelab.config import StrategySettings
-from tradelab.analysis.features import MIRROR_EXACT, build_features, measure, mirror_batch, mirror_features, random_batch
-from tradelab.analysis.indicators import adx, atr, bollinger, ema, macd, random_walk, rsi, volume_ratio
+from tradelab.analysis.features import MIRROR_EXACT, build_features, measure, mirror_batch, mirror_features
+from tradelab.sim.generators import random_batch, random_walk
+from tradelab.analysis.indicators import adx, atr, bollinger, ema, macd, rsi, volume_ratio
 from tradelab.records import Side
 from tradelab.analysis.strategy import analyze_batch
 from tradelab.analysis.structure import market_structure, nearest_blocks, order_blocks, swings

@@ -11,15 +11,21 @@ from tradelab.config import ExchangeSettings, RiskSettings, Settings, TradingSet
 from tradelab.errors import MalformedResponse
 from tradelab.trading.execution import PaperExecution, Refusal
 from tradelab.analysis.features import N_FEATURES
-from tradelab.trading.positions import BarExtremes, ExitReason, Kind, Position, PositionBook, PositionState, random_positions
+from tradelab.trading.positions import BarExtremes, ExitReason, Kind, Position, PositionBook, PositionState
+from tradelab.sim.generators import random_positions
 from tradelab.records import PriceSnapshot, Side, Signal, round_price, round_qty
 from tradelab.trading.risk import BreakerStore, CircuitBreaker, Level
 from tradelab.sim.server import SimServer
-from tradelab.storage.store import Database, PositionRepository
+from tradelab.storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
 from tradelab.sim.synthetic import synthetic_market
 from tradelab.trading.virtual import VirtualPositionManager, fetch_bar_extremes
 
 T0 = 1_700_000_000_000
+
+
+def _breaker_store(db: Database) -> BreakerStore:
+    "The store's two repositories on `db`, as the bot builds them."
+    return BreakerStore(BreakerRepository(db), RefusalRepository(db))
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -125,7 +131,7 @@ def test_breaker_losing_streak_refuses_and_restores(tmp_path):
     "Losses move the breaker through its levels; refusals are stored; a restarted breaker resumes where it was."
     clock = TestClock(T0)
     with Database(tmp_path / "b.sqlite") as db:
-        b = CircuitBreaker(RiskSettings(), clock, 10_000.0, BreakerStore.open(db))
+        b = CircuitBreaker(RiskSettings(), clock, 10_000.0, _breaker_store(db))
         seen = []
         bal = 10_000.0
         for _ in range(8):
@@ -134,9 +140,9 @@ def test_breaker_losing_streak_refuses_and_restores(tmp_path):
             b.check_entry("BTCUSDT")
         assert seen == [Level.NORMAL] * 2 + [Level.REDUCED] * 2 + [Level.NO_NEW_ENTRIES] * 3 + [Level.HALTED]
         assert b.check_exit("BTCUSDT").allowed
-        assert [r.reason for r in BreakerStore.open(db).refusals.recent()][:1] == ["BREAKER_HALTED"]
+        assert [r.reason for r in RefusalRepository(db).recent()][:1] == ["BREAKER_HALTED"]
     with Database(tmp_path / "b.sqlite") as db:
-        again = CircuitBreaker(RiskSettings(), clock, 10_000.0, BreakerStore.open(db))
+        again = CircuitBreaker(RiskSettings(), clock, 10_000.0, _breaker_store(db))
         assert again.restore() and again.to_dict() == b.to_dict()
         again.on_trade_closed(+50.0, bal + 50)
         assert again.level is Level.HALTED and not again.check_entry("ETHUSDT").allowed

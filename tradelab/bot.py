@@ -19,36 +19,40 @@ from .clock import Clock, LiveClock
 from .config import Settings
 from .data.service import DataService
 from .errors import ConfigError, DataError, StateError
-from .trading.execution import PaperExecution, Refusal
+from .trading.execution import ExecutionBackend, PaperExecution, Refusal
 from .loops import CycleRecord, Loop
 from .storage.performance import PerformanceManager
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .trading.positions import Kind, Position
-from .records import PriceSnapshot, Signal
+from .records import PriceSnapshot, Signal, SymbolInfo
 from .trading.risk import BreakerStore, CircuitBreaker
-from .storage.store import Database, PositionRepository
+from .storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
 from .timing import StageTimes
 from .data.universe import Universe
 from .trading.virtual import VirtualPositionManager
 
 # %% auto #0
-__all__ = ['log', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot', 'Components', 'paper_balance',
-           'build_components', 'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap', 'store_real_marks',
-           'record_closes', 'update_breaker', 'monitor_once', 'flush', 'TradingBot', 'snapshot_of', 'close_real',
-           'BotControl']
+__all__ = ['log', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot', 'RunState', 'Components',
+           'paper_balance', 'build_components', 'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap',
+           'store_real_marks', 'record_closes', 'update_breaker', 'monitor_once', 'flush', 'BotLifecycle', 'TradingBot',
+           'snapshot_of', 'close_real', 'BotControl']
 
 # %% ../nbs/50_bot.ipynb #cfe32644
 log = logging.getLogger(__name__)
 
+
 def check_mode(settings: Settings) -> None:
     "`ConfigError` unless the settings ask for paper trading: live execution is not available yet."
     if settings.mode != "paper":
-        raise ConfigError(f"config key 'mode': {settings.mode!r} execution is not available yet; this version trades on "
-                          "paper only (mode = \"paper\"), with real or simulated market data")
+        raise ConfigError(
+            f"config key 'mode': {settings.mode!r} execution is not available yet; this version trades on "
+            'paper only (mode = "paper"), with real or simulated market data'
+        )
 
-# %% ../nbs/50_bot.ipynb #b8ecdc52
+# %% ../nbs/50_bot.ipynb #911ae8f4
 class BotState(enum.Enum):
     "Where a bot is in its life."
+
     CREATED = "created"
     READY = "ready"
     RUNNING = "running"
@@ -56,9 +60,11 @@ class BotState(enum.Enum):
     STOPPED = "stopped"
     FAILED = "failed"
 
+# %% ../nbs/50_bot.ipynb #33062a0b
 @dataclass(frozen=True, slots=True)
 class PositionView:
     "One open position as a table row."
+
     id: str
     kind: str
     symbol: str
@@ -76,12 +82,28 @@ class PositionView:
 
     @classmethod
     def of(cls, p: Position) -> PositionView:
-        return cls(p.id, p.kind.name, p.symbol, p.side.name, p.entry, p.stop, p.target, p.size, p.mark,
-                   p.unrealized_pnl, p.opened_ms, p.expiry_ms, p.rank, p.confidence)
+        return cls(
+            p.id,
+            p.kind.name,
+            p.symbol,
+            p.side.name,
+            p.entry,
+            p.stop,
+            p.target,
+            p.size,
+            p.mark,
+            p.unrealized_pnl,
+            p.opened_ms,
+            p.expiry_ms,
+            p.rank,
+            p.confidence,
+        )
 
+# %% ../nbs/50_bot.ipynb #a4472d6a
 @dataclass(frozen=True, slots=True)
 class EquityPoint:
     "Equity of the real account and of the virtual book at one monitor tick (quote units)."
+
     time_ms: int
     real: float
     virtual: float
@@ -90,6 +112,7 @@ class EquityPoint:
 @dataclass(frozen=True, slots=True)
 class BotSnapshot:
     "What a UI may see of a bot at one moment: typed copies, no references into it."
+
     time_ms: int
     state: BotState
     breaker_level: str
@@ -101,40 +124,51 @@ class BotSnapshot:
     error: str | None = None
 
     def __repr__(self):
-        return (f"BotSnapshot({self.state.name}, breaker {self.breaker_level}, {len(self.open_positions)} open, "
-                f"{len(self.virtual_positions)} virtual, {len(self.cycles)} cycles)")
+        return (
+            f"BotSnapshot({self.state.name}, breaker {self.breaker_level}, {len(self.open_positions)} open, "
+            f"{len(self.virtual_positions)} virtual, {len(self.cycles)} cycles)"
+        )
 
 # %% ../nbs/50_bot.ipynb #45cf5fc1
 @dataclass(eq=False)
-class Components:
-    "Every collaborator of a running bot, built once by `build_components`."
-    settings: Settings
-    clock: Clock
-    db: Database
-    positions: PositionRepository
-    client: BinanceClient
-    contracts: Mapping[str, object]
-    data: DataService
-    pool: GlobalProcessPool
-    analyzer: ParallelAnalyzer
-    execution: PaperExecution
-    virtual: VirtualPositionManager
-    breaker: CircuitBreaker
-    archive: DataArchiver
-    performance: PerformanceManager
-    universe: Universe
+class RunState:
+    "What changes while the bot runs: the scan's symbols, counters, equity curve, realised virtual PnL, the real book's lock."
+
     symbols: tuple[str, ...] = ()
     counters: Counter = field(default_factory=Counter)
     equity: deque = field(default_factory=lambda: deque(maxlen=5000))
     virtual_realized: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-# %% ../nbs/50_bot.ipynb #3bd884f4
+# %% ../nbs/50_bot.ipynb #e16127d7
+@dataclass(eq=False)
+class Components:
+    "Every collaborator of a running bot, built once by `build_components`, and the state of the run."
+
+    settings: Settings
+    clock: Clock
+    db: Database
+    positions: PositionRepository
+    client: BinanceClient
+    contracts: Mapping[str, SymbolInfo]
+    data: DataService
+    pool: GlobalProcessPool
+    analyzer: ParallelAnalyzer
+    execution: ExecutionBackend
+    virtual: VirtualPositionManager
+    breaker: CircuitBreaker
+    archive: DataArchiver
+    performance: PerformanceManager
+    universe: Universe
+    run: RunState = field(default_factory=RunState)
+
+# %% ../nbs/50_bot.ipynb #aa36ec18
 def paper_balance(settings: Settings, archive: DataArchiver, open_real: Sequence[Position]) -> float:
     "The paper account's balance implied by the archive and the open real positions."
     realized = float(archive.outcomes(Kind.REAL)["pnl"].sum())
     return settings.trading.starting_equity + realized - sum(p.fee_rate * p.entry * p.size for p in open_real)
 
+# %% ../nbs/50_bot.ipynb #3eab4d2a
 async def build_components(settings: Settings, clock: Clock, stack: AsyncExitStack) -> Components:
     "Every collaborator, in order of dependence; `stack` learns how to close each, in reverse."
     s = settings
@@ -146,171 +180,225 @@ async def build_components(settings: Settings, clock: Clock, stack: AsyncExitSta
     await client.sync_clock()
     contracts = await client.contracts(s.universe.quote)
     pool = await stack.enter_async_context(GlobalProcessPool(s.pool, model_path=s.model.path))
-    data = await stack.enter_async_context(DataService(s, client, clock))   # loads the warm cache; saves it on close
+    data = await stack.enter_async_context(DataService(s, client, clock))  # loads the warm cache; saves it on close
     open_real = positions.load_open(Kind.REAL)
     execution = PaperExecution(s.trading, clock, contracts, client, balance=paper_balance(s, archive, open_real), store=positions)
     execution.restore(open_real)
     virtual = VirtualPositionManager(s, clock, store=positions)
     virtual.restore()
-    breaker = CircuitBreaker(s.risk, clock, s.trading.starting_equity, BreakerStore.open(db))
+    breaker = CircuitBreaker(s.risk, clock, s.trading.starting_equity, BreakerStore(BreakerRepository(db), RefusalRepository(db)))
     breaker.restore()
     performance = PerformanceManager.from_archive(db, s.trading.starting_equity)
-    c = Components(s, clock, db, positions, client, contracts, data, pool, ParallelAnalyzer(pool, s), execution, virtual,
-                   breaker, archive, performance, Universe(s.universe, client, clock),
-                   virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl)
-    log.info("bot ready: %d real and %d virtual positions restored, breaker %s, %d contracts, database %s",
-             len(open_real), len(virtual), breaker.level.name, len(contracts), db.path)
+    c = Components(
+        s,
+        clock,
+        db,
+        positions,
+        client,
+        contracts,
+        data,
+        pool,
+        ParallelAnalyzer(pool, s),
+        execution,
+        virtual,
+        breaker,
+        archive,
+        performance,
+        Universe(s.universe, client, clock),
+        RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl),
+    )
+    log.info(
+        "bot ready: %d real and %d virtual positions restored, breaker %s, %d contracts, database %s",
+        len(open_real),
+        len(virtual),
+        breaker.level.name,
+        len(contracts),
+        db.path,
+    )
     return c
 
-# %% ../nbs/50_bot.ipynb #fa46d222
+# %% ../nbs/50_bot.ipynb #ed70f07b
 async def refresh_universe(c: Components) -> tuple[str, ...]:
     "The scan's symbols (`Universe` re-ranks them every `universe.refresh_s`); the exchange clock is re-synced then."
     before = c.universe.refreshes
     symbols = await c.universe.symbols()
     if c.universe.refreshes != before:
-        if c.symbols: await c.client.sync_clock()
+        if c.run.symbols:
+            await c.client.sync_clock()
         log.info("universe: %d symbols, the top %d by 24 h quote volume", len(symbols), c.settings.universe.top_n)
-    c.symbols = symbols
+    c.run.symbols = symbols
     return symbols
 
+# %% ../nbs/50_bot.ipynb #14c1a7c7
 async def open_real(c: Components, ranked: Sequence[Signal]) -> tuple[list[Position], list[int]]:
     "Ranks 1..K through the breaker to the execution backend; (positions opened, ranks refused)."
     opened, refused = [], []
     for rank, sig in enumerate(ranked[: c.settings.trading.max_trades], start=1):
         decision = c.breaker.check_entry(sig.symbol)
-        if not decision.allowed: refused.append(rank); continue
-        async with c.lock: out = await c.execution.open(sig, rank=rank, size_factor=decision.size_factor)
-        if isinstance(out, Refusal): c.breaker.record(out); refused.append(rank); continue
+        if not decision.allowed:
+            refused.append(rank)
+            continue
+        async with c.run.lock:
+            out = await c.execution.open(sig, rank=rank, size_factor=decision.size_factor)
+        if isinstance(out, Refusal):
+            c.breaker.record(out)
+            refused.append(rank)
+            continue
         opened.append(out)
     return opened, refused
 
 # %% ../nbs/50_bot.ipynb #2abcba0b
 async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
     "One scan: universe, refresh, analyse, rank, real entries, virtual entries; the cycle's figures."
-    with stages.stage("universe"): await refresh_universe(c)
-    with stages.stage("refresh"): report = await c.data.refresh(c.symbols)
-    with stages.stage("analyse"): signals = await c.analyzer.analyze_async(c.data.batch(c.symbols))
+    with stages.stage("universe"):
+        await refresh_universe(c)
+    with stages.stage("refresh"):
+        report = await c.data.refresh(c.run.symbols)
+    with stages.stage("analyse"):
+        signals = await c.analyzer.analyze_async(c.data.batch(c.run.symbols))
     with stages.stage("rank"):
         held = {p.symbol for p in c.execution.positions}
         ranked = [sig for sig in signals if sig.symbol not in held]
-    with stages.stage("execute"): opened, refused = await open_real(c, ranked)
-    with stages.stage("virtual"): followed = await c.virtual.open_signals(ranked, refused)
-    figures = {"symbols": len(c.symbols), "stale_series": len(report.stale), "signals": len(signals),
-               "opened": len(opened), "refused": len(refused), "virtual_opened": len(followed)}
-    c.counters.update({k: v for k, v in figures.items() if k in ("signals", "opened", "refused", "virtual_opened")})
-    c.counters["scan_cycles"] += 1
+    with stages.stage("execute"):
+        opened, refused = await open_real(c, ranked)
+    with stages.stage("virtual"):
+        followed = await c.virtual.open_signals(ranked, refused)
+    figures = {
+        "symbols": len(c.run.symbols),
+        "stale_series": len(report.stale),
+        "signals": len(signals),
+        "opened": len(opened),
+        "refused": len(refused),
+        "virtual_opened": len(followed),
+    }
+    c.run.counters.update({k: v for k, v in figures.items() if k in ("signals", "opened", "refused", "virtual_opened")})
+    c.run.counters["scan_cycles"] += 1
     return figures | {"open": len(c.execution.positions), "virtual_open": len(c.virtual)}
 
 # %% ../nbs/50_bot.ipynb #c40f4fa1
 class SnapshotTap:
     "A price source that forwards ONE `all_prices()` request to `client` and keeps the answer for the tick."
+
     __slots__ = ("client", "last")
-    def __init__(self, client): self.client, self.last = client, None
+
+    def __init__(self, client):
+        self.client, self.last = client, None
 
     async def all_prices(self) -> PriceSnapshot:
         self.last = await self.client.all_prices()
         return self.last
 
+# %% ../nbs/50_bot.ipynb #8da926f0
 def store_real_marks(c: Components) -> int:
     "Store the marks of the open real positions (one transaction)."
-    return c.positions.update_marks(c.execution.book)
+    return c.positions.update_marks(c.execution.marked_positions())
 
-# %% ../nbs/50_bot.ipynb #9c27f90f
+# %% ../nbs/50_bot.ipynb #c69198b1
 def record_closes(c: Components, closed_real: Sequence[Position], closed_virtual: Sequence[Position] = ()) -> None:
     "Performance figures and counters for a tick's closed positions."
-    for p in closed_real: c.performance.record_trade(p)
-    for p in closed_virtual: c.performance.record_virtual_trade(p)
-    c.virtual_realized += sum(p.realized_pnl for p in closed_virtual)
-    c.counters.update(closed=len(closed_real), wins=sum(p.realized_pnl > 0 for p in closed_real),
-                      virtual_closed=len(closed_virtual), virtual_wins=sum(p.realized_pnl > 0 for p in closed_virtual))
+    for p in closed_real:
+        c.performance.record_trade(p)
+    for p in closed_virtual:
+        c.performance.record_virtual_trade(p)
+    c.run.virtual_realized += sum(p.realized_pnl for p in closed_virtual)
+    c.run.counters.update(
+        closed=len(closed_real),
+        wins=sum(p.realized_pnl > 0 for p in closed_real),
+        virtual_closed=len(closed_virtual),
+        virtual_wins=sum(p.realized_pnl > 0 for p in closed_virtual),
+    )
 
+# %% ../nbs/50_bot.ipynb #d6a902e5
 def update_breaker(c: Components, closed_real: Sequence[Position]) -> EquityPoint:
     "The breaker hears each closed real trade, in order, then the equity; the tick's equity point."
     ex = c.execution
-    for p in closed_real: c.breaker.on_trade_closed(p.realized_pnl, ex.balance, ex.book.unrealized_pnl())
-    c.breaker.on_equity(ex.balance, ex.book.unrealized_pnl())
-    point = EquityPoint(c.clock.now_ms(), ex.equity(),
-                        c.settings.trading.starting_equity + c.virtual_realized + c.virtual.book.unrealized_pnl())
-    c.equity.append(point)
+    for p in closed_real:
+        c.breaker.on_trade_closed(p.realized_pnl, ex.balance, ex.unrealized_pnl())
+    c.breaker.on_equity(ex.balance, ex.unrealized_pnl())
+    point = EquityPoint(
+        c.clock.now_ms(),
+        ex.equity(),
+        c.settings.trading.starting_equity + c.run.virtual_realized + c.virtual.book.unrealized_pnl(),
+    )
+    c.run.equity.append(point)
     return point
 
+# %% ../nbs/50_bot.ipynb #2ebbe23c
 async def monitor_once(c: Components, stages: StageTimes) -> dict[str, object]:
     "One monitor tick: one price request, every position marked, closes archived, breaker updated."
     tap = SnapshotTap(c.client)
-    with stages.stage("virtual"): closed_virtual = await c.virtual.update_all_prices_async(tap)
-    async with c.lock:
-        with stages.stage("real"): closed_real = await c.execution.update(tap.last)
-        with stages.stage("marks"): await asyncio.to_thread(store_real_marks, c)
-    with stages.stage("performance"): record_closes(c, closed_real, closed_virtual)
-    with stages.stage("breaker"): point = update_breaker(c, closed_real)
-    c.counters["monitor_cycles"] += 1
-    return {"closed": len(closed_real), "virtual_closed": len(closed_virtual), "open": len(c.execution.positions),
-            "virtual_open": len(c.virtual), "equity": round(point.real, 2), "breaker": c.breaker.level.name}
+    with stages.stage("virtual"):
+        closed_virtual = await c.virtual.update_all_prices_async(tap)
+    async with c.run.lock:
+        with stages.stage("real"):
+            closed_real = await c.execution.update(tap.last)
+        with stages.stage("marks"):
+            await asyncio.to_thread(store_real_marks, c)
+    with stages.stage("performance"):
+        record_closes(c, closed_real, closed_virtual)
+    with stages.stage("breaker"):
+        point = update_breaker(c, closed_real)
+    c.run.counters["monitor_cycles"] += 1
+    return {
+        "closed": len(closed_real),
+        "virtual_closed": len(closed_virtual),
+        "open": len(c.execution.positions),
+        "virtual_open": len(c.virtual),
+        "equity": round(point.real, 2),
+        "breaker": c.breaker.level.name,
+    }
 
 # %% ../nbs/50_bot.ipynb #06bf91dc
 def flush(c: Components) -> None:
     "Store the marks of every open position, real and virtual, in one transaction."
     with c.db.transaction():
-        c.positions.update_marks(c.execution.book)
+        c.positions.update_marks(c.execution.marked_positions())
         c.positions.update_marks(c.virtual.book)
 
-# %% ../nbs/50_bot.ipynb #77f8f697
+# %% ../nbs/50_bot.ipynb #b7f728cd
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s failed: %s", task.get_name(), task.exception(), exc_info=task.exception())
 
-class TradingBot:
-    "The composition root: builds every component once and runs the scan and monitor loops."
-    def __init__(self, settings: Settings, *, clock: Clock | None = None):
-        check_mode(settings)
-        self.settings, self.clock = settings, clock if clock is not None else LiveClock()
-        self.state, self.error, self.components = BotState.CREATED, None, None
-        self._stack, self._stopped, self._stopper = AsyncExitStack(), asyncio.Event(), None
-        b = settings.bot
-        self.scan = Loop("scan", self.scan_cycle, self.clock, b.scan_interval_s, settings.data.boundary_delay_s,
-                         on_fatal=self._fatal)
-        self.monitor = Loop("monitor", self.virtual_monitoring_cycle, self.clock, b.monitor_interval_s, on_fatal=self._fatal)
+# %% ../nbs/50_bot.ipynb #0a9efe4d
+class BotLifecycle:
+    "The running side of a bot: its state, its two loops and an ordered stop; a stop-policy error in either loop stops both."
 
-    async def initialize(self) -> TradingBot:
-        "Build every component (once): database, client and clock sync, pool, data cache, restored positions."
-        if self.state is not BotState.CREATED: raise StateError(f"initialize() runs once; the bot is {self.state.name}")
-        try: self.components = await build_components(self.settings, self.clock, self._stack)
-        except BaseException as e:
-            await self._stack.aclose()
-            self.state, self.error = BotState.FAILED, e
-            self._stopped.set()
-            raise
-        self.state = BotState.READY
-        return self
+    scan: Loop
+    monitor: Loop
+
+    def __init__(self) -> None:
+        self.state = BotState.CREATED
+        self.error: BaseException | None = None
+        self.components: Components | None = None
+        self._stack, self._stopped = AsyncExitStack(), asyncio.Event()
+        self._stopper: asyncio.Task | None = None
 
     def _ready(self) -> Components:
         if self.components is None or self.state in (BotState.STOPPED, BotState.FAILED):
             raise StateError(f"the bot is {self.state.name}: initialize() it first (a stopped bot is not restarted)")
         return self.components
 
-    async def scan_cycle(self, stages: StageTimes | None = None) -> dict[str, int]:
-        "One scan cycle now; its figures. Errors are raised (the scan loop applies the policy)."
-        return await scan_once(self._ready(), StageTimes() if stages is None else stages)
-
-    async def virtual_monitoring_cycle(self, stages: StageTimes | None = None) -> dict[str, object]:
-        "One monitor cycle now (exactly one price request); its figures."
-        return await monitor_once(self._ready(), StageTimes() if stages is None else stages)
-
     def start(self) -> None:
         "Create the two loop tasks on the running event loop and return."
         self._ready()
-        self.scan.start(); self.monitor.start()
+        self.scan.start()
+        self.monitor.start()
         self.state = BotState.RUNNING
         log.info("bot running: scan every %g s, monitor every %g s", self.scan.period_s, self.monitor.period_s)
 
     async def stop(self, grace_s: float = 30.0) -> None:
         "Stop in order: loops (a running cycle may finish within `grace_s`), marks stored, components closed."
-        if self._stopped.is_set(): return
-        if self.state is BotState.STOPPING: await self._stopped.wait(); return   # a stop already under way
+        if self._stopped.is_set():
+            return
+        if self.state is BotState.STOPPING:
+            await self._stopped.wait()
+            return  # a stop already under way
         failed, self.state = self.error is not None, BotState.STOPPING
         try:
             await asyncio.gather(self.scan.stop(grace_s), self.monitor.stop(grace_s))
-            if self.components is not None: await asyncio.to_thread(flush, self.components)
+            if self.components is not None:
+                await asyncio.to_thread(flush, self.components)
         finally:
             await self._stack.aclose()
             self.state = BotState.FAILED if failed else BotState.STOPPED
@@ -327,6 +415,42 @@ class TradingBot:
         self._stopper = asyncio.get_running_loop().create_task(self.stop(), name="tradelab-bot-stop")
         self._stopper.add_done_callback(_log_failure)
 
+# %% ../nbs/50_bot.ipynb #6193573d
+class TradingBot(BotLifecycle):
+    "The composition root: builds every component once and runs the scan and monitor loops."
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None):
+        check_mode(settings)
+        super().__init__()
+        self.settings, self.clock = settings, clock if clock is not None else LiveClock()
+        b = settings.bot
+        self.scan = Loop(
+            "scan", self.scan_cycle, self.clock, b.scan_interval_s, settings.data.boundary_delay_s, on_fatal=self._fatal
+        )
+        self.monitor = Loop("monitor", self.virtual_monitoring_cycle, self.clock, b.monitor_interval_s, on_fatal=self._fatal)
+
+    async def initialize(self) -> TradingBot:
+        "Build every component (once): database, client and clock sync, pool, data cache, restored positions."
+        if self.state is not BotState.CREATED:
+            raise StateError(f"initialize() runs once; the bot is {self.state.name}")
+        try:
+            self.components = await build_components(self.settings, self.clock, self._stack)
+        except BaseException as e:
+            await self._stack.aclose()
+            self.state, self.error = BotState.FAILED, e
+            self._stopped.set()
+            raise
+        self.state = BotState.READY
+        return self
+
+    async def scan_cycle(self, stages: StageTimes | None = None) -> dict[str, int]:
+        "One scan cycle now; its figures. Errors are raised (the scan loop applies the policy)."
+        return await scan_once(self._ready(), StageTimes() if stages is None else stages)
+
+    async def virtual_monitoring_cycle(self, stages: StageTimes | None = None) -> dict[str, object]:
+        "One monitor cycle now (exactly one price request); its figures."
+        return await monitor_once(self._ready(), StageTimes() if stages is None else stages)
+
     def snapshot(self, history: int = 200) -> BotSnapshot:
         "What a UI may see now (typed copies): positions, equity, breaker level, recent cycles, counters."
         return snapshot_of(self, history)
@@ -335,48 +459,80 @@ class TradingBot:
         "Close the open real position `position_id` at the market (the operator's command)."
         return PositionView.of(await close_real(self._ready(), position_id))
 
-    async def __aenter__(self) -> TradingBot: return await self.initialize()
-    async def __aexit__(self, *exc) -> None: await self.stop()
-    def __repr__(self): return f"TradingBot({self.settings.mode}, {self.state.name})"
+    async def __aenter__(self) -> TradingBot:
+        return await self.initialize()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def __repr__(self):
+        return f"TradingBot({self.settings.mode}, {self.state.name})"
 
 # %% ../nbs/50_bot.ipynb #fb47ad10
 def snapshot_of(bot: TradingBot, history: int = 200) -> BotSnapshot:
     "A `BotSnapshot` of `bot` now."
     c, err = bot.components, None if bot.error is None else f"{type(bot.error).__name__}: {bot.error}"
     cycles = tuple(sorted([*bot.scan.history, *bot.monitor.history], key=lambda r: (r.started_ms, r.loop)))[-history:]
-    if c is None: return BotSnapshot(bot.clock.now_ms(), bot.state, "NORMAL", cycles=cycles, error=err)
-    c.execution.book.sync(); c.virtual.book.sync()
-    counters = dict(c.counters) | {"scan_failures": bot.scan.failures, "monitor_failures": bot.monitor.failures,
-                                   "price_requests": c.virtual.stats.price_requests}
-    return BotSnapshot(bot.clock.now_ms(), bot.state, c.breaker.level.name,
-                       tuple(PositionView.of(p) for p in c.execution.positions),
-                       tuple(PositionView.of(p) for p in c.virtual.positions), tuple(c.equity), cycles, counters, err)
+    if c is None:
+        return BotSnapshot(bot.clock.now_ms(), bot.state, "NORMAL", cycles=cycles, error=err)
+    c.virtual.book.sync()
+    counters = dict(c.run.counters) | {
+        "scan_failures": bot.scan.failures,
+        "monitor_failures": bot.monitor.failures,
+        "price_requests": c.virtual.stats.price_requests,
+    }
+    return BotSnapshot(
+        bot.clock.now_ms(),
+        bot.state,
+        c.breaker.level.name,
+        tuple(PositionView.of(p) for p in c.execution.marked_positions()),
+        tuple(PositionView.of(p) for p in c.virtual.positions),
+        tuple(c.run.equity),
+        cycles,
+        counters,
+        err,
+    )
 
-# %% ../nbs/50_bot.ipynb #8df716b5
+# %% ../nbs/50_bot.ipynb #88e2b691
 async def close_real(c: Components, position_id: str) -> Position:
     "Close the open real position `position_id` now; archived and told to the breaker like any close."
-    async with c.lock:
+    async with c.run.lock:
         pos = next((p for p in c.execution.positions if p.id == position_id), None)
-        if pos is None: raise DataError(f"close position: no open real position with id {position_id!r}")
+        if pos is None:
+            raise DataError(f"close position: no open real position with id {position_id!r}")
         c.breaker.check_exit(pos.symbol)
         await c.execution.close(pos)
     record_closes(c, [pos])
     update_breaker(c, [pos])
     return pos
 
+# %% ../nbs/50_bot.ipynb #9627a3c3
 class BotControl:
     "What a UI may do to a bot: start, stop, close a real position, and look (`snapshot`)."
+
     __slots__ = ("_bot",)
-    def __init__(self, bot: TradingBot): self._bot = bot
+
+    def __init__(self, bot: TradingBot):
+        self._bot = bot
 
     async def start(self) -> None:
         "Initialise the bot if it is new, then start its loops."
-        if self._bot.state is BotState.CREATED: await self._bot.initialize()
+        if self._bot.state is BotState.CREATED:
+            await self._bot.initialize()
         self._bot.start()
 
-    async def stop(self) -> None: await self._bot.stop()
-    async def close_position(self, position_id: str) -> PositionView: return await self._bot.close_position(position_id)
-    def snapshot(self) -> BotSnapshot: return self._bot.snapshot()
+    async def stop(self) -> None:
+        await self._bot.stop()
+
+    async def close_position(self, position_id: str) -> PositionView:
+        return await self._bot.close_position(position_id)
+
+    def snapshot(self) -> BotSnapshot:
+        return self._bot.snapshot()
+
     @property
-    def state(self) -> BotState: return self._bot.state
-    def __repr__(self): return f"BotControl({self._bot.state.name})"
+    def state(self) -> BotState:
+        return self._bot.state
+
+    def __repr__(self):
+        return f"BotControl({self._bot.state.name})"

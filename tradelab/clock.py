@@ -22,81 +22,121 @@ __all__ = ['Clock', 'sleep_until', 'LiveClock', 'SimClock', 'TestClock', 'interv
 @runtime_checkable
 class Clock(Protocol):
     "Where domain code gets the time."
-    def now_ms(self) -> int: "Milliseconds since the epoch (UTC)."
-    async def sleep(self, seconds: float) -> None: "Wait `seconds` of this clock's time."
+
+    def now_ms(self) -> int:
+        "Milliseconds since the epoch (UTC)."
+
+    async def sleep(self, seconds: float) -> None:
+        "Wait `seconds` of this clock's time."
+
 
 async def sleep_until(clock: Clock, t_ms: int) -> None:
     "Wait until `clock` reaches `t_ms` (returns at once if it already has)."
-    while (left := t_ms - clock.now_ms()) > 0: await clock.sleep(left / 1000)
+    while (left := t_ms - clock.now_ms()) > 0:
+        await clock.sleep(left / 1000)
 
-# %% ../nbs/02_clock.ipynb #c343a32d
+# %% ../nbs/02_clock.ipynb #59369eea
 class LiveClock:
     "The wall clock plus `offset_ms` (exchange time minus local time)."
-    __slots__ = ("offset_ms",)
-    def __init__(self, offset_ms: int = 0): self.offset_ms = offset_ms
-    def now_ms(self) -> int: return int(time.time() * 1000) + self.offset_ms
-    async def sleep(self, seconds: float) -> None: await asyncio.sleep(max(0.0, seconds))
-    def __repr__(self): return f"LiveClock(offset_ms={self.offset_ms})"
 
+    __slots__ = ("offset_ms",)
+
+    def __init__(self, offset_ms: int = 0):
+        self.offset_ms = offset_ms
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000) + self.offset_ms
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+    def __repr__(self):
+        return f"LiveClock(offset_ms={self.offset_ms})"
+
+# %% ../nbs/02_clock.ipynb #29479907
 class SimClock:
     "Simulated time: starts at `start_ms` and runs `speed` times faster than real time."
+
     __slots__ = ("start_ms", "speed", "_t0")
+
     def __init__(self, start_ms: int, speed: float = 1.0):
-        if speed <= 0: raise ConfigError(f"clock speed must be > 0, got {speed}")
+        if speed <= 0:
+            raise ConfigError(f"clock speed must be > 0, got {speed}")
         self.start_ms, self.speed, self._t0 = int(start_ms), float(speed), time.monotonic()
-    def now_ms(self) -> int: return self.start_ms + int((time.monotonic() - self._t0) * 1000 * self.speed)
-    async def sleep(self, seconds: float) -> None: await asyncio.sleep(max(0.0, seconds) / self.speed)
-    def __repr__(self): return f"SimClock(start_ms={self.start_ms}, speed={self.speed:g})"
+
+    def now_ms(self) -> int:
+        return self.start_ms + int((time.monotonic() - self._t0) * 1000 * self.speed)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds) / self.speed)
+
+    def __repr__(self):
+        return f"SimClock(start_ms={self.start_ms}, speed={self.speed:g})"
 
 # %% ../nbs/02_clock.ipynb #d18e8488
 class TestClock:
     "Time that moves only when told: `advance(seconds)` or `set_ms(t)`."
+
     __slots__ = ("_now", "_sleepers", "_seq")
     __test__ = False  # not a pytest test class
 
     def __init__(self, start_ms: int = 1_700_000_000_000):
-        self._now, self._sleepers, self._seq = int(start_ms), [], itertools.count()
+        self._now, self._seq = int(start_ms), itertools.count()
+        self._sleepers: list[tuple[int, int, asyncio.Future]] = []
 
-    def now_ms(self) -> int: return self._now
+    def now_ms(self) -> int:
+        return self._now
 
     async def sleep(self, seconds: float) -> None:
-        if seconds <= 0: await asyncio.sleep(0); return
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + int(seconds * 1000), next(self._seq), fut))
         await fut
 
     def set_ms(self, t_ms: int) -> None:
         "Jump to `t_ms` (never backwards) and wake the sleepers that are due."
-        if t_ms < self._now: raise ValueError(f"TestClock cannot go back from {self._now} to {t_ms}")
+        if t_ms < self._now:
+            raise ValueError(f"TestClock cannot go back from {self._now} to {t_ms}")
         self._now = int(t_ms)
         while self._sleepers and self._sleepers[0][0] <= self._now:
             _, _, fut = heapq.heappop(self._sleepers)
-            if not fut.done(): fut.set_result(None)
+            if not fut.done():
+                fut.set_result(None)
 
-    def advance(self, seconds: float) -> None: self.set_ms(self._now + int(seconds * 1000))
+    def advance(self, seconds: float) -> None:
+        self.set_ms(self._now + int(seconds * 1000))
 
     def next_wake_ms(self) -> int | None:
         "When the earliest pending `sleep` ends; None if nothing sleeps (a driver can jump straight there)."
         return self._sleepers[0][0] if self._sleepers else None
-    def __repr__(self): return f"TestClock(now_ms={self._now}, sleepers={len(self._sleepers)})"
 
-# %% ../nbs/02_clock.ipynb #af3efb35
+    def __repr__(self):
+        return f"TestClock(now_ms={self._now}, sleepers={len(self._sleepers)})"
+
+# %% ../nbs/02_clock.ipynb #b906a2db
 _UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
+# %% ../nbs/02_clock.ipynb #80cfe3a3
 def interval_ms(interval: str) -> int:
     "Length of a Binance kline interval in milliseconds: `interval_ms('15m') == 900_000`."
-    if interval not in INTERVALS: raise ConfigError(f"unknown interval {interval!r}; allowed: {list(INTERVALS)}")
+    if interval not in INTERVALS:
+        raise ConfigError(f"unknown interval {interval!r}; allowed: {list(INTERVALS)}")
     return int(interval[:-1]) * _UNIT_MS[interval[-1]]
 
+# %% ../nbs/02_clock.ipynb #45669251
 def bar_open_ms(t_ms: int, interval: str) -> int:
     "Open time of the bar that contains `t_ms`."
     step = interval_ms(interval)
     return t_ms - t_ms % step
 
+# %% ../nbs/02_clock.ipynb #3822fb89
 def last_closed_open_ms(now_ms: int, interval: str) -> int:
     "Open time of the newest bar that has closed at `now_ms`."
     return bar_open_ms(now_ms, interval) - interval_ms(interval)
 
+# %% ../nbs/02_clock.ipynb #57d7dc77
 def next_close_ms(now_ms: int, interval: str) -> int:
     "The moment the bar that contains `now_ms` closes (its successor opens)."
     return bar_open_ms(now_ms, interval) + interval_ms(interval)

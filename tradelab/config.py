@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+import tradelab
 from .errors import ConfigError
 
 # %% auto #0
@@ -26,11 +27,9 @@ __all__ = ['log', 'NETWORKS', 'INTERVALS', 'ENV_PREFIX', 'SECRET_KEYS', 'Exchang
 # %% ../nbs/01_config.ipynb #df02e361
 log = logging.getLogger(__name__)
 
-NETWORKS = {
-    "binance": "https://fapi.binance.com",
-    "testnet": "https://testnet.binancefuture.com",
-}
+NETWORKS = {"binance": "https://fapi.binance.com", "testnet": "https://testnet.binancefuture.com"}
 "Exchange URLs selectable by name in `exchange.base_url`."
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -38,6 +37,7 @@ class _Section(BaseModel):
 # %% ../nbs/01_config.ipynb #b0e47c12
 class ExchangeSettings(_Section):
     "Where the exchange is and how to treat it."
+
     base_url: str = Field("binance", description="a name from NETWORKS or an http(s) URL")
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
@@ -54,7 +54,8 @@ class ExchangeSettings(_Section):
     @field_validator("base_url")
     @classmethod
     def _known_url(cls, v: str) -> str:
-        if v in NETWORKS or v.startswith(("http://", "https://")): return v.rstrip("/")
+        if v in NETWORKS or v.startswith(("http://", "https://")):
+            return v.rstrip("/")
         raise ValueError(f"must be one of {sorted(NETWORKS)} or an http(s) URL")
 
     @property
@@ -62,12 +63,14 @@ class ExchangeSettings(_Section):
         "The resolved REST base URL."
         return NETWORKS.get(self.base_url, self.base_url)
 
-# %% ../nbs/01_config.ipynb #076c8e94
+# %% ../nbs/01_config.ipynb #e59b32e8
 INTERVALS = ("1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d")
 "Kline intervals tradelab understands (Binance's, up to a day)."
 
+# %% ../nbs/01_config.ipynb #e033eb3e
 class DataSettings(_Section):
     "The kline cache."
+
     timeframes: tuple[str, ...] = ("1h", "15m", "5m")
     limits: dict[str, int] = Field(default_factory=lambda: {"1h": 100, "15m": 100, "5m": 200})
     boundary_delay_s: float = Field(2.0, ge=0, le=60, description="wait after a bar closes before asking")
@@ -80,32 +83,38 @@ class DataSettings(_Section):
     @classmethod
     def _known_intervals(cls, v):
         bad = [t for t in v if t not in INTERVALS]
-        if bad or not v: raise ValueError(f"unknown interval(s) {bad}; allowed: {list(INTERVALS)}")
+        if bad or not v:
+            raise ValueError(f"unknown interval(s) {bad}; allowed: {list(INTERVALS)}")
         return v
 
     @field_validator("limits")
     @classmethod
     def _positive_limits(cls, v):
         for k, n in v.items():
-            if k not in INTERVALS: raise ValueError(f"unknown interval {k!r}; allowed: {list(INTERVALS)}")
-            if not 1 <= n <= 1500: raise ValueError(f"limit for {k} must be in 1..1500, got {n}")
+            if k not in INTERVALS:
+                raise ValueError(f"unknown interval {k!r}; allowed: {list(INTERVALS)}")
+            if not 1 <= n <= 1500:
+                raise ValueError(f"limit for {k} must be in 1..1500, got {n}")
         return v
 
     def limit(self, interval: str) -> int:
         "Bars kept for `interval` (100 when not listed)."
         return self.limits.get(interval, 100)
 
+# %% ../nbs/01_config.ipynb #b35d4c1e
 class UniverseSettings(_Section):
     "Which symbols a scan covers."
+
     top_n: int = Field(100, gt=0, le=1000)
     quote: str = "USDT"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     refresh_s: float = Field(3600.0, gt=0)
 
-# %% ../nbs/01_config.ipynb #2be3b049
+# %% ../nbs/01_config.ipynb #ad27c366
 class StrategySettings(_Section):
     "The multi-timeframe score and the trade it proposes."
+
     w_trend: float = Field(0.4, ge=0)
     w_structure: float = Field(0.2, ge=0)
     w_orderblock: float = Field(0.2, ge=0)
@@ -140,21 +149,26 @@ class StrategySettings(_Section):
             raise ValueError("ema_fast < ema_slow and macd_fast < macd_slow must hold")
         return self
 
+# %% ../nbs/01_config.ipynb #6955cf90
 class ModelSettings(_Section):
     "The ONNX model that adds a win probability."
+
     path: Path | None = None
     blend: float = Field(0.5, ge=0, le=1, description="weight of the model probability in confidence")
 
+# %% ../nbs/01_config.ipynb #24480c80
 class PoolSettings(_Section):
     "The process pool that scores symbols."
+
     workers: int | None = Field(None, ge=0, le=256, description="None: one per core; 0: in-process")
     batch_size: int | None = Field(None, gt=0, description="symbols per task; None: split evenly")
     task_timeout_s: float = Field(30.0, gt=0)
     in_process_below: int = Field(60, ge=0, description="smaller batches are analysed in-process (tradelab bench analysis)")
 
-# %% ../nbs/01_config.ipynb #da55b42c
+# %% ../nbs/01_config.ipynb #ab0f5057
 class TradingSettings(_Section):
     "Position sizing, execution costs and limits."
+
     max_trades: int = Field(3, ge=0, le=100)
     virtual_until: int = Field(10, ge=0, le=1000)
     follow_refused: bool = Field(True, description="follow virtually the top signals the breaker or the execution refused")
@@ -167,18 +181,22 @@ class TradingSettings(_Section):
     taker_fee: float = Field(0.0005, ge=0, le=0.01)
     slippage_bps: float = Field(2.0, ge=0, le=500)
     expiry_s: float = Field(24 * 3600.0, gt=0)
-    funding_rate: float = Field(0.0001, ge=-0.03, le=0.03,
-                                description="funding per 8 h for paper and virtual positions when premiumIndex is not used")
+    funding_rate: float = Field(
+        0.0001, ge=-0.03, le=0.03, description="funding per 8 h for paper and virtual positions when premiumIndex is not used"
+    )
 
     @model_validator(mode="after")
     def _ordered(self):
-        if self.leverage_min > self.leverage_max: raise ValueError("leverage_min must not exceed leverage_max")
+        if self.leverage_min > self.leverage_max:
+            raise ValueError("leverage_min must not exceed leverage_max")
         if self.virtual_until and self.virtual_until < self.max_trades:
             raise ValueError("virtual_until must be 0 or at least max_trades")
         return self
 
+# %% ../nbs/01_config.ipynb #0e415ca9
 class RiskSettings(_Section):
     "Circuit breaker thresholds: consecutive losses and drawdown (share of peak equity)."
+
     losses_reduce: int = Field(3, gt=0)
     losses_pause: int = Field(5, gt=0)
     losses_halt: int = Field(8, gt=0)
@@ -196,8 +214,10 @@ class RiskSettings(_Section):
             raise ValueError("drawdown_reduce <= drawdown_pause <= drawdown_halt must hold")
         return self
 
+# %% ../nbs/01_config.ipynb #fd88febf
 class BotSettings(_Section):
     "The two loops."
+
     scan_interval_s: float = Field(60.0, gt=0)
     monitor_interval_s: float = Field(10.0, gt=0)
     db_file: str = "tradelab.sqlite"
@@ -205,6 +225,7 @@ class BotSettings(_Section):
 # %% ../nbs/01_config.ipynb #cfe32812
 class Settings(_Section):
     "Every setting of a tradelab process."
+
     mode: Literal["paper", "live"] = "paper"
     home: Path = Field(Path("~/.tradelab"), description="where the database and caches live")
     exchange: ExchangeSettings = ExchangeSettings()
@@ -221,8 +242,10 @@ class Settings(_Section):
     def _live_needs_keys(self):
         ex = self.exchange
         if self.mode == "live" and (ex.api_key is None or ex.api_secret is None):
-            raise ValueError("mode 'live' needs exchange.api_key and exchange.api_secret "
-                             "(TRADELAB_EXCHANGE__API_KEY / __API_SECRET or exchange.secret_file)")
+            raise ValueError(
+                "mode 'live' needs exchange.api_key and exchange.api_secret "
+                "(TRADELAB_EXCHANGE__API_KEY / __API_SECRET or exchange.secret_file)"
+            )
         return self
 
     @property
@@ -230,44 +253,55 @@ class Settings(_Section):
         "`home` with `~` expanded."
         return self.home.expanduser()
 
-# %% ../nbs/01_config.ipynb #989efc78
+# %% ../nbs/01_config.ipynb #005ac6e1
 ENV_PREFIX = "TRADELAB_"
 SECRET_KEYS = ("api_key", "api_secret")
 
+# %% ../nbs/01_config.ipynb #0cc5d2b3
 def _env_tree(env: Mapping[str, str]) -> dict:
     "Nested dict of the `TRADELAB_` variables in `env`."
     tree: dict = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX): continue
-        path = name[len(ENV_PREFIX):].lower().split("__")
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
         val: Any = raw
         if raw[:1] in "[{":
-            try: val = json.loads(raw)
-            except json.JSONDecodeError as e: raise ConfigError(f"environment variable {name}: not valid JSON ({e})") from e
+            try:
+                val = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"environment variable {name}: not valid JSON ({e})") from e
         node = tree
-        for part in path[:-1]: node = node.setdefault(part, {})
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
         node[path[-1]] = val
     return tree
 
+# %% ../nbs/01_config.ipynb #7323f7fa
 def _merge(base: dict, over: Mapping) -> dict:
     out = dict(base)
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
     return out
 
-# %% ../nbs/01_config.ipynb #cf136d45
+# %% ../nbs/01_config.ipynb #0ad80e20
 def _read_secret_file(path: Path) -> dict:
     "api_key/api_secret from a TOML secret file; warns once if others can read it."
     path = path.expanduser()
-    try: data = tomllib.loads(path.read_text())
-    except FileNotFoundError as e: raise ConfigError(f"exchange.secret_file: {path} does not exist") from e
-    except tomllib.TOMLDecodeError as e: raise ConfigError(f"exchange.secret_file: {path} is not valid TOML ({e})") from e
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"exchange.secret_file: {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"exchange.secret_file: {path} is not valid TOML ({e})") from e
     unknown = set(data) - set(SECRET_KEYS)
-    if unknown: raise ConfigError(f"exchange.secret_file: unknown key(s) {sorted(unknown)}; allowed: {list(SECRET_KEYS)}")
+    if unknown:
+        raise ConfigError(f"exchange.secret_file: unknown key(s) {sorted(unknown)}; allowed: {list(SECRET_KEYS)}")
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("secret file %s is readable by other users; chmod 600 it", path)
     return data
 
+# %% ../nbs/01_config.ipynb #9337526c
 def _describe(err: ValidationError) -> str:
     "One line per problem, each naming the config key."
     lines = []
@@ -275,56 +309,74 @@ def _describe(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         if e["type"] == "value_error" and not isinstance(e.get("input"), (str, int, float)):
-            lines.append(f"config key '{key}': {msg}" if key else msg); continue   # a rule across keys names them itself
+            lines.append(f"config key '{key}': {msg}" if key else msg)
+            continue  # a rule across keys names them itself
         got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e.get('input')!r})"
         lines.append(f"config key '{key}': {msg}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 # %% ../nbs/01_config.ipynb #756e4c6a
-def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None,
-                  **overrides) -> Settings:
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides) -> Settings:
     "Validated settings from a TOML file (optional), `env` (default `os.environ`) and keyword overrides."
     env = os.environ if env is None else env
     data: dict = {}
     if path is not None:
         p = Path(path).expanduser()
-        try: data = tomllib.loads(p.read_text())
-        except FileNotFoundError as e: raise ConfigError(f"config file {p} does not exist") from e
-        except tomllib.TOMLDecodeError as e: raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {p} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
         leaked = [k for k in SECRET_KEYS if k in data.get("exchange", {})]
-        if leaked: raise ConfigError(f"config key 'exchange.{leaked[0]}': secrets may not be stored in the "
-                                     f"config file; use TRADELAB_EXCHANGE__{leaked[0].upper()} or exchange.secret_file")
+        if leaked:
+            raise ConfigError(
+                f"config key 'exchange.{leaked[0]}': secrets may not be stored in the "
+                f"config file; use TRADELAB_EXCHANGE__{leaked[0].upper()} or exchange.secret_file"
+            )
     data = _merge(_merge(data, _env_tree(env)), overrides)
     secret_file = data.get("exchange", {}).get("secret_file")
     if secret_file:
         data["exchange"] = _merge(_read_secret_file(Path(secret_file)), data["exchange"])
-    try: return Settings.model_validate(data)
-    except ValidationError as e: raise ConfigError(_describe(e)) from None
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
 
 # %% ../nbs/01_config.ipynb #9926ffe1
 def shared_data_dir() -> Path | None:
     "The real market data folder `../shared/data` beside the checkout, or `None` if absent."
-    import tradelab
+
     d = Path(tradelab.__file__).resolve().parents[2] / "shared" / "data"
     return d if (d / "README.md").exists() else None
 
-# %% ../nbs/01_config.ipynb #df0396b6
+# %% ../nbs/01_config.ipynb #58c42f23
 def _plain(v):
-    if isinstance(v, SecretStr): return "********"
-    if isinstance(v, Path): return str(v)
-    if isinstance(v, tuple): return list(v)
+    if isinstance(v, SecretStr):
+        return "********"
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, tuple):
+        return list(v)
     return v
 
+# %% ../nbs/01_config.ipynb #3d313ffe
 def settings_toml(s: Settings) -> str:
     "The effective settings as TOML text, secrets replaced by `********`."
     out = [f"mode = {json.dumps(s.mode)}", f"home = {json.dumps(str(s.home))}"]
     for name in type(s).model_fields:
         sec = getattr(s, name)
-        if not isinstance(sec, BaseModel): continue
+        if not isinstance(sec, BaseModel):
+            continue
         out.append(f"\n[{name}]")
         for k in type(sec).model_fields:
             v = _plain(getattr(sec, k))
-            if v is None: out.append(f"# {k} is not set"); continue
-            out.append(f"{k} = {json.dumps(v)}" if not isinstance(v, dict) else
-                       f"{k} = {{ {', '.join(f'{json.dumps(a)} = {json.dumps(b)}' for a, b in v.items())} }}")
+            if v is None:
+                out.append(f"# {k} is not set")
+                continue
+            out.append(
+                f"{k} = {json.dumps(v)}"
+                if not isinstance(v, dict)
+                else f"{k} = {{ {', '.join(f'{json.dumps(a)} = {json.dumps(b)}' for a, b in v.items())} }}"
+            )
     return "\n".join(out) + "\n"

@@ -15,80 +15,105 @@ __all__ = ['Policy', 'TradelabError', 'ConfigError', 'DataError', 'ModelError', 
 # %% ../nbs/00_errors.ipynb #4acd0edb
 class Policy(enum.Enum):
     "What a caller should do with an error."
+
     RETRY = "retry"
     WAIT = "wait"
     SKIP = "skip"
     STOP = "stop"
 
-# %% ../nbs/00_errors.ipynb #3d2ada7d
+# %% ../nbs/00_errors.ipynb #92adf46b
 class TradelabError(Exception):
     "Root of every error tradelab raises on purpose."
+
     policy: Policy = Policy.STOP
 
+# %% ../nbs/00_errors.ipynb #9516fdf1
 class ConfigError(TradelabError):
     "A setting is unknown, out of range or missing; the message names the key."
+
     policy = Policy.STOP
 
+# %% ../nbs/00_errors.ipynb #3889e22f
 class DataError(TradelabError):
     "Market data that breaks an invariant (gaps, negative prices, wrong shape)."
+
     policy = Policy.SKIP
 
+# %% ../nbs/00_errors.ipynb #3e4b4cd9
 class ModelError(TradelabError):
     "An ONNX model that cannot be loaded or run."
+
     policy = Policy.STOP
 
+# %% ../nbs/00_errors.ipynb #68ce2418
 class SchemaMismatch(ModelError):
     "A model built for another feature schema version."
 
+# %% ../nbs/00_errors.ipynb #70b78bc8
 class StateError(TradelabError):
     "An illegal state transition: a bug that must be seen, never silenced."
+
     policy = Policy.STOP
 
-# %% ../nbs/00_errors.ipynb #b07a2c5d
+# %% ../nbs/00_errors.ipynb #803de195
 class ExchangeError(TradelabError):
     "Anything the exchange (or the road to it) did wrong."
+
     policy = Policy.RETRY
 
-    def __init__(self, msg: str, *, endpoint: str | None = None, status: int | None = None,
-                 code: int | None = None):
+    def __init__(self, msg: str, *, endpoint: str | None = None, status: int | None = None, code: int | None = None):
         self.endpoint, self.status, self.code = endpoint, status, code
         where = f"{endpoint}: " if endpoint else ""
         super().__init__(f"{where}{msg}")
 
+# %% ../nbs/00_errors.ipynb #73c1ae03
 class TemporaryExchangeError(ExchangeError):
     "5xx, timeout or dropped connection: retry with backoff."
+
     policy = Policy.RETRY
 
+# %% ../nbs/00_errors.ipynb #f59b54c2
 class ClockDriftError(ExchangeError):
     "Binance -1021: our timestamp is outside recvWindow; resynchronise, then retry."
+
     policy = Policy.RETRY
 
+# %% ../nbs/00_errors.ipynb #7bac43a5
 class MalformedResponse(ExchangeError):
     "A payload that does not decode into the shape the endpoint promises."
+
     policy = Policy.SKIP
 
+# %% ../nbs/00_errors.ipynb #bc6cdf1a
 class ExchangeRejected(ExchangeError):
     "A 4xx answer carrying a Binance error code."
+
     policy = Policy.SKIP
 
+# %% ../nbs/00_errors.ipynb #0423cc0c
 class UnknownSymbol(ExchangeRejected):
     "Binance -1121: the symbol does not exist."
 
+# %% ../nbs/00_errors.ipynb #ca6fb14b
 class OrderRejected(ExchangeRejected):
     "The exchange refused an order (filters, margin, reduce-only...)."
 
+# %% ../nbs/00_errors.ipynb #f78f2365
 class AuthenticationError(ExchangeError):
     "Missing, malformed or refused API credentials."
+
     policy = Policy.STOP
 
 # %% ../nbs/00_errors.ipynb #5995b5a9
 class RateLimited(ExchangeError):
     "HTTP 429: too much weight; wait `retry_after_s` before the next request."
+
     policy = Policy.WAIT
 
     def __init__(self, msg: str, *, retry_after_s: float, **kw):
         self.retry_after_s = float(retry_after_s)
         super().__init__(f"{msg} (retry after {self.retry_after_s:g} s)", **kw)
+
 
 class IpBanned(RateLimited):
     "HTTP 418: the IP is banned until `retry_after_s` has passed."

@@ -16,21 +16,29 @@ from .errors import Policy, RateLimited, StateError, policy_for
 from .timing import StageTimes, heartbeat_line
 
 # %% auto #0
-__all__ = ['log', 'CycleFn', 'next_tick_ms', 'CycleRecord', 'ConditionLog', 'Loop']
+__all__ = ['log', 'CycleFn', 'next_tick_ms', 'next_due_ms', 'CycleRecord', 'ConditionLog', 'log_overrun', 'CycleRunner', 'Loop']
 
 # %% ../nbs/45_loops.ipynb #d841fa12
 log = logging.getLogger(__name__)
 
+
 def next_tick_ms(now_ms: int, period_s: float, offset_s: float = 0.0) -> int:
     "The first moment strictly after `now_ms` that is a multiple of `period_s` plus `offset_s`."
     period, offset = round(period_s * 1000), round(offset_s * 1000)
-    if period <= 0: raise StateError(f"a loop period must be > 0 s, got {period_s}")
+    if period <= 0:
+        raise StateError(f"a loop period must be > 0 s, got {period_s}")
     return (now_ms - offset) // period * period + period + offset
 
-# %% ../nbs/45_loops.ipynb #7f0ad3ae
+# %% ../nbs/45_loops.ipynb #f26e2c60
+def next_due_ms(now_ms: int, period_s: float, offset_s: float, hold_until_ms: int) -> int:
+    "When a loop runs next: its first tick after `now_ms`, but not before `hold_until_ms` (a rate limit's wait)."
+    return max(next_tick_ms(now_ms, period_s, offset_s), hold_until_ms)
+
+# %% ../nbs/45_loops.ipynb #761052d6
 @dataclass(frozen=True, slots=True)
 class CycleRecord:
     "One finished (or failed, or abandoned) cycle of a loop."
+
     loop: str
     cycle: int
     started_ms: int
@@ -39,23 +47,33 @@ class CycleRecord:
     counts: Mapping[str, object] = field(default_factory=dict)
 
     @property
-    def ok(self) -> bool: return self.outcome == "ok"
-    @property
-    def total_ms(self) -> float: return float(sum(self.stages_ms.values()))
+    def ok(self) -> bool:
+        return self.outcome == "ok"
 
+    @property
+    def total_ms(self) -> float:
+        return float(sum(self.stages_ms.values()))
+
+# %% ../nbs/45_loops.ipynb #cb1094d1
 CycleFn = Callable[[StageTimes], Awaitable[Mapping[str, object] | None]]
 "A cycle: does its work, timing stages into the `StageTimes` it is given; returns figures for the heartbeat."
 
 # %% ../nbs/45_loops.ipynb #1dfeaec8
 class ConditionLog:
     "Log a repeating error condition once, and its end."
+
     __slots__ = ("name", "key", "count")
-    def __init__(self, name: str): self.name, self.key, self.count = name, None, 0
+
+    def __init__(self, name: str):
+        self.name, self.count = name, 0
+        self.key: tuple[str, str] | None = None
 
     def report(self, e: BaseException, cycle: int) -> bool:
         "Note `e`; True (and one warning logged) if it is a new condition."
         key = (type(e).__name__, str(e))
-        if key == self.key: self.count += 1; return False
+        if key == self.key:
+            self.count += 1
+            return False
         self.clear()
         self.key, self.count = key, 1
         log.warning("%s cycle %d failed (%s, policy %s): %s", self.name, cycle, key[0], policy_for(e).value, e)
@@ -67,26 +85,35 @@ class ConditionLog:
             log.info("%s: %s cleared after %d failed cycle(s)", self.name, self.key[0], self.count)
         self.key, self.count = None, 0
 
-# %% ../nbs/45_loops.ipynb #6c38be14
-class Loop:
-    "One named periodic task: `cycle(stages)` at every tick of `period_s` (+ `offset_s`) on `clock`."
-    def __init__(self, name: str, cycle: CycleFn, clock: Clock, period_s: float, offset_s: float = 0.0, *,
-                 on_fatal: Callable[[Loop, BaseException], None] | None = None, history: int = 500):
-        next_tick_ms(0, period_s, offset_s)  # validates the period
-        self.name, self.cycle, self.clock, self.period_s, self.offset_s = name, cycle, clock, period_s, offset_s
-        self.on_fatal, self.history, self.conditions = on_fatal, deque(maxlen=history), ConditionLog(name)
-        self.cycles = self.failures = self.overruns = 0
+# %% ../nbs/45_loops.ipynb #f049a71c
+def log_overrun(name: str, cycle: int, period_s: float, overruns: int) -> None:
+    "Log that cycle `cycle` of loop `name` overran its period: the first overrun as a warning, the later ones at DEBUG."
+    log.log(
+        logging.WARNING if overruns == 1 else logging.DEBUG,
+        "%s cycle %d overran its %g s period; ticks were skipped (%d overruns so far; later ones are counted, not logged)",
+        name,
+        cycle,
+        period_s,
+        overruns,
+    )
+
+# %% ../nbs/45_loops.ipynb #eef1c419
+class CycleRunner:
+    "Runs a loop's cycle one at a time: stages timed, record kept, heartbeat logged, errors handled by policy."
+
+    def __init__(self, name: str, cycle: CycleFn, clock: Clock, history: int = 500):
+        self.name, self.cycle, self.clock = name, cycle, clock
+        self.history: deque[CycleRecord] = deque(maxlen=history)
+        self.conditions = ConditionLog(name)
+        self.cycles = self.failures = 0
         self.failure: BaseException | None = None
         self.in_cycle, self._stopping, self._hold_until_ms = False, False, 0
-        self._task: asyncio.Task | None = None
-
-    @property
-    def running(self) -> bool: return self._task is not None and not self._task.done()
 
     async def run_once(self) -> CycleRecord:
         "Run one cycle now; its record (errors are handled by policy, not raised)."
         stages, started, self.in_cycle, self.cycles = StageTimes(), self.clock.now_ms(), True, self.cycles + 1
-        try: counts = dict(await self.cycle(stages) or {})
+        try:
+            counts = dict(await self.cycle(stages) or {})
         except asyncio.CancelledError:
             self.history.append(CycleRecord(self.name, self.cycles, started, stages.as_ms(), "abandoned"))
             raise
@@ -94,63 +121,96 @@ class Loop:
             self.history.append(rec := CycleRecord(self.name, self.cycles, started, stages.as_ms(), type(e).__name__))
             self._failed(e)
             return rec
-        finally: self.in_cycle = False
+        finally:
+            self.in_cycle = False
         self.conditions.clear()
         self.history.append(rec := CycleRecord(self.name, self.cycles, started, stages.as_ms(), "ok", counts))
         log.info("%s %s", self.name, heartbeat_line(rec.cycle, stages, counts))
         return rec
 
     def _failed(self, e: Exception) -> None:
+        "Apply `e`'s policy: stop, hold the loop until a rate limit has passed, or note a condition (logged once)."
         self.failures += 1
         if policy_for(e) is Policy.STOP:
             log.error("%s loop stops on %s: %s", self.name, type(e).__name__, e, exc_info=e)
-            self.failure, self._stopping = e, True
-            if self.on_fatal is not None: self.on_fatal(self, e)
+            self._fatal(e)
             return
         if isinstance(e, RateLimited):
             self._hold_until_ms = max(self._hold_until_ms, self.clock.now_ms() + round(e.retry_after_s * 1000))
         self.conditions.report(e, self.cycles)
 
+    def _fatal(self, e: BaseException) -> None:
+        "`e` ends the loop: remember it and stop (`Loop` also tells its owner)."
+        self.failure, self._stopping = e, True
+
+    def _done(self, task: asyncio.Task) -> None:
+        "Done-callback of the loop's task: an exception that escaped it is logged and ends the loop."
+        e = None if task.cancelled() else task.exception()
+        if e is not None:
+            log.error("%s loop task died: %s", self.name, e, exc_info=e)
+            self._fatal(e)
+
+# %% ../nbs/45_loops.ipynb #7960b5a8
+class Loop(CycleRunner):
+    "One named periodic task: `cycle(stages)` at every tick of `period_s` (+ `offset_s`) on `clock`."
+
+    def __init__(
+        self,
+        name: str,
+        cycle: CycleFn,
+        clock: Clock,
+        period_s: float,
+        offset_s: float = 0.0,
+        *,
+        on_fatal: Callable[[Loop, BaseException], None] | None = None,
+        history: int = 500,
+    ):
+        next_tick_ms(0, period_s, offset_s)  # validates the period
+        super().__init__(name, cycle, clock, history)
+        self.period_s, self.offset_s, self.on_fatal, self.overruns = period_s, offset_s, on_fatal, 0
+        self._task: asyncio.Task | None = None
+
+    def _fatal(self, e: BaseException) -> None:
+        super()._fatal(e)
+        if self.on_fatal is not None:
+            self.on_fatal(self, e)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def start(self) -> asyncio.Task:
         "Create the loop's named task (the running one if it already runs)."
-        if self.running: return self._task
-        self._stopping, self.failure = False, None
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"tradelab-{self.name}")
-        self._task.add_done_callback(self._done)
+        if self._task is None or self._task.done():
+            self._stopping, self.failure = False, None
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"tradelab-{self.name}")
+            self._task.add_done_callback(self._done)
         return self._task
 
     async def stop(self, grace_s: float = 30.0) -> None:
         "Stop the task: a running cycle may finish within `grace_s` seconds (real time), else it is cancelled."
         self._stopping, task = True, self._task
-        if task is None or task.done() or task is asyncio.current_task(): return
-        if self.in_cycle: await asyncio.wait({task}, timeout=grace_s)
-        if not task.done():
-            if self.in_cycle: log.warning("%s cycle %d abandoned after %g s of grace", self.name, self.cycles, grace_s)
-            task.cancel()
+        if task is None or task.done() or task is asyncio.current_task():
+            return
+        if self.in_cycle:
+            await asyncio.wait({task}, timeout=grace_s)
+        if not task.done() and self.in_cycle:
+            log.warning("%s cycle %d abandoned after %g s of grace", self.name, self.cycles, grace_s)
+        task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    def _due_ms(self) -> int:
-        return max(next_tick_ms(self.clock.now_ms(), self.period_s, self.offset_s), self._hold_until_ms)
-
     async def _run(self) -> None:
-        due = self._due_ms()
+        due = next_due_ms(self.clock.now_ms(), self.period_s, self.offset_s, self._hold_until_ms)
         while not self._stopping:
             await sleep_until(self.clock, due)
-            if self._stopping: break
+            if self._stopping:
+                break
             await self.run_once()
-            nxt = self._due_ms()
+            nxt = next_due_ms(self.clock.now_ms(), self.period_s, self.offset_s, self._hold_until_ms)
             if nxt - due > round(self.period_s * 1000) and nxt > self._hold_until_ms:
                 self.overruns += 1
-                log.log(logging.WARNING if self.overruns == 1 else logging.DEBUG, "%s cycle %d overran its %g s period; "
-                        "ticks were skipped (%d overruns so far; later ones are counted, not logged)",
-                        self.name, self.cycles, self.period_s, self.overruns)
+                log_overrun(self.name, self.cycles, self.period_s, self.overruns)
             due = nxt
-
-    def _done(self, task: asyncio.Task) -> None:
-        if task.cancelled() or task.exception() is None: return
-        self.failure = e = task.exception()
-        log.error("%s loop task died: %s", self.name, e, exc_info=e)
-        if self.on_fatal is not None: self.on_fatal(self, e)
 
     def __repr__(self):
         return f"Loop({self.name!r}, every {self.period_s:g} s, cycles={self.cycles}, failures={self.failures})"

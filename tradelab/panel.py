@@ -11,7 +11,9 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import ipywidgets as widgets
 import pandas as pd
@@ -24,14 +26,25 @@ from .runner import demo_market, demo_settings
 from .sim.server import SimServer
 
 # %% auto #0
-__all__ = ['log', 'TABLE_COLUMNS', 'BREAKER_COLORS', 'SimulatedBot', 'positions_frame', 'positions_html', 'stage_series',
-           'BotPanel']
+__all__ = ['log', 'TABLE_COLUMNS', 'BREAKER_COLORS', 'BotTarget', 'SimulatedBot', 'positions_frame', 'positions_html',
+           'stage_series', 'breaker_html', 'status_line', 'close_options', 'PanelView', 'show_failure', 'BotPanel']
 
-# %% ../nbs/60_panel.ipynb #cd3aa378
+# %% ../nbs/60_panel.ipynb #57c2ed23
 log = logging.getLogger(__name__)
 
+# %% ../nbs/60_panel.ipynb #7fb27b941602401d91542211134fc71a
+@runtime_checkable
+class BotTarget(Protocol):
+    "What the panel drives: something that starts a bot and hands back its command interface, and stops it."
+
+    async def start(self) -> BotControl: ...
+
+    async def stop(self) -> None: ...
+
+# %% ../nbs/60_panel.ipynb #3cdfe3e3
 class SimulatedBot:
     "A `TradingBot` against an in-process simulator of a synthetic market (`hours` of it), in a temporary home."
+
     def __init__(self, symbols: int = 30, seed: int = 7, speed: float = 240.0, hours: float = 168.0):
         self.symbols, self.seed, self.speed, self.hours = symbols, seed, speed, hours
         self.sim: SimServer | None = None
@@ -51,55 +64,113 @@ class SimulatedBot:
 
     async def stop(self) -> None:
         "Stop the bot in order, then the simulator; remove the temporary home."
-        if self.bot is not None: await self.bot.stop()
-        if self.sim is not None: await self.sim.stop()
-        if self.home is not None: await asyncio.to_thread(shutil.rmtree, self.home, True)
+        if self.bot is not None:
+            await self.bot.stop()
+        if self.sim is not None:
+            await self.sim.stop()
+        if self.home is not None:
+            await asyncio.to_thread(shutil.rmtree, self.home, True)
         self.sim = self.home = None
 
-    def __repr__(self): return f"SimulatedBot({self.symbols} symbols, seed {self.seed}, speed {self.speed:g})"
+    def __repr__(self):
+        return f"SimulatedBot({self.symbols} symbols, seed {self.seed}, speed {self.speed:g})"
 
-# %% ../nbs/60_panel.ipynb #d17477d7
+# %% ../nbs/60_panel.ipynb #e28f5053
 TABLE_COLUMNS = ("symbol", "side", "entry", "stop", "target", "mark", "unrealized_pnl", "rank", "confidence", "opened")
 "Columns of the positions tables."
 
-def _utc(ms: int) -> str: return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%m-%d %H:%M")
+# %% ../nbs/60_panel.ipynb #ed219593
+def _utc(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%m-%d %H:%M")
 
+# %% ../nbs/60_panel.ipynb #ed8217b2
 def positions_frame(views: Sequence[PositionView], limit: int = 50) -> pd.DataFrame:
     "The first `limit` positions as a table, newest first."
-    rows = [{**{k: getattr(v, k) for k in TABLE_COLUMNS if k != "opened"}, "opened": _utc(v.opened_ms)}
-            for v in sorted(views, key=lambda v: (-v.opened_ms, v.symbol))[:limit]]
+    rows = [
+        {**{k: getattr(v, k) for k in TABLE_COLUMNS if k != "opened"}, "opened": _utc(v.opened_ms)}
+        for v in sorted(views, key=lambda v: (-v.opened_ms, v.symbol))[:limit]
+    ]
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
+# %% ../nbs/60_panel.ipynb #92d7d8f0
 def positions_html(views: Sequence[PositionView], title: str, limit: int = 50) -> str:
     "An HTML table of `views` under `title` (with the count)."
-    if not views: return f"<b>{title}: 0</b><p>none</p>"
+    if not views:
+        return f"<b>{title}: 0</b><p>none</p>"
     table = positions_frame(views, limit).to_html(index=False, float_format="{:.6g}".format, border=0)
     return f"<b>{title}: {len(views)}</b>{table}"
 
+# %% ../nbs/60_panel.ipynb #eb2036e2
 def stage_series(cycles: Sequence[CycleRecord], loop: str) -> dict[str, tuple[list[int], list[float]]]:
     "Per stage of `loop`: (cycle numbers, milliseconds) over the finished cycles among `cycles`."
     out: dict[str, tuple[list[int], list[float]]] = {}
     for rec in cycles:
-        if rec.loop != loop: continue
+        if rec.loop != loop:
+            continue
         for stage, ms in rec.stages_ms.items():
             xs, ys = out.setdefault(stage, ([], []))
-            xs.append(rec.cycle); ys.append(ms)
+            xs.append(rec.cycle)
+            ys.append(ms)
     return out
 
-# %% ../nbs/60_panel.ipynb #f1fc5af8
+# %% ../nbs/60_panel.ipynb #fe287474
 BREAKER_COLORS = {"NORMAL": "#2e7d32", "REDUCED": "#f9a825", "NO_NEW_ENTRIES": "#ef6c00", "HALTED": "#c62828"}
 "Colour of each circuit breaker level in the panel."
 
+# %% ../nbs/60_panel.ipynb #8dd0d8092fe74a7c96281538738b07e2
+def breaker_html(level: str) -> str:
+    "The breaker's level in its colour."
+    return f"<b style='color:{BREAKER_COLORS.get(level, '#000')}'>breaker {level}</b>"
+
+# %% ../nbs/60_panel.ipynb #72eea5119410473aa328ad9291626812
+def status_line(snap: BotSnapshot) -> str:
+    "The status line of `snap`: state and time, cycles, signals, trades real and virtual, and the error if there is one."
+    n = snap.counters
+    return (
+        f"{snap.state.name} at {_utc(snap.time_ms)} UTC; scans {n.get('scan_cycles', 0)}, "
+        f"monitor ticks {n.get('monitor_cycles', 0)}, signals {n.get('signals', 0)}, "
+        f"trades {n.get('opened', 0)} opened / {n.get('closed', 0)} closed, virtual "
+        f"{n.get('virtual_opened', 0)} / {n.get('virtual_closed', 0)}"
+        + (f"; <span style='color:#c62828'>{snap.error}</span>" if snap.error else "")
+    )
+
+# %% ../nbs/60_panel.ipynb #8edb47106e1a46a883d545849b8ab81b
+def close_options(views: Sequence[PositionView]) -> list[tuple[str, str]]:
+    "The close dropdown's (label, position id) for the open real positions."
+    return [(f"{v.symbol} {v.side.lower()} at {v.entry:g}", v.id) for v in views]
+
+# %% ../nbs/60_panel.ipynb #39e832f1
+def _draw_stages(fig: go.FigureWidget, series: dict, history: int) -> None:
+    "One bar trace per stage (added the first time the stage appears), the last `history` cycles."
+    with fig.batch_update():
+        names = [tr.name for tr in fig.data]
+        for stage, (xs, ys) in series.items():
+            if stage not in names:
+                fig.add_bar(name=stage)
+                names.append(stage)
+            tr = fig.data[names.index(stage)]
+            tr.x, tr.y = xs[-history:], ys[-history:]
+
+# %% ../nbs/60_panel.ipynb #a991cc41
 def _figure(title: str, yaxis: str, barmode: str | None = None) -> go.FigureWidget:
-    fig = go.FigureWidget(layout=go.Layout(title=title, height=280, margin=dict(l=50, r=10, t=40, b=30),
-                                           yaxis_title=yaxis, barmode=barmode, legend_orientation="h"))
+    fig = go.FigureWidget(
+        layout=go.Layout(
+            title=title,
+            height=280,
+            margin=dict(l=50, r=10, t=40, b=30),
+            yaxis_title=yaxis,
+            barmode=barmode,
+            legend_orientation="h",
+        )
+    )
     return fig
 
-class BotPanel:
-    "Start, stop and watch a bot in this kernel: positions, equity real vs virtual, breaker, stage times."
-    def __init__(self, target=None, refresh_s: float = 1.0, history: int = 60):
-        self.target, self.refresh_s, self.history = target if target is not None else SimulatedBot(), refresh_s, history
-        self.control: BotControl | None = None
+# %% ../nbs/60_panel.ipynb #7cdc8c89c7104fffa095e18ddfef8986
+class PanelView:
+    "The panel's widgets, and `render` to draw one snapshot on them."
+
+    def __init__(self, history: int = 60):
+        self.history = history
         self.start_button = widgets.Button(description="Start", button_style="success")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", disabled=True)
         self.status, self.breaker = widgets.HTML("not started"), widgets.HTML()
@@ -110,71 +181,21 @@ class BotPanel:
         self.equity_fig.add_scatter(name="real (paper)", mode="lines")
         self.equity_fig.add_scatter(name="virtual", mode="lines")
         self.scan_fig, self.monitor_fig = _figure("scan stages", "ms", "stack"), _figure("monitor stages", "ms", "stack")
-        self.widget = widgets.VBox([widgets.HBox([self.start_button, self.stop_button, self.breaker]),
-                                    widgets.HBox([self.close_choice, self.close_button]), self.status,
-                                    self.equity_fig, widgets.HBox([self.scan_fig, self.monitor_fig]),
-                                    self.positions, self.virtual])
-        self.tasks: set[asyncio.Task] = set()
-        self._refresher: asyncio.Task | None = None
-        self.start_button.on_click(lambda _: self._spawn(self.start(), "start"))
-        self.stop_button.on_click(lambda _: self._spawn(self.stop(), "stop"))
-        self.close_button.on_click(lambda _: self._spawn(self.close_selected(), "close"))
-
-    def _spawn(self, coro, what: str) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro, name=f"tradelab-panel-{what}")
-        self.tasks.add(task)
-        task.add_done_callback(self._finished)
-        return task
-
-    def _finished(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if task.cancelled() or task.exception() is None: return
-        e = task.exception()
-        log.error("panel %s failed: %s", task.get_name(), e, exc_info=e)
-        self.status.value = f"<span style='color:#c62828'>{task.get_name()} failed: {type(e).__name__}: {e}</span>"
-
-    async def start(self) -> None:
-        "Start the target and the refresh task."
-        self.start_button.disabled, self.status.value = True, "starting"
-        try: self.control = await self.target.start()
-        except BaseException:
-            self.start_button.disabled = False
-            raise
-        self.stop_button.disabled = False
-        self._refresher = self._spawn(self._refresh(), "refresh")
-
-    async def stop(self) -> None:
-        "Cancel the refresh task, stop the target in order, draw the final state."
-        self.stop_button.disabled = True
-        if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
-        await self.target.stop()
-        if self.control is not None: self.render(self.control.snapshot())
-        self.start_button.disabled = True   # a stopped bot is not restarted; make a new panel
-
-    async def close_selected(self) -> PositionView | None:
-        "Close the real position chosen in the dropdown (the bot's command), then redraw."
-        if self.control is None or self.close_choice.value is None: return None
-        view = await self.control.close_position(self.close_choice.value)
-        self.render(self.control.snapshot())
-        return view
-
-    async def _refresh(self) -> None:
-        while True:
-            self.render(self.control.snapshot())
-            await asyncio.sleep(self.refresh_s)
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.start_button, self.stop_button, self.breaker]),
+                widgets.HBox([self.close_choice, self.close_button]),
+                self.status,
+                self.equity_fig,
+                widgets.HBox([self.scan_fig, self.monitor_fig]),
+                self.positions,
+                self.virtual,
+            ]
+        )
 
     def render(self, snap: BotSnapshot) -> None:
         "Draw `snap` on every widget."
-        level = snap.breaker_level
-        self.breaker.value = f"<b style='color:{BREAKER_COLORS.get(level, '#000')}'>breaker {level}</b>"
-        n = snap.counters
-        self.status.value = (f"{snap.state.name} at {_utc(snap.time_ms)} UTC; scans {n.get('scan_cycles', 0)}, "
-                             f"monitor ticks {n.get('monitor_cycles', 0)}, signals {n.get('signals', 0)}, "
-                             f"trades {n.get('opened', 0)} opened / {n.get('closed', 0)} closed, virtual "
-                             f"{n.get('virtual_opened', 0)} / {n.get('virtual_closed', 0)}"
-                             + (f"; <span style='color:#c62828'>{snap.error}</span>" if snap.error else ""))
+        self.breaker.value, self.status.value = breaker_html(snap.breaker_level), status_line(snap)
         self.positions.value = positions_html(snap.open_positions, "open positions")
         self._choices(snap)
         self.virtual.value = positions_html(snap.virtual_positions, "virtual positions")
@@ -187,22 +208,79 @@ class BotPanel:
 
     def _choices(self, snap: BotSnapshot) -> None:
         "The open real positions in the close dropdown; the selection is kept while it is still open, else the first."
-        options = [(f"{v.symbol} {v.side.lower()} at {v.entry:g}", v.id) for v in snap.open_positions]
+        options = close_options(snap.open_positions)
         if options != list(self.close_choice.options):
             keep, ids = self.close_choice.value, [i for _, i in options]
             self.close_choice.options = options
             self.close_choice.value = keep if keep in ids else (ids[0] if ids else None)
         self.close_button.disabled = not options or snap.state.name != "RUNNING"
 
+# %% ../nbs/60_panel.ipynb #59bbdb311c014d738909a11f9e486628
+def show_failure(task: asyncio.Task, status: widgets.HTML) -> None:
+    "Log a task that failed and show it in `status`; a task that finished or was cancelled says nothing."
+    if task.cancelled() or task.exception() is None:
+        return
+    e = task.exception()
+    log.error("panel %s failed: %s", task.get_name(), e, exc_info=e)
+    status.value = f"<span style='color:#c62828'>{task.get_name()} failed: {type(e).__name__}: {e}</span>"
+
+# %% ../nbs/60_panel.ipynb #15508d3b
+class BotPanel(PanelView):
+    "Start, stop and watch a bot in this kernel: positions, equity real vs virtual, breaker, stage times."
+
+    def __init__(self, target: BotTarget | None = None, refresh_s: float = 1.0, history: int = 60):
+        super().__init__(history)
+        self.target: BotTarget = target if target is not None else SimulatedBot()
+        self.refresh_s = refresh_s
+        self.control: BotControl | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self._refresher: asyncio.Task | None = None
+        self.start_button.on_click(lambda _: self._spawn(self.start(), "start"))
+        self.stop_button.on_click(lambda _: self._spawn(self.stop(), "stop"))
+        self.close_button.on_click(lambda _: self._spawn(self.close_selected(), "close"))
+
+    def _spawn(self, coro, what: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"tradelab-panel-{what}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(partial(show_failure, status=self.status))
+        return task
+
+    async def start(self) -> None:
+        "Start the target and the refresh task."
+        self.start_button.disabled, self.status.value = True, "starting"
+        try:
+            control = self.control = await self.target.start()
+        except BaseException:
+            self.start_button.disabled = False
+            raise
+        self.stop_button.disabled = False
+        self._refresher = self._spawn(self._refresh(control), "refresh")
+
+    async def stop(self) -> None:
+        "Cancel the refresh task, stop the target in order, draw the final state."
+        self.stop_button.disabled = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        await self.target.stop()
+        if self.control is not None:
+            self.render(self.control.snapshot())
+        self.start_button.disabled = True  # a stopped bot is not restarted; make a new panel
+
+    async def close_selected(self) -> PositionView | None:
+        "Close the real position chosen in the dropdown (the bot's command), then redraw."
+        if self.control is None or self.close_choice.value is None:
+            return None
+        view = await self.control.close_position(self.close_choice.value)
+        self.render(self.control.snapshot())
+        return view
+
+    async def _refresh(self, control: BotControl) -> None:
+        while True:
+            self.render(control.snapshot())
+            await asyncio.sleep(self.refresh_s)
+
     def __repr__(self):
         running = self._refresher is not None and not self._refresher.done()
         return f"BotPanel({self.target!r}, {'refreshing' if running else 'idle'})"
-
-def _draw_stages(fig: go.FigureWidget, series: dict, history: int) -> None:
-    "One bar trace per stage (added the first time the stage appears), the last `history` cycles."
-    with fig.batch_update():
-        names = [tr.name for tr in fig.data]
-        for stage, (xs, ys) in series.items():
-            if stage not in names: fig.add_bar(name=stage); names.append(stage)
-            tr = fig.data[names.index(stage)]
-            tr.x, tr.y = xs[-history:], ys[-history:]

@@ -19,15 +19,18 @@ from .errors import DataError, MalformedResponse
 __all__ = ['KLINE_COLUMNS', 'Side', 'SymbolInfo', 'round_step', 'round_price', 'round_qty', 'Klines', 'parse_klines',
            'PriceSnapshot', 'Signal', 'SeriesBatch', 'AnalysisBatch']
 
-# %% ../nbs/03_records.ipynb #e9f6fe04
+# %% ../nbs/03_records.ipynb #51111e72
 class Side(enum.IntEnum):
     "Trade direction; the value is the sign of the position."
+
     LONG = 1
     SHORT = -1
 
+# %% ../nbs/03_records.ipynb #c3cba8b3
 @dataclass(frozen=True, slots=True)
 class SymbolInfo:
     "One tradable contract and the filters its orders must respect."
+
     symbol: str
     base_asset: str
     quote_asset: str
@@ -46,31 +49,38 @@ class SymbolInfo:
         "A TRADING perpetual."
         return self.status == "TRADING" and self.contract_type == "PERPETUAL"
 
-# %% ../nbs/03_records.ipynb #7d9093fb
-def _dec(x: float) -> Decimal: return Decimal(repr(float(x)))
+# %% ../nbs/03_records.ipynb #a985311a
+def _dec(x: float) -> Decimal:
+    return Decimal(repr(float(x)))
 
+# %% ../nbs/03_records.ipynb #08692cfe
 def round_step(value: float, step: float, rounding=ROUND_DOWN) -> float:
     "`value` on the grid of `step` (down by default, as quantities must be)."
-    if step <= 0: return float(value)
+    if step <= 0:
+        return float(value)
     q = (_dec(value) / _dec(step)).to_integral_value(rounding=rounding)
     return float(q * _dec(step))
 
+# %% ../nbs/03_records.ipynb #2f14386d
 def round_price(info: SymbolInfo, price: float) -> float:
     "A price on the symbol's tick grid (nearest tick)."
     return round_step(price, info.tick_size, ROUND_HALF_UP)
 
+# %% ../nbs/03_records.ipynb #b3f05576
 def round_qty(info: SymbolInfo, qty: float, market: bool = True) -> float:
     "A quantity on the step grid, rounded down; 0 if it falls below the minimum."
     step, lo = (info.market_step_size, info.market_min_qty) if market else (info.step_size, info.min_qty)
     q = min(round_step(qty, step), info.market_max_qty if market else math.inf)
     return q if q >= lo else 0.0
 
-# %% ../nbs/03_records.ipynb #6703b96a
+# %% ../nbs/03_records.ipynb #5207d9ed
 KLINE_COLUMNS = ("open_time", "open", "high", "low", "close", "volume", "close_time")
 "The columns every kline table carries, in order."
 
+# %% ../nbs/03_records.ipynb #86d0efc6
 class Klines:
     "Bars of one (symbol, interval) series as numpy arrays."
+
     __slots__ = KLINE_COLUMNS
 
     def __init__(self, open_time, open, high, low, close, volume, close_time):
@@ -78,61 +88,84 @@ class Klines:
         self.open, self.high, self.low = (np.asarray(a, np.float64) for a in (open, high, low))
         self.close, self.volume = np.asarray(close, np.float64), np.asarray(volume, np.float64)
 
-    def __len__(self): return len(self.open_time)
-    def __getitem__(self, idx) -> Klines: return Klines(*(getattr(self, c)[idx] for c in KLINE_COLUMNS))
+    def __len__(self):
+        return len(self.open_time)
+
+    def __getitem__(self, idx) -> Klines:
+        return Klines(*(getattr(self, c)[idx] for c in KLINE_COLUMNS))
+
     def __repr__(self):
         span = f"{self.open_time[0]}..{self.open_time[-1]}" if len(self) else "empty"
         return f"Klines({len(self)} bars, open_time {span})"
 
     @classmethod
-    def empty(cls) -> Klines: return cls(*([] for _ in KLINE_COLUMNS))
+    def empty(cls) -> Klines:
+        return cls(*([] for _ in KLINE_COLUMNS))
+
     def to_frame(self) -> pd.DataFrame:
         "A DataFrame with the columns of `KLINE_COLUMNS`."
         return pd.DataFrame({c: getattr(self, c) for c in KLINE_COLUMNS})
+
     @classmethod
-    def from_frame(cls, df: pd.DataFrame) -> Klines: return cls(*(df[c].to_numpy() for c in KLINE_COLUMNS))
+    def from_frame(cls, df: pd.DataFrame) -> Klines:
+        return cls(*(df[c].to_numpy() for c in KLINE_COLUMNS))
 
 # %% ../nbs/03_records.ipynb #c412d13b
 def parse_klines(rows, endpoint: str = "GET /fapi/v1/klines") -> Klines:
     "Decode Binance kline rows; `MalformedResponse` naming `endpoint` if they are not kline rows."
     if not isinstance(rows, list):
         raise MalformedResponse(f"expected a list of klines, got {type(rows).__name__}", endpoint=endpoint)
-    if not rows: return Klines.empty()
+    if not rows:
+        return Klines.empty()
     try:
         a = np.array([r[:7] for r in rows], dtype=object)
-        if a.ndim != 2 or a.shape[1] != 7: raise ValueError(f"rows of {a.shape[1:] or 'unequal'} fields")
-        k = Klines(a[:, 0].astype(np.int64), *(a[:, i].astype(np.float64) for i in range(1, 6)), a[:, 6].astype(np.int64))
+        if a.ndim != 2 or a.shape[1] != 7:
+            raise ValueError(f"rows of {a.shape[1:] or 'unequal'} fields")
+        o, h, lo, c, v = (a[:, i].astype(np.float64) for i in range(1, 6))
+        k = Klines(a[:, 0].astype(np.int64), o, h, lo, c, v, a[:, 6].astype(np.int64))
     except (TypeError, ValueError, IndexError) as e:
         raise MalformedResponse(f"undecodable kline rows ({e})", endpoint=endpoint) from e
     bad = ~np.isfinite(k.close) | (k.high < k.low) | (k.close_time <= k.open_time)
-    if bad.any(): raise MalformedResponse(f"{int(bad.sum())} kline row(s) break OHLC invariants", endpoint=endpoint)
+    if bad.any():
+        raise MalformedResponse(f"{int(bad.sum())} kline row(s) break OHLC invariants", endpoint=endpoint)
     return k
 
 # %% ../nbs/03_records.ipynb #596af401
 class PriceSnapshot:
     "Last prices of many symbols at one moment."
+
     __slots__ = ("symbols", "prices", "time_ms", "_index")
 
     def __init__(self, symbols, prices, time_ms: int):
         self.symbols = np.asarray(symbols, dtype=object)
         self.prices = np.asarray(prices, np.float64)
         self.time_ms, self._index = int(time_ms), {s: i for i, s in enumerate(self.symbols)}
-        if len(self.symbols) != len(self.prices): raise DataError("PriceSnapshot: symbols and prices differ in length")
+        if len(self.symbols) != len(self.prices):
+            raise DataError("PriceSnapshot: symbols and prices differ in length")
 
-    def __len__(self): return len(self.symbols)
-    def __contains__(self, symbol): return symbol in self._index
-    def price(self, symbol: str) -> float: return float(self.prices[self._index[symbol]])
+    def __len__(self):
+        return len(self.symbols)
+
+    def __contains__(self, symbol):
+        return symbol in self._index
+
+    def price(self, symbol: str) -> float:
+        return float(self.prices[self._index[symbol]])
+
     def gather(self, symbols) -> np.ndarray:
         "Prices for `symbols` in their order; NaN where a symbol is absent."
         idx = np.array([self._index.get(s, -1) for s in symbols], dtype=np.int64)
         out = self.prices[np.maximum(idx, 0)] if len(self.prices) else np.full(len(idx), np.nan)
         return np.where(idx >= 0, out, np.nan)
-    def __repr__(self): return f"PriceSnapshot({len(self)} symbols at {self.time_ms})"
+
+    def __repr__(self):
+        return f"PriceSnapshot({len(self)} symbols at {self.time_ms})"
 
 # %% ../nbs/03_records.ipynb #8814398b
 @dataclass(frozen=True, slots=True)
 class Signal:
     "A proposed trade."
+
     symbol: str
     side: Side
     entry: float
@@ -148,18 +181,21 @@ class Signal:
     def __post_init__(self):
         s = int(self.side)
         if not (s * (self.target - self.entry) > 0 and s * (self.entry - self.stop) > 0):
-            raise DataError(f"{self.symbol}: stop {self.stop} / entry {self.entry} / target {self.target} "
-                            f"are not ordered for a {self.side.name.lower()}")
+            raise DataError(
+                f"{self.symbol}: stop {self.stop} / entry {self.entry} / target {self.target} "
+                f"are not ordered for a {self.side.name.lower()}"
+            )
 
     @property
     def reward_risk(self) -> float:
         "Distance to target over distance to stop."
         return abs(self.target - self.entry) / abs(self.entry - self.stop)
 
-# %% ../nbs/03_records.ipynb #b96dd742
+# %% ../nbs/03_records.ipynb #0e309720
 @dataclass(slots=True)
 class SeriesBatch:
     "One timeframe of a batch: 2-D arrays, one row per symbol, newest bar last."
+
     interval: str
     open_time: np.ndarray
     open: np.ndarray
@@ -176,19 +212,25 @@ class SeriesBatch:
         vals = {c: np.full((n, n_bars), np.nan) for c in ("open", "high", "low", "close", "volume")}
         for i, k in enumerate(series):
             m = min(len(k), n_bars)
-            if not m: continue
-            times[i, n_bars - m:] = k.open_time[-m:]
-            for c, a in vals.items(): a[i, n_bars - m:] = getattr(k, c)[-m:]
+            if not m:
+                continue
+            times[i, n_bars - m :] = k.open_time[-m:]
+            for c, a in vals.items():
+                a[i, n_bars - m :] = getattr(k, c)[-m:]
         return cls(interval, times, **vals)
 
+# %% ../nbs/03_records.ipynb #6336f2f9
 @dataclass(slots=True)
 class AnalysisBatch:
     "Several symbols across timeframes, as scored together by one pool task."
+
     symbols: tuple[str, ...]
     frames: dict[str, SeriesBatch]
     now_ms: int
 
-    def __len__(self): return len(self.symbols)
+    def __len__(self):
+        return len(self.symbols)
+
     def take(self, idx) -> AnalysisBatch:
         "The sub-batch of rows `idx` (a slice or index array)."
         sym = tuple(np.asarray(self.symbols, dtype=object)[idx])

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -29,42 +28,51 @@ from .sim.server import SimServer
 from .sim.synthetic import synthetic_market
 
 # %% auto #0
-__all__ = ['log', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'serve', 'cli_run_arguments', 'cli_run', 'at_url',
-           'demo_settings', 'demo_market', 'DemoSummary', 'stage_summary', 'run_demo', 'cli_demo_arguments',
-           'check_demo_home', 'cli_demo']
+__all__ = ['log', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'serve', 'run_headless', 'DemoOptions', 'at_url',
+           'demo_settings', 'demo_market', 'DemoSummary', 'stage_summary', 'run_demo', 'check_demo_home', 'demo']
 
-# %% ../nbs/51_runner.ipynb #f7506e14
+# %% ../nbs/51_runner.ipynb #b366263a
 log = logging.getLogger(__name__)
 
+# %% ../nbs/51_runner.ipynb #b0db499f
 async def serve(bot: TradingBot, stop_signals=(signal.SIGINT, signal.SIGTERM)) -> int:
     "Run `bot` until a signal in `stop_signals` or a fatal error, then stop it in order; the exit code."
     loop, stop = asyncio.get_running_loop(), asyncio.Event()
-    for sig in stop_signals: loop.add_signal_handler(sig, stop.set)
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop.set)
     try:
         await bot.initialize()
         bot.start()
         waits = [asyncio.create_task(stop.wait(), name="tradelab-signal"), asyncio.create_task(bot.wait(), name="tradelab-bot")]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for t in waits: t.cancel()
-        if stop.is_set(): log.info("stop signal received; shutting down in order")
+        for t in waits:
+            t.cancel()
+        if stop.is_set():
+            log.info("stop signal received; shutting down in order")
     finally:
         await bot.stop()
-        for sig in stop_signals: loop.remove_signal_handler(sig)
+        for sig in stop_signals:
+            loop.remove_signal_handler(sig)
     return 1 if bot.error is not None else 0
 
-# %% ../nbs/51_runner.ipynb #c175668a
-def cli_run_arguments(p) -> None:
-    p.add_argument("--home", help="directory of the database and caches (default: the 'home' setting)")
+# %% ../nbs/51_runner.ipynb #69fd516b
+def run_headless(settings: Settings) -> int:
+    "`tradelab run`: the bot on `settings` until SIGINT or SIGTERM; the exit code."
+    return asyncio.run(serve(TradingBot(settings)))
 
-def _settings(args, **overrides) -> Settings:
-    "The command's settings: `--config`, the environment, then `overrides` (and `--home`)."
-    if getattr(args, "home", None): overrides["home"] = args.home
-    return load_settings(args.config, env=args.env, **overrides)
+# %% ../nbs/51_runner.ipynb #70c99836
+@dataclass(frozen=True)
+class DemoOptions:
+    "What `tradelab demo` is asked for: simulated hours, clock speed, universe size, seed, a real kline file, a home."
 
-def cli_run(args) -> int:
-    return asyncio.run(serve(TradingBot(_settings(args))))
+    hours: float = 2.0
+    speed: float = 240.0
+    symbols: int = 40
+    seed: int = 7
+    data: Path | None = None
+    home: Path | None = None
 
-# %% ../nbs/51_runner.ipynb #1fcbece0
+# %% ../nbs/51_runner.ipynb #1311923f
 DEMO_OVERRIDES = {
     "data": {"timeframes": ["15m", "5m", "1m"], "limits": {"15m": 100, "5m": 100, "1m": 100}},
     "trading": {"expiry_s": 3600.0, "risk_per_trade": 0.0025},
@@ -75,27 +83,35 @@ DEMO_OVERRIDES = {
 HISTORY_DAYS = 2
 "Days of synthetic history before the demo starts (the 15m series needs 100 bars, 25 hours)."
 
+# %% ../nbs/51_runner.ipynb #b8dd8b65
 def _merge(a: dict, b: Mapping) -> dict:
     out = dict(a)
-    for k, v in b.items(): out[k] = _merge(out.get(k, {}), v) if isinstance(v, Mapping) else v
+    for k, v in b.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, Mapping) else v
     return out
 
+# %% ../nbs/51_runner.ipynb #10cd649b
 PENDING_URL = "http://127.0.0.1"
 "Where the demo's settings point until the simulator has its port."
 
+# %% ../nbs/51_runner.ipynb #15c92259
 def at_url(settings: Settings, url: str) -> Settings:
     "`settings` with `exchange.base_url` set to `url` (an address the program chose, so already valid)."
     return settings.model_copy(update={"exchange": settings.exchange.model_copy(update={"base_url": url.rstrip("/")})})
 
-def demo_settings(sim_url: str, home: str | Path, symbols: int, config: str | None = None,
-                  env: Mapping[str, str] | None = None) -> Settings:
+# %% ../nbs/51_runner.ipynb #9f5a1257
+def demo_settings(
+    sim_url: str, home: str | Path, symbols: int, config: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
     "The demo's settings: `config` and `env` with `DEMO_OVERRIDES`, the simulator's URL, the universe size, the home."
     over = _merge(DEMO_OVERRIDES, {"exchange": {"base_url": sim_url}, "universe": {"top_n": symbols}})
     return load_settings(config, env=env, home=str(home), **over)
 
+# %% ../nbs/51_runner.ipynb #2ba779f4
 def demo_market(symbols: int, hours: float, seed: int, data: str | Path | None = None) -> tuple[MarketSource, int]:
     "The demo's market (synthetic, or the real klines file `data`) and its start, `HISTORY_DAYS` in."
-    if data is None: market = synthetic_market(symbols, HISTORY_DAYS + hours / 24 + 0.5, seed)
+    if data is None:
+        market = synthetic_market(symbols, HISTORY_DAYS + hours / 24 + 0.5, seed)
     else:
         info = Path(data).with_name("exchange_info.json")
         market = load_parquet_market(data, exchange_info=info if info.exists() else None)
@@ -105,10 +121,11 @@ def demo_market(symbols: int, hours: float, seed: int, data: str | Path | None =
         raise ConfigError(f"--hours {hours:g}: {market!r} ends {left_h:.1f} h after the demo's start")
     return market, start
 
-# %% ../nbs/51_runner.ipynb #eac5c81e
+# %% ../nbs/51_runner.ipynb #6fd27889
 @dataclass(frozen=True)
 class DemoSummary:
     "What `tradelab demo` did."
+
     simulated_hours: float
     wall_s: float
     speed: float
@@ -135,87 +152,108 @@ class DemoSummary:
     stage_ms: dict = field(default_factory=dict)
     home: str | None = None
 
-    def to_json(self) -> str: return json.dumps(asdict(self), indent=None)
+    def to_json(self) -> str:
+        "The summary as one JSON object."
+        return json.dumps(asdict(self), indent=None)
 
+    def to_text(self) -> str:
+        "The summary as `key: value` lines, stage times last."
+        lines = [f"{k.replace('_', ' ')}: {v}" for k, v in asdict(self).items() if k != "stage_ms"]
+        for loop, stages in self.stage_ms.items():
+            times = ", ".join(f"{k} {v['mean']:.1f} / {v['max']:.1f}" for k, v in stages.items())
+            lines.append(f"{loop} stages (mean / max ms): {times}")
+        return "\n".join(lines)
+
+# %% ../nbs/51_runner.ipynb #64e8b54f
 def stage_summary(history: list[CycleRecord]) -> dict[str, dict[str, float]]:
     "Mean and maximum milliseconds of each stage over `history`."
     per: dict[str, list[float]] = {}
     for rec in history:
-        for k, v in rec.stages_ms.items(): per.setdefault(k, []).append(v)
+        for k, v in rec.stages_ms.items():
+            per.setdefault(k, []).append(v)
     return {k: {"mean": round(sum(v) / len(v), 3), "max": round(max(v), 3)} for k, v in per.items()}
 
-def _rate(x: float) -> float | None: return None if math.isnan(x) else round(x, 4)
+# %% ../nbs/51_runner.ipynb #2dfdb9e1
+def _rate(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 4)
 
-# %% ../nbs/51_runner.ipynb #b14334dd
-def _summary(bot: TradingBot, sim: SimServer, args, wall_s: float, home: str | None) -> DemoSummary:
-    c, n = bot.components, bot.components.counters
-    c.performance.reconcile(c.db)                   # the figures agree with the archive, or StateError
+# %% ../nbs/51_runner.ipynb #635adac7
+def _summary(bot: TradingBot, sim: SimServer, opts: DemoOptions, wall_s: float) -> DemoSummary:
+    c = bot.components
+    assert c is not None  # the demo summarises a bot that was initialised
+    n = c.run.counters
+    c.performance.reconcile(c.db)  # the figures agree with the archive, or StateError
     real, virtual = c.performance.stats(Kind.REAL), c.performance.stats(Kind.VIRTUAL)
     st = sim.stats()
     return DemoSummary(
-        simulated_hours=args.hours, wall_s=round(wall_s, 2), speed=args.speed, symbols=len(c.symbols),
-        scan_cycles=bot.scan.cycles, monitor_cycles=bot.monitor.cycles, failed_cycles=bot.scan.failures + bot.monitor.failures,
+        simulated_hours=opts.hours,
+        wall_s=round(wall_s, 2),
+        speed=opts.speed,
+        symbols=len(c.run.symbols),
+        scan_cycles=bot.scan.cycles,
+        monitor_cycles=bot.monitor.cycles,
+        failed_cycles=bot.scan.failures + bot.monitor.failures,
         overruns=bot.scan.overruns + bot.monitor.overruns,
-        signals=n["signals"], trades_opened=n["opened"], trades_refused=n["refused"], trades_closed=real.trades,
+        signals=n["signals"],
+        trades_opened=n["opened"],
+        trades_refused=n["refused"],
+        trades_closed=real.trades,
         virtual_opened=n["virtual_opened"],
-        virtual_closed=virtual.trades, win_rate_real=_rate(real.win_rate), win_rate_virtual=_rate(virtual.win_rate),
-        pnl_real=round(real.total_pnl, 2), pnl_virtual=round(virtual.total_pnl, 2), breaker_level=c.breaker.level.name,
+        virtual_closed=virtual.trades,
+        win_rate_real=_rate(real.win_rate),
+        win_rate_virtual=_rate(virtual.win_rate),
+        pnl_real=round(real.total_pnl, 2),
+        pnl_virtual=round(virtual.total_pnl, 2),
+        breaker_level=c.breaker.level.name,
         model=None if c.pool.model is None else c.pool.model.version,
-        price_requests=st["endpoints"].get(TICKER_PRICE, {}).get("requests", 0), requests=st["requests"], weight=st["weight"],
+        price_requests=st["endpoints"].get(TICKER_PRICE, {}).get("requests", 0),
+        requests=st["requests"],
+        weight=st["weight"],
         stage_ms={"scan": stage_summary(list(bot.scan.history)), "monitor": stage_summary(list(bot.monitor.history))},
-        home=home)
+        home=None if opts.home is None else str(opts.home),
+    )
 
-async def run_demo(args, home: str) -> tuple[DemoSummary, TradingBot]:
-    "Simulator and bot for `args.hours` simulated hours at `args.speed`; the summary and the stopped bot."
+# %% ../nbs/51_runner.ipynb #d0762c54
+async def run_demo(
+    opts: DemoOptions, home: str | Path, config: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> tuple[DemoSummary | None, TradingBot]:
+    "Simulator and bot for `opts.hours` simulated hours at `opts.speed`; the summary (None if the bot failed) and the bot."
     t0 = time.perf_counter()
-    settings = demo_settings(PENDING_URL, home, args.symbols, args.config, args.env)   # bad settings stop us here
-    market, start = await asyncio.to_thread(demo_market, args.symbols, args.hours, args.seed, args.data)
-    clock = SimClock(start, args.speed)
+    settings = demo_settings(PENDING_URL, home, opts.symbols, config, env)  # bad settings stop us here
+    market, start = await asyncio.to_thread(demo_market, opts.symbols, opts.hours, opts.seed, opts.data)
+    clock = SimClock(start, opts.speed)
     async with SimServer(market, clock) as sim:
         bot = TradingBot(at_url(settings, sim.url), clock=clock)
         try:
             await bot.initialize()
             bot.start()
-            end_ms = start + int(args.hours * 3_600_000)
+            end_ms = start + int(opts.hours * 3_600_000)
             waits = [asyncio.create_task(sleep_until(clock, end_ms)), asyncio.create_task(bot.wait())]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for t in waits: t.cancel()
+            for t in waits:
+                t.cancel()
             running = bot.state is BotState.RUNNING
-            await asyncio.gather(bot.scan.stop(), bot.monitor.stop())     # the figures of finished cycles only
-            summary = _summary(bot, sim, args, time.perf_counter() - t0, args.home) if running else None
+            await asyncio.gather(bot.scan.stop(), bot.monitor.stop())  # the figures of finished cycles only
+            summary = _summary(bot, sim, opts, time.perf_counter() - t0) if running else None
         finally:
             await bot.stop()
     return summary, bot
 
-# %% ../nbs/51_runner.ipynb #5b42d749
-def cli_demo_arguments(p) -> None:
-    p.add_argument("--hours", type=float, default=2.0, help="simulated hours to run (default 2)")
-    p.add_argument("--speed", type=float, default=240.0, help="simulated seconds per real second (default 240)")
-    p.add_argument("--symbols", type=int, default=40, help="synthetic symbols in the market and the universe (default 40)")
-    p.add_argument("--seed", type=int, default=7, help="seed of the synthetic market (default 7)")
-    p.add_argument("--data", metavar="PARQUET", help="replay real 1m klines from this file instead (e.g. klines_1m.parquet)")
-    p.add_argument("--home", help="keep the database and caches here (default: a temporary directory, removed)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-
-def _text(s: DemoSummary) -> str:
-    lines = [f"{k.replace('_', ' ')}: {v}" for k, v in asdict(s).items() if k != "stage_ms"]
-    for loop, stages in s.stage_ms.items():
-        times = ", ".join(f"{k} {v['mean']:.1f} / {v['max']:.1f}" for k, v in stages.items())
-        lines.append(f"{loop} stages (mean / max ms): {times}")
-    return "\n".join(lines)
-
+# %% ../nbs/51_runner.ipynb #db8066df
 def check_demo_home(home: str | Path) -> None:
     "`ConfigError` if `home` already holds a tradelab database: a demo replays its simulated hours from the start."
     if any(Path(home).expanduser().glob("*.sqlite")):
-        raise ConfigError(f"--home {home}: the directory already holds a tradelab database; a demo starts from a fresh "
-                          "directory (its simulated clock starts over, and that state must not be mixed with another run's)")
+        raise ConfigError(
+            f"--home {home}: the directory already holds a tradelab database; a demo starts from a fresh "
+            "directory (its simulated clock starts over, and that state must not be mixed with another run's)"
+        )
 
-def cli_demo(args) -> int:
-    if args.home: check_demo_home(args.home)
+# %% ../nbs/51_runner.ipynb #221a8557
+def demo(
+    opts: DemoOptions, config: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> tuple[DemoSummary | None, TradingBot]:
+    "`tradelab demo`: `run_demo` in `opts.home` or a temporary directory removed afterwards."
+    if opts.home is not None:
+        check_demo_home(opts.home)
     with tempfile.TemporaryDirectory(prefix="tradelab-demo-") as tmp:
-        summary, bot = asyncio.run(run_demo(args, args.home or tmp))
-    if summary is None:
-        print(f"tradelab demo: the bot stopped early: {bot.error}", file=sys.stderr)
-        return 1
-    print(summary.to_json() if args.json else _text(summary))
-    return 0
+        return asyncio.run(run_demo(opts, opts.home or tmp, config, env))

@@ -16,7 +16,8 @@ __all__ = ['OperationTimer', 'StageTimes', 'heartbeat_line']
 # %% ../nbs/30_timing.ipynb #2f1e73eb
 class OperationTimer:
     "Elapsed time of one operation, in seconds, on the monotonic `time.perf_counter`."
-    __slots__ = ('name', 'start_time', 'end_time', 'duration')
+
+    __slots__ = ("name", "start_time", "end_time", "duration")
 
     def __init__(self, name: str):
         self.name: str = name
@@ -40,25 +41,37 @@ class OperationTimer:
     @property
     def elapsed(self) -> float:
         "Seconds so far while running, the duration once stopped, 0 before the start."
-        if self.start_time is None: return 0.0
+        if self.start_time is None:
+            return 0.0
         return self.duration if self.duration is not None else time.perf_counter() - self.start_time
 
     @property
-    def ms(self) -> float: return self.elapsed * 1000
+    def ms(self) -> float:
+        return self.elapsed * 1000
 
-    def __enter__(self) -> OperationTimer: return self.start()
-    def __exit__(self, *exc) -> None: self.stop()
-    async def __aenter__(self) -> OperationTimer: return self.start()
-    async def __aexit__(self, *exc) -> None: self.stop()
+    def __enter__(self) -> OperationTimer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> OperationTimer:
+        return self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        self.stop()
 
     def __repr__(self):
-        if self.start_time is None: return f"OperationTimer({self.name!r}, not started)"
-        if self.duration is None: return f"OperationTimer({self.name!r}, running)"
+        if self.start_time is None:
+            return f"OperationTimer({self.name!r}, not started)"
+        if self.duration is None:
+            return f"OperationTimer({self.name!r}, running)"
         return f"OperationTimer({self.name!r}, {self.duration * 1000:.3f} ms)"
 
 # %% ../nbs/30_timing.ipynb #de21bdde
 class _StageTimer(OperationTimer):
     "A timer that adds its duration to a `StageTimes` when it stops."
+
     __slots__ = ("_sink",)
 
     def __init__(self, name: str, sink: StageTimes):
@@ -73,15 +86,18 @@ class _StageTimer(OperationTimer):
 # %% ../nbs/30_timing.ipynb #14ef6c09
 class StageTimes:
     "Seconds per stage of one cycle, in the order the stages first ran."
+
     __slots__ = ("_seconds",)
 
     def __init__(self, seconds: Mapping[str, float] | None = None):
         self._seconds: dict[str, float] = {}
-        for k, v in (seconds or {}).items(): self.add(k, v)
+        for k, v in (seconds or {}).items():
+            self.add(k, v)
 
     def add(self, stage: str, seconds: float) -> None:
         "Add `seconds` to `stage` (a stage that runs twice in a cycle adds up)."
-        if not seconds >= 0: raise ValueError(f"stage {stage!r}: duration must be >= 0 seconds, got {seconds}")
+        if not seconds >= 0:
+            raise ValueError(f"stage {stage!r}: duration must be >= 0 seconds, got {seconds}")
         self._seconds[stage] = self._seconds.get(stage, 0.0) + float(seconds)
 
     def stage(self, name: str) -> OperationTimer:
@@ -89,26 +105,45 @@ class StageTimes:
         return _StageTimer(name, self)
 
     @property
-    def total(self) -> float: return sum(self._seconds.values())
-    def as_ms(self) -> dict[str, float]: return {k: v * 1000 for k, v in self._seconds.items()}
-    def clear(self) -> None: self._seconds.clear()
-    def __getitem__(self, stage: str) -> float: return self._seconds[stage]
-    def __contains__(self, stage: str) -> bool: return stage in self._seconds
-    def __iter__(self) -> Iterator[str]: return iter(self._seconds)
-    def __len__(self) -> int: return len(self._seconds)
-    def items(self): return self._seconds.items()
-    def __repr__(self): return f"StageTimes({', '.join(self._seconds)})"
+    def total(self) -> float:
+        return sum(self._seconds.values())
+
+    def as_ms(self) -> dict[str, float]:
+        return {k: v * 1000 for k, v in self._seconds.items()}
+
+    def clear(self) -> None:
+        self._seconds.clear()
+
+    def __getitem__(self, stage: str) -> float:
+        return self._seconds[stage]
+
+    def __contains__(self, stage: str) -> bool:
+        return stage in self._seconds
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._seconds)
+
+    def __len__(self) -> int:
+        return len(self._seconds)
+
+    def items(self):
+        return self._seconds.items()
+
+    def __repr__(self):
+        return f"StageTimes({', '.join(self._seconds)})"
 
 # %% ../nbs/30_timing.ipynb #afc5697d
 def _fmt(v) -> str:
-    if isinstance(v, bool) or not isinstance(v, float): return str(v)
+    if isinstance(v, bool) or not isinstance(v, float):
+        return str(v)
     return f"{v:.6g}"
 
-def heartbeat_line(cycle: int, stages: StageTimes | Mapping[str, float],
-                   extra: Mapping[str, object] | None = None) -> str:
+
+def heartbeat_line(cycle: int, stages: StageTimes | Mapping[str, float], extra: Mapping[str, object] | None = None) -> str:
     "One log line for a cycle: stage times in ms, their total, then the `extra` figures."
     st = stages if isinstance(stages, StageTimes) else StageTimes(stages)
     parts = [f"{k} {v:.1f} ms" for k, v in st.as_ms().items()]
     line = f"cycle {cycle}: " + ", ".join([*parts, f"total {st.total * 1000:.1f} ms"])
-    if extra: line += "; " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in extra.items())
+    if extra:
+        line += "; " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in extra.items())
     return line

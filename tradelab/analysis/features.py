@@ -12,14 +12,14 @@ import numpy as np
 from ..clock import interval_ms
 from ..config import StrategySettings
 from ..errors import DataError
-from .indicators import adx, atr, bollinger, ema, first_valid, macd, random_walk, rsi, volume_ratio
+from .indicators import adx, atr, bollinger, ema, first_valid, macd, rsi, volume_ratio
 from ..records import AnalysisBatch, SeriesBatch, Side
 from .structure import _ffill_index, fair_value_gaps, market_structure, nearest_blocks
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'ROLES', 'FEATURE_NAMES', 'N_FEATURES', 'COLUMN', 'OB_NONE', 'MIRROR_INDEX', 'MIRROR_SIGN',
            'MIRROR_EXACT', 'warmup_bars', 'timeframe_roles', 'Measures', 'measure', 'build_features', 'aggregate',
-           'random_batch', 'mirror_features', 'orient', 'mirror_batch']
+           'mirror_features', 'orient', 'mirror_batch']
 
 # %% ../../nbs/analysis/22_features.ipynb #d04b36bf
 SCHEMA_VERSION = 2
@@ -31,10 +31,28 @@ ROLES = ("slow", "mid", "fast")
 # name -> how it mirrors under a price reflection p -> 2 p0 - p: "+" keeps, "-" flips sign,
 # "below"/"above" swap with each other; "~" marks columns that are scale-dependent (not exactly mirrored).
 _PER_TIMEFRAME = {
-    "ret_1": "-~", "ret_12": "-~", "ema_fast_dist": "-", "ema_slow_dist": "-", "ema_slope": "-", "trend": "-",
-    "rsi": "-", "macd": "-", "macd_hist": "-", "atr_pct": "+~", "bb_width": "+~", "bb_rank": "+", "bb_pos": "-",
-    "adx": "+", "di_diff": "-", "volume_ratio": "+", "structure": "-", "break_age": "+", "break_choch": "+",
-    "ob_below": "below", "ob_above": "above", "fvg": "-",
+    "ret_1": "-~",
+    "ret_12": "-~",
+    "ema_fast_dist": "-",
+    "ema_slow_dist": "-",
+    "ema_slope": "-",
+    "trend": "-",
+    "rsi": "-",
+    "macd": "-",
+    "macd_hist": "-",
+    "atr_pct": "+~",
+    "bb_width": "+~",
+    "bb_rank": "+",
+    "bb_pos": "-",
+    "adx": "+",
+    "di_diff": "-",
+    "volume_ratio": "+",
+    "structure": "-",
+    "break_age": "+",
+    "break_choch": "+",
+    "ob_below": "below",
+    "ob_above": "above",
+    "fvg": "-",
 }
 FEATURE_NAMES: tuple[str, ...] = tuple(f"{r}_{n}" for r in ROLES for n in _PER_TIMEFRAME) + ("side",)
 "Column names of a feature row, in order."
@@ -43,26 +61,37 @@ N_FEATURES = len(FEATURE_NAMES)
 COLUMN = {n: i for i, n in enumerate(FEATURE_NAMES)}
 "Column index of each feature name."
 
-# %% ../../nbs/analysis/22_features.ipynb #59c4a01d
+# %% ../../nbs/analysis/22_features.ipynb #a4204b20
 OB_NONE = 50.0
 "Order-block distance, in ATRs, that stands for 'no active block'."
 
+# %% ../../nbs/analysis/22_features.ipynb #9e2cb0a7
 def warmup_bars(s: StrategySettings) -> int:
     "Fewest bars a timeframe needs for every feature to be defined."
-    return max(s.ema_slow + 5, s.macd_slow + s.macd_signal - 1, 2 * s.adx_period, s.atr_period + 1,
-               s.rsi_period + 1, s.bb_period + 1, s.volume_period + 1, 13)
+    return max(
+        s.ema_slow + 5,
+        s.macd_slow + s.macd_signal - 1,
+        2 * s.adx_period,
+        s.atr_period + 1,
+        s.rsi_period + 1,
+        s.bb_period + 1,
+        s.volume_period + 1,
+        13,
+    )
 
+# %% ../../nbs/analysis/22_features.ipynb #38e5f801
 def timeframe_roles(batch: AnalysisBatch) -> tuple[str, str, str]:
     "The batch's three timeframes ordered slow, mid, fast."
     tfs = sorted(batch.frames, key=interval_ms, reverse=True)
     if len(tfs) != 3:
         raise DataError(f"features need exactly three timeframes (slow, mid, fast), the batch has {tfs}")
-    return tuple(tfs)
+    return tfs[0], tfs[1], tfs[2]
 
-# %% ../../nbs/analysis/22_features.ipynb #bd9f56bf
+# %% ../../nbs/analysis/22_features.ipynb #e5dc3918
 def _ago(a: np.ndarray, k: int) -> np.ndarray:
     return a[:, -1 - k] if a.shape[1] > k else np.full(a.shape[0], np.nan)
 
+# %% ../../nbs/analysis/22_features.ipynb #f7b5bf36
 def _trend_momentum(c: np.ndarray, atr_t: np.ndarray, s: StrategySettings) -> dict[str, np.ndarray]:
     ef, es = ema(c, s.ema_fast), ema(c, s.ema_slow)
     c_t, es_t = c[:, -1], es[:, -1]
@@ -70,14 +99,18 @@ def _trend_momentum(c: np.ndarray, atr_t: np.ndarray, s: StrategySettings) -> di
     with np.errstate(divide="ignore", invalid="ignore"):
         slope = (es_t - _ago(es, 5)) / (5 * atr_t)
         return {
-            "ret_1": np.log(c_t / _ago(c, 1)), "ret_12": np.log(c_t / _ago(c, 12)),
-            "ema_fast_dist": (c_t - ef[:, -1]) / atr_t, "ema_slow_dist": (c_t - es_t) / atr_t, "ema_slope": slope,
+            "ret_1": np.log(c_t / _ago(c, 1)),
+            "ret_12": np.log(c_t / _ago(c, 12)),
+            "ema_fast_dist": (c_t - ef[:, -1]) / atr_t,
+            "ema_slow_dist": (c_t - es_t) / atr_t,
+            "ema_slope": slope,
             "trend": (np.sign(c_t - es_t) + np.sign(ef[:, -1] - es_t) + np.sign(slope)) / 3,
             "rsi": rsi(c, s.rsi_period)[:, -1] / 100 - 0.5,
-            "macd": line[:, -1] / atr_t, "macd_hist": hist[:, -1] / atr_t,
+            "macd": line[:, -1] / atr_t,
+            "macd_hist": hist[:, -1] / atr_t,
         }
 
-# %% ../../nbs/analysis/22_features.ipynb #5dfccc5a
+# %% ../../nbs/analysis/22_features.ipynb #351a9dde
 def _rank_last(x: np.ndarray, window: int) -> np.ndarray:
     "Rank of each row's last value among its last `window` values: 0 lowest .. 1 highest, ties (to 1e-9) halved."
     w = x[:, -window:]
@@ -86,16 +119,20 @@ def _rank_last(x: np.ndarray, window: int) -> np.ndarray:
     less, eq, cnt = ((w < cur) & ~tie & ok).sum(1), (tie & ok).sum(1) - 1, ok.sum(1) - 1
     return np.where(np.isnan(cur[:, 0]), np.nan, np.where(cnt > 0, (less + 0.5 * eq) / np.maximum(cnt, 1), 0.5))
 
+# %% ../../nbs/analysis/22_features.ipynb #f7009afd
 def _volatility(f: SeriesBatch, a: np.ndarray, s: StrategySettings) -> dict[str, np.ndarray]:
-    up, mid, lo, width = bollinger(f.close[:, -(s.bb_rank_window + s.bb_period - 1):], s.bb_period, s.bb_std)
+    up, mid, lo, width = bollinger(f.close[:, -(s.bb_rank_window + s.bb_period - 1) :], s.bb_period, s.bb_std)
     x_adx, pdi, mdi = adx(f.high, f.low, f.close, s.adx_period, a if s.adx_period == s.atr_period else None)
-    vr = volume_ratio(f.volume[:, -(s.volume_period + 1):], s.volume_period)[:, -1]
+    vr = volume_ratio(f.volume[:, -(s.volume_period + 1) :], s.volume_period)[:, -1]
     c_t, band = f.close[:, -1], up[:, -1] - lo[:, -1]
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
-            "atr_pct": a[:, -1] / c_t, "bb_width": width[:, -1], "bb_rank": _rank_last(up - lo, s.bb_rank_window),
+            "atr_pct": a[:, -1] / c_t,
+            "bb_width": width[:, -1],
+            "bb_rank": _rank_last(up - lo, s.bb_rank_window),
             "bb_pos": np.where(band > 0, (c_t - mid[:, -1]) / band, 0.0) + 0 * band,
-            "adx": x_adx[:, -1] / 100, "di_diff": (pdi[:, -1] - mdi[:, -1]) / 100,
+            "adx": x_adx[:, -1] / 100,
+            "di_diff": (pdi[:, -1] - mdi[:, -1]) / 100,
             "volume_ratio": np.clip(np.where(np.isnan(vr), 1.0, vr), 0, 20),
         }
 
@@ -107,15 +144,18 @@ def _structure(f: SeriesBatch, a: np.ndarray, s: StrategySettings) -> dict[str, 
     n, rows = f.close.shape[1], np.arange(f.close.shape[0])
     last = _ffill_index(st.breaks != 0)[:, -1]
     c_t, atr_t = f.close[:, -1], a[:, -1]
+
     def dist(level, sign):
         d = np.clip(sign * (c_t - level) / atr_t, -OB_NONE, OB_NONE)
         return np.where(np.isnan(level) & ~np.isnan(atr_t), OB_NONE, d)
+
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
             "structure": st.trend[:, -1].astype(float),
             "break_age": np.where(last >= 0, np.minimum(n - 1 - last, 100) / 100, 1.0),
             "break_choch": np.where(last >= 0, st.choch[rows, np.maximum(last, 0)] != 0, 0).astype(float),
-            "ob_below": dist(bull_top, 1), "ob_above": dist(bear_bottom, -1),
+            "ob_below": dist(bull_top, 1),
+            "ob_above": dist(bear_bottom, -1),
             "fvg": gaps.direction[:, -10:].sum(1) / 10,
         }
 
@@ -123,6 +163,7 @@ def _structure(f: SeriesBatch, a: np.ndarray, s: StrategySettings) -> dict[str, 
 @dataclass(slots=True)
 class Measures:
     "Feature values (float64) of a batch and the absolute levels behind them."
+
     symbols: tuple[str, ...]
     timeframes: tuple[str, str, str]
     values: np.ndarray
@@ -139,9 +180,10 @@ class Measures:
         "One feature for every symbol."
         return self.values[:, COLUMN[name]]
 
-    def __repr__(self): return f"Measures({len(self.symbols)} symbols, {self.timeframes}, {int(self.valid.sum())} valid)"
+    def __repr__(self):
+        return f"Measures({len(self.symbols)} symbols, {self.timeframes}, {int(self.valid.sum())} valid)"
 
-# %% ../../nbs/analysis/22_features.ipynb #44d853c1
+# %% ../../nbs/analysis/22_features.ipynb #f5bd2931
 def measure(batch: AnalysisBatch, s: StrategySettings | None = None) -> Measures:
     "Every feature of every symbol at the last bar, float64, plus closes, ATRs and bar counts."
     s = s or StrategySettings()
@@ -153,13 +195,15 @@ def measure(batch: AnalysisBatch, s: StrategySettings | None = None) -> Measures
         f = batch.frames[tf]
         a = atr(f.high, f.low, f.close, s.atr_period)
         cols = {**_trend_momentum(f.close, a[:, -1], s), **_volatility(f, a, s), **_structure(f, a, s)}
-        for name, v in cols.items(): values[:, COLUMN[f"{role}_{name}"]] = v
+        for name, v in cols.items():
+            values[:, COLUMN[f"{role}_{name}"]] = v
         close[:, k], atr_t[:, k], bars[:, k] = f.close[:, -1], a[:, -1], f.close.shape[1] - first_valid(f.close)
     values[:, COLUMN["side"]] = 0.0
     bad = (bars < warmup_bars(s)).any(axis=1) | ~np.isfinite(values).all(axis=1) | ~(atr_t > 0).all(axis=1)
     values[bad] = np.nan
     return Measures(tuple(batch.symbols), tfs, values, close, atr_t, bars)
 
+# %% ../../nbs/analysis/22_features.ipynb #736faf50
 def build_features(batch: AnalysisBatch, s: StrategySettings | None = None) -> np.ndarray:
     "Feature rows, float32 `(len(batch), N_FEATURES)` in `FEATURE_NAMES` order; NaN rows for symbols too short to measure."
     return measure(batch, s).values.astype(np.float32)
@@ -168,55 +212,47 @@ def build_features(batch: AnalysisBatch, s: StrategySettings | None = None) -> n
 def aggregate(f: SeriesBatch, interval: str) -> SeriesBatch:
     "Bars of a slower `interval` from a faster series batch; complete groups on the epoch grid only."
     fast, slow = interval_ms(f.interval), interval_ms(interval)
-    if slow % fast: raise DataError(f"cannot aggregate {f.interval} bars into {interval}: not a multiple")
+    if slow % fast:
+        raise DataError(f"cannot aggregate {f.interval} bars into {interval}: not a multiple")
     k, t = slow // fast, f.open_time.max(axis=0)
     if ((t == 0) | (np.diff(t, prepend=t[0] - fast) != fast)).any():
         raise DataError(f"aggregate needs contiguous {f.interval} bars shared by every row")
     start = int(np.argmax(t % slow == 0))
     g = (len(t) - start) // k
-    def cut(a): return a[:, start:start + g * k].reshape(a.shape[0], g, k)
+
+    def cut(a):
+        return a[:, start : start + g * k].reshape(a.shape[0], g, k)
+
     o, h, lo, c, v = (cut(a) for a in (f.open, f.high, f.low, f.close, f.volume))
     bad = np.isnan(o).any(axis=2) | np.isnan(c).any(axis=2)
     out = [np.where(bad, np.nan, x) for x in (o[..., 0], h.max(axis=2), lo.min(axis=2), c[..., -1], v.sum(axis=2))]
     times = np.where(bad, 0, cut(f.open_time)[..., 0])
     return SeriesBatch(interval, times, *out)
 
-# %% ../../nbs/analysis/22_features.ipynb #3009647f
-def random_batch(n_symbols: int = 8, n_bars: int = 120, seed: int = 0, timeframes=("1h", "15m", "5m"),
-                 end_ms: int = 1_700_006_400_000) -> AnalysisBatch:
-    "Seeded random-walk klines for `n_symbols`, `n_bars` per timeframe, the slower ones aggregated from the fastest."
-    tfs = sorted(timeframes, key=interval_ms)
-    step, k = interval_ms(tfs[0]), interval_ms(tfs[-1]) // interval_ms(tfs[0])
-    end_ms -= end_ms % interval_ms(tfs[-1])
-    h, lo, c, v = random_walk(n_symbols, n_bars * k, seed)
-    o = np.concatenate([c[:, :1], c[:, :-1]], axis=1)
-    h, lo = np.maximum(h, np.maximum(o, c)), np.minimum(lo, np.minimum(o, c))
-    times = np.broadcast_to(end_ms - step * np.arange(n_bars * k, 0, -1), c.shape).copy()
-    base = SeriesBatch(tfs[0], times, o, h, lo, c, v)
-    frames = {tf: base if tf == tfs[0] else aggregate(base, tf) for tf in tfs}
-    frames = {tf: SeriesBatch(tf, *(getattr(f, a)[:, -n_bars:] for a in ("open_time", "open", "high", "low", "close", "volume")))
-              for tf, f in frames.items()}
-    return AnalysisBatch(tuple(f"SYM{i:03d}USDT" for i in range(n_symbols)), frames, end_ms)
-
-# %% ../../nbs/analysis/22_features.ipynb #3785f98c
+# %% ../../nbs/analysis/22_features.ipynb #308206f1
 def _mirror_map() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     idx, sign, exact = np.arange(N_FEATURES), np.ones(N_FEATURES), np.ones(N_FEATURES, bool)
     for r in ROLES:
         for name, kind in _PER_TIMEFRAME.items():
             i = COLUMN[f"{r}_{name}"]
-            if kind.startswith("-"): sign[i] = -1.0
-            if kind in ("below", "above"): idx[i] = COLUMN[f"{r}_ob_{'above' if kind == 'below' else 'below'}"]
+            if kind.startswith("-"):
+                sign[i] = -1.0
+            if kind in ("below", "above"):
+                idx[i] = COLUMN[f"{r}_ob_{'above' if kind == 'below' else 'below'}"]
             exact[i] = not kind.endswith("~")
     sign[COLUMN["side"]] = -1.0
     return idx, sign, exact
 
+# %% ../../nbs/analysis/22_features.ipynb #3b02bd5b
 MIRROR_INDEX, MIRROR_SIGN, MIRROR_EXACT = _mirror_map()
 
+# %% ../../nbs/analysis/22_features.ipynb #ec2f2d23
 def mirror_features(X: np.ndarray) -> np.ndarray:
     "Feature rows as the mirrored market would give them (exact for the `MIRROR_EXACT` columns)."
     X = np.asarray(X)
     return (X[..., MIRROR_INDEX] * MIRROR_SIGN).astype(X.dtype)
 
+# %% ../../nbs/analysis/22_features.ipynb #298f0e4d
 def orient(X: np.ndarray, sides) -> np.ndarray:
     "Rows seen from their trade's side: shorts mirrored, `side` set to +1 / -1."
     X, sides = np.array(X, copy=True), np.asarray([int(s) for s in sides], dtype=np.int64)
@@ -229,6 +265,10 @@ def orient(X: np.ndarray, sides) -> np.ndarray:
 def mirror_batch(batch: AnalysisBatch) -> AnalysisBatch:
     "Every symbol's prices reflected through its highest high: `p -> 2 p0 - p`, highs and lows swapped."
     p0 = np.nanmax(np.stack([np.nanmax(f.high, axis=1) for f in batch.frames.values()]), axis=0)[:, None]
-    frames = {tf: SeriesBatch(f.interval, f.open_time.copy(), 2 * p0 - f.open, 2 * p0 - f.low, 2 * p0 - f.high,
-                              2 * p0 - f.close, f.volume.copy()) for tf, f in batch.frames.items()}
+    frames = {
+        tf: SeriesBatch(
+            f.interval, f.open_time.copy(), 2 * p0 - f.open, 2 * p0 - f.low, 2 * p0 - f.high, 2 * p0 - f.close, f.volume.copy()
+        )
+        for tf, f in batch.frames.items()
+    }
     return AnalysisBatch(batch.symbols, frames, batch.now_ms)

@@ -5,55 +5,60 @@
 # %% ../../nbs/analysis/20_indicators.ipynb #cd218f69
 from __future__ import annotations
 
-import argparse
-import time
-
 import numpy as np
 from scipy.signal import lfilter
 
 from ..errors import DataError
 
 # %% auto #0
-__all__ = ['LOOP_FROM_ROWS', 'first_valid', 'smooth', 'ema', 'wilder', 'smooth_crossover', 'rsi', 'macd', 'true_range', 'atr',
-           'rolling_mean_std', 'bollinger', 'adx', 'volume_ratio', 'random_walk', 'bench_indicators', 'bench_arguments',
-           'run_bench']
+__all__ = ['LOOP_FROM_ROWS', 'first_valid', 'smooth', 'ema', 'wilder', 'rsi', 'macd', 'true_range', 'atr', 'rolling_mean_std',
+           'bollinger', 'adx', 'volume_ratio']
 
-# %% ../../nbs/analysis/20_indicators.ipynb #25c45e3b
+# %% ../../nbs/analysis/20_indicators.ipynb #ceefaf89
 def _rows(x) -> tuple[np.ndarray, bool]:
     "`x` as a 2-D float64 array and whether it was 1-D."
     a = np.asarray(x, dtype=np.float64)
-    if a.ndim == 1: return a[None, :], True
-    if a.ndim != 2: raise DataError(f"indicators take 1-D or 2-D arrays, got shape {a.shape}")
+    if a.ndim == 1:
+        return a[None, :], True
+    if a.ndim != 2:
+        raise DataError(f"indicators take 1-D or 2-D arrays, got shape {a.shape}")
     return a, False
 
-def _back(a: np.ndarray, one: bool) -> np.ndarray: return a[0] if one else a
+# %% ../../nbs/analysis/20_indicators.ipynb #09c4619a
+def _back(a: np.ndarray, one: bool) -> np.ndarray:
+    return a[0] if one else a
 
+# %% ../../nbs/analysis/20_indicators.ipynb #9acd2888
 def first_valid(x: np.ndarray) -> np.ndarray:
     "Index of the first non-NaN value of each row (`n_bars` for an all-NaN row)."
     ok = ~np.isnan(x)
     return np.where(ok.any(axis=1), ok.argmax(axis=1), x.shape[1])
 
+# %% ../../nbs/analysis/20_indicators.ipynb #fbb6211a
 def _check_period(period: int, name: str = "period") -> int:
-    if int(period) != period or period < 1: raise DataError(f"{name} must be a positive integer, got {period!r}")
+    if int(period) != period or period < 1:
+        raise DataError(f"{name} must be a positive integer, got {period!r}")
     return int(period)
 
-# %% ../../nbs/analysis/20_indicators.ipynb #840b0ec2
+# %% ../../nbs/analysis/20_indicators.ipynb #5834ac78
 LOOP_FROM_ROWS = 400
 "Batches with at least this many rows run the smoother as a loop over bars; smaller ones use `lfilter`."
 
+# %% ../../nbs/analysis/20_indicators.ipynb #9b34e207
 def _smooth_filter(a: np.ndarray, s: np.ndarray, alpha: float, period: int) -> np.ndarray:
     m, n = a.shape
     y = np.full((m, n), np.nan)
     starts = np.unique(s[s < n])
     for start in starts:
-        g = slice(None) if len(starts) == 1 and (s == start).all() else np.flatnonzero(s == start)   # slices copy nothing
-        seed = a[g, start - period + 1:start + 1].mean(axis=1)
+        g = slice(None) if len(starts) == 1 and (s == start).all() else np.flatnonzero(s == start)  # slices copy nothing
+        seed = a[g, start - period + 1 : start + 1].mean(axis=1)
         y[g, start] = seed
         if start + 1 < n:
             zi = ((1.0 - alpha) * seed)[:, None]
-            y[g, start + 1:] = lfilter([alpha], [1.0, alpha - 1.0], a[g, start + 1:], axis=1, zi=zi)[0]
+            y[g, start + 1 :] = lfilter([alpha], [1.0, alpha - 1.0], a[g, start + 1 :], axis=1, zi=zi)[0]
     return y
 
+# %% ../../nbs/analysis/20_indicators.ipynb #b112519a
 def _smooth_loop(a: np.ndarray, f: np.ndarray, s: np.ndarray, alpha: float, period: int) -> np.ndarray:
     m, n = a.shape
     y = np.full((n, m), np.nan)
@@ -63,14 +68,17 @@ def _smooth_loop(a: np.ndarray, f: np.ndarray, s: np.ndarray, alpha: float, peri
         y[s[rows], rows] = window.mean(axis=1)
         xt = np.ascontiguousarray(a.T)
         first, last = int(s[rows].min()), int(s[rows].max())
-        for t in range(first + 1, last + 1):          # some rows still waiting for their seed
+        for t in range(first + 1, last + 1):  # some rows still waiting for their seed
             prev = y[t - 1]
             np.copyto(y[t], prev + alpha * (xt[t] - prev), where=np.isnan(y[t]))
-        for t in range(last + 1, n):                  # every row running: three in-place operations
+        for t in range(last + 1, n):  # every row running: three in-place operations
             cur = y[t]
-            np.subtract(xt[t], y[t - 1], out=cur); cur *= alpha; cur += y[t - 1]
+            np.subtract(xt[t], y[t - 1], out=cur)
+            cur *= alpha
+            cur += y[t - 1]
     return y.T
 
+# %% ../../nbs/analysis/20_indicators.ipynb #3273b977
 def smooth(x, alpha: float, period: int) -> np.ndarray:
     "Recursive smoother seeded per row with the mean of its first `period` values."
     a, one = _rows(x)
@@ -80,35 +88,21 @@ def smooth(x, alpha: float, period: int) -> np.ndarray:
     y = _smooth_filter(a, s, alpha, period) if len(a) < LOOP_FROM_ROWS else _smooth_loop(a, f, s, alpha, period)
     return _back(y, one)
 
+# %% ../../nbs/analysis/20_indicators.ipynb #392e2af8
 def ema(x, period: int) -> np.ndarray:
     "Exponential moving average, `alpha = 2 / (period + 1)`, seeded with the first `period`-bar mean."
     return smooth(x, 2.0 / (_check_period(period) + 1), period)
 
+# %% ../../nbs/analysis/20_indicators.ipynb #b3101943
 def wilder(x, period: int) -> np.ndarray:
     "Wilder's smoothing (`alpha = 1 / period`), seeded with the first `period`-bar mean."
     return smooth(x, 1.0 / _check_period(period), period)
 
-# %% ../../nbs/analysis/20_indicators.ipynb #99caf054
-def _best_ms(fn, args, repeat: int) -> float:
-    times = []
-    for _ in range(repeat + 1):
-        t0 = time.perf_counter(); fn(*args); times.append(time.perf_counter() - t0)
-    return 1e3 * min(times[1:])
-
-def smooth_crossover(heights=(1, 50, 100, 250, 500), n_bars: int = 200, repeat: int = 20) -> list[dict]:
-    "Milliseconds per EMA for the `lfilter` path and the bar loop at each batch height."
-    rng, out = np.random.default_rng(0), []
-    for m in heights:
-        a = 100 + rng.standard_normal((m, n_bars)).cumsum(axis=1)
-        f = first_valid(a)
-        out.append({"rows": m, "filter_ms": _best_ms(_smooth_filter, (a, f + 13, 2 / 15, 14), repeat),
-                    "loop_ms": _best_ms(_smooth_loop, (a, f, f + 13, 2 / 15, 14), repeat)})
-    return out
-
-# %% ../../nbs/analysis/20_indicators.ipynb #4bf90287
+# %% ../../nbs/analysis/20_indicators.ipynb #b5ab4dd8
 def _diff(a: np.ndarray) -> np.ndarray:
     return np.diff(a, axis=1, prepend=np.nan)
 
+# %% ../../nbs/analysis/20_indicators.ipynb #d61d81d7
 def rsi(close, period: int = 14) -> np.ndarray:
     "Wilder's relative strength index in [0, 100]; 50 when nothing moved."
     c, one = _rows(close)
@@ -120,14 +114,17 @@ def rsi(close, period: int = 14) -> np.ndarray:
     out = np.divide(100.0 * g, tot, out=np.full_like(tot, 50.0), where=tot > 0)
     return _back(np.where(np.isnan(tot), np.nan, out), one)
 
+# %% ../../nbs/analysis/20_indicators.ipynb #0ca32078
 def macd(close, fast: int = 12, slow: int = 26, signal: int = 9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "MACD line, signal line and histogram."
-    if not fast < slow: raise DataError(f"MACD needs fast < slow periods, got {fast} and {slow}")
+    if not fast < slow:
+        raise DataError(f"MACD needs fast < slow periods, got {fast} and {slow}")
     c, one = _rows(close)
     line = ema(c, fast) - ema(c, slow)
     sig = ema(line, signal)
     return _back(line, one), _back(sig, one), _back(line - sig, one)
 
+# %% ../../nbs/analysis/20_indicators.ipynb #2629f4ea
 def true_range(high, low, close) -> np.ndarray:
     "max(high - low, |high - previous close|, |low - previous close|); NaN on each row's first bar."
     (h, one), (lo, _), (c, _) = _rows(high), _rows(low), _rows(close)
@@ -135,11 +132,12 @@ def true_range(high, low, close) -> np.ndarray:
     pc[:, 0] = np.nan
     return _back(np.fmax(h - lo, np.fmax(np.abs(h - pc), np.abs(lo - pc))) + pc * 0.0, one)
 
+# %% ../../nbs/analysis/20_indicators.ipynb #ec6445f9
 def atr(high, low, close, period: int = 14) -> np.ndarray:
     "Wilder's average true range."
     return wilder(true_range(high, low, close), period)
 
-# %% ../../nbs/analysis/20_indicators.ipynb #7660e3b8
+# %% ../../nbs/analysis/20_indicators.ipynb #ec9f3569
 def rolling_mean_std(x, period: int) -> tuple[np.ndarray, np.ndarray]:
     "Mean and population standard deviation over the last `period` bars (NaN until the window is full)."
     a, one = _rows(x)
@@ -153,17 +151,18 @@ def rolling_mean_std(x, period: int) -> tuple[np.ndarray, np.ndarray]:
         win = lambda c: c[:, period:] - c[:, :-period]
         s1, s2, gaps = win(run(z)), win(run(z * z)), win(run((~ok).astype(float)))
         mu = s1 / period
-        mean[:, period - 1:] = np.where(gaps > 0, np.nan, mu + ref[:, None])
-        std[:, period - 1:] = np.where(gaps > 0, np.nan, np.sqrt(np.maximum(s2 / period - mu * mu, 0.0)))
+        mean[:, period - 1 :] = np.where(gaps > 0, np.nan, mu + ref[:, None])
+        std[:, period - 1 :] = np.where(gaps > 0, np.nan, np.sqrt(np.maximum(s2 / period - mu * mu, 0.0)))
     return _back(mean, one), _back(std, one)
 
+# %% ../../nbs/analysis/20_indicators.ipynb #44f6e36a
 def bollinger(close, period: int = 20, k: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     "Upper band, middle band (SMA), lower band and width `(upper - lower) / middle`."
     mid, sd = rolling_mean_std(close, period)
     up, lo = mid + k * sd, mid - k * sd
     return up, mid, lo, (up - lo) / mid
 
-# %% ../../nbs/analysis/20_indicators.ipynb #0131c029
+# %% ../../nbs/analysis/20_indicators.ipynb #90714a94
 def adx(high, low, close, period: int = 14, atr_values=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "Wilder's ADX with +DI and -DI, all in [0, 100]; `atr_values`: the ATR of the same `period`, if already computed."
     (h, one), (lo, _), (c, _) = _rows(high), _rows(low), _rows(close)
@@ -172,8 +171,9 @@ def adx(high, low, close, period: int = 14, atr_values=None) -> tuple[np.ndarray
     pdm = np.where(nan, np.nan, np.where((up > down) & (up > 0), up, 0.0))
     mdm = np.where(nan, np.nan, np.where((down > up) & (down > 0), down, 0.0))
     tr = wilder(true_range(h, lo, c), period) if atr_values is None else _rows(atr_values)[0]
-    if tr.shape != h.shape: raise DataError(f"atr_values has shape {tr.shape}, the prices {h.shape}")
-    with np.errstate(divide="ignore", invalid="ignore"):   # a market that never moved: TR 0, DI undefined
+    if tr.shape != h.shape:
+        raise DataError(f"atr_values has shape {tr.shape}, the prices {h.shape}")
+    with np.errstate(divide="ignore", invalid="ignore"):  # a market that never moved: TR 0, DI undefined
         pdi = 100.0 * wilder(pdm, period) / tr
         mdi = 100.0 * wilder(mdm, period) / tr
     tot = pdi + mdi
@@ -181,6 +181,7 @@ def adx(high, low, close, period: int = 14, atr_values=None) -> tuple[np.ndarray
     dx[np.isnan(tot)] = np.nan
     return _back(wilder(dx, period), one), _back(pdi, one), _back(mdi, one)
 
+# %% ../../nbs/analysis/20_indicators.ipynb #50d09ec4
 def volume_ratio(volume, period: int = 20) -> np.ndarray:
     "Volume over the mean volume of the `period` bars before it (NaN when that mean is 0)."
     v, one = _rows(volume)
@@ -189,35 +190,3 @@ def volume_ratio(volume, period: int = 20) -> np.ndarray:
     prev[:, 0] = np.nan
     out = np.divide(v, prev, out=np.full_like(v, np.nan), where=prev > 0)
     return _back(out, one)
-
-# %% ../../nbs/analysis/20_indicators.ipynb #1af33cca
-def _all_indicators(h, lo, c, v) -> None:
-    ema(c, 20); ema(c, 50); rsi(c, 14); macd(c); atr(h, lo, c, 14); bollinger(c, 20, 2.0); adx(h, lo, c, 14); volume_ratio(v, 20)
-
-def random_walk(n_symbols: int, n_bars: int, seed: int = 0) -> tuple[np.ndarray, ...]:
-    "High, low, close and volume of `n_symbols` geometric random walks (bench and test input)."
-    rng = np.random.default_rng(seed)
-    c = 100.0 * np.exp(np.cumsum(rng.normal(0, 0.01, (n_symbols, n_bars)), axis=1))
-    spread = c * rng.uniform(0.001, 0.01, c.shape)
-    return c + spread, c - spread, c, rng.uniform(10, 1000, c.shape)
-
-def bench_indicators(n_symbols: int = 500, n_bars: int = 200, repeat: int = 5) -> dict:
-    "Seconds for one vectorised batch vs the same indicators symbol by symbol; best of `repeat`."
-    h, lo, c, v = random_walk(n_symbols, n_bars)
-    def best(fn):
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-        return min(times)
-    batch = best(lambda: _all_indicators(h, lo, c, v))
-    loop = best(lambda: [_all_indicators(h[i], lo[i], c[i], v[i]) for i in range(n_symbols)])
-    return {"n_symbols": n_symbols, "n_bars": n_bars, "batch_s": batch, "per_symbol_loop_s": loop,
-            "speedup": loop / batch, "batch_us_per_symbol": 1e6 * batch / n_symbols}
-
-def bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--symbols", type=int, default=500)
-    p.add_argument("--bars", type=int, default=200)
-    p.add_argument("--repeat", type=int, default=5)
-
-def run_bench(args: argparse.Namespace) -> dict:
-    return bench_indicators(args.symbols, args.bars, args.repeat)

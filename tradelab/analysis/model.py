@@ -5,7 +5,6 @@
 # %% ../../nbs/analysis/24_model.ipynb #327acca6
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -22,17 +21,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..clock import interval_ms
-from ..config import Settings, load_settings
-from ..errors import ConfigError, DataError, ModelError, SchemaMismatch
+from ..config import Settings
+from ..errors import DataError, ModelError, SchemaMismatch
 from ..records import AnalysisBatch, SeriesBatch, Signal
+from .features import FEATURE_NAMES, SCHEMA_VERSION
+from .strategy import analyze_batch
 
 # %% auto #0
 __all__ = ['log', 'META_SCHEMA_VERSION', 'META_FEATURE_NAMES', 'META_MODEL_VERSION', 'PROBA_OUTPUT', 'TIME_COLUMN',
            'SYMBOL_COLUMN', 'LABEL_COLUMN', 'ONNX_TOLERANCE', 'FeatureSchema', 'current_schema', 'OnnxModel',
            'load_model', 'write_training_set', 'read_training_set', 'TrainReport', 'train_model', 'race_labels',
-           'labelled_signals', 'synthetic_training_set', 'cli_train_arguments', 'cli_train']
+           'labelled_signals']
 
-# %% ../../nbs/analysis/24_model.ipynb #a7873561
+# %% ../../nbs/analysis/24_model.ipynb #cc1aeeac
 log = logging.getLogger(__name__)
 
 META_SCHEMA_VERSION = "tradelab.schema_version"
@@ -41,52 +42,64 @@ META_MODEL_VERSION = "tradelab.model_version"
 PROBA_OUTPUT = "probabilities"
 "Name of the (n, 2) probability output of a classifier exported with `zipmap=False`."
 
+# %% ../../nbs/analysis/24_model.ipynb #3664efee
 @dataclass(frozen=True, slots=True)
 class FeatureSchema:
     "A feature schema: its version and the feature names, in column order."
+
     version: int
     names: tuple[str, ...]
 
     def __post_init__(self):
         object.__setattr__(self, "names", tuple(self.names))
-        if len(set(self.names)) != len(self.names): raise ModelError(f"feature schema {self.version}: duplicate names")
+        if len(set(self.names)) != len(self.names):
+            raise ModelError(f"feature schema {self.version}: duplicate names")
 
     @property
-    def n(self) -> int: return len(self.names)
+    def n(self) -> int:
+        return len(self.names)
 
+# %% ../../nbs/analysis/24_model.ipynb #dd09e3fe
 def current_schema() -> FeatureSchema:
     "The schema `tradelab.analysis.features` computes today."
-    from tradelab.analysis.features import FEATURE_NAMES, SCHEMA_VERSION
     return FeatureSchema(SCHEMA_VERSION, FEATURE_NAMES)
 
-# %% ../../nbs/analysis/24_model.ipynb #d66c81f8
+# %% ../../nbs/analysis/24_model.ipynb #469982a8
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     "An onnxruntime session on one thread by default: the process pool is the parallelism."
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    try: return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind exception types
         raise ModelError(f"model file {path} is not a loadable ONNX model ({type(e).__name__}: {e})") from e
 
+# %% ../../nbs/analysis/24_model.ipynb #8dca2ead
 def _schema_of(path: Path, meta: dict[str, str]) -> FeatureSchema:
-    try: return FeatureSchema(int(meta[META_SCHEMA_VERSION]), tuple(json.loads(meta[META_FEATURE_NAMES])))
+    try:
+        return FeatureSchema(int(meta[META_SCHEMA_VERSION]), tuple(json.loads(meta[META_FEATURE_NAMES])))
     except (KeyError, ValueError, TypeError) as e:
         raise ModelError(f"model file {path} carries no tradelab feature schema in its metadata ({e!r})") from e
 
+# %% ../../nbs/analysis/24_model.ipynb #ebf58f7c
 def _check_schema(path: Path, got: FeatureSchema, want: FeatureSchema) -> None:
     if got.version != want.version:
-        raise SchemaMismatch(f"model file {path} was built for feature schema version {got.version}; "
-                             f"this tradelab computes version {want.version}")
+        raise SchemaMismatch(
+            f"model file {path} was built for feature schema version {got.version}; this tradelab computes version {want.version}"
+        )
     if got.names != want.names:
         diff = next((i for i, (a, b) in enumerate(zip(got.names, want.names, strict=False)) if a != b), min(got.n, want.n))
-        raise SchemaMismatch(f"model file {path}: feature schema version {got.version} but different features "
-                             f"({got.n} vs {want.n}, first difference at column {diff})")
+        raise SchemaMismatch(
+            f"model file {path}: feature schema version {got.version} but different features "
+            f"({got.n} vs {want.n}, first difference at column {diff})"
+        )
 
 # %% ../../nbs/analysis/24_model.ipynb #296173e8
 class OnnxModel:
     "A loaded scoring model: an onnxruntime session and the feature schema it was trained on."
+
     def __init__(self, session: ort.InferenceSession, path: Path, version: str, schema: FeatureSchema):
         self.path, self.version, self.schema, self._session = path, version, schema, session
         self._input = session.get_inputs()[0].name
@@ -95,16 +108,20 @@ class OnnxModel:
             raise ModelError(f"model file {path} has no {PROBA_OUTPUT!r} output (outputs: {outputs}); export with zipmap=False")
 
     @property
-    def schema_version(self) -> int: return self.schema.version
+    def schema_version(self) -> int:
+        return self.schema.version
+
     @property
-    def feature_names(self) -> tuple[str, ...]: return self.schema.names
+    def feature_names(self) -> tuple[str, ...]:
+        return self.schema.names
 
     def predict_proba(self, X) -> np.ndarray:
         "Probability of reaching the target before the stop, one per row of `X` (float32, (n, n_features))."
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.schema.n:
             raise ModelError(f"model {self.version}: expected features of shape (n, {self.schema.n}), got {X.shape}")
-        if not len(X): return np.empty(0)
+        if not len(X):
+            return np.empty(0)
         return self._session.run([PROBA_OUTPUT], {self._input: X})[0][:, 1].astype(np.float64)
 
     def __repr__(self):
@@ -114,7 +131,8 @@ class OnnxModel:
 def load_model(path: str | Path, schema: FeatureSchema | None = None, threads: int = 1) -> OnnxModel:
     "Load an exported model; `SchemaMismatch` unless it was built for `schema` (default `current_schema()`)."
     path = Path(path).expanduser()
-    if not path.is_file(): raise ModelError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
     session = _session(path, threads)
     meta = dict(session.get_modelmeta().custom_metadata_map)
     got = _schema_of(path, meta)
@@ -124,15 +142,17 @@ def load_model(path: str | Path, schema: FeatureSchema | None = None, threads: i
         raise ModelError(f"model file {path}: input takes {width} features but its schema names {got.n}")
     return OnnxModel(session, path, meta.get(META_MODEL_VERSION) or "unversioned", got)
 
-# %% ../../nbs/analysis/24_model.ipynb #78d0ca2a
+# %% ../../nbs/analysis/24_model.ipynb #7b5a4faf
 TIME_COLUMN, SYMBOL_COLUMN, LABEL_COLUMN = "time_ms", "symbol", "label"
 
+# %% ../../nbs/analysis/24_model.ipynb #e7988d94
 def write_training_set(path: str | Path, frame: pd.DataFrame, schema: FeatureSchema) -> Path:
     "Write `frame` (time_ms, symbol, features, label) as a training file for `schema`."
     path = Path(path)
     cols = [TIME_COLUMN, SYMBOL_COLUMN, *schema.names, LABEL_COLUMN]
     missing = [c for c in cols if c not in frame.columns]
-    if missing: raise DataError(f"training rows lack column(s) {missing}")
+    if missing:
+        raise DataError(f"training rows lack column(s) {missing}")
     out = frame[cols].astype({TIME_COLUMN: "int64", LABEL_COLUMN: "int8", **{n: "float32" for n in schema.names}})
     table = pa.Table.from_pandas(out, preserve_index=False)
     meta = {**(table.schema.metadata or {}), META_SCHEMA_VERSION.encode(): str(schema.version).encode()}
@@ -145,19 +165,24 @@ def write_training_set(path: str | Path, frame: pd.DataFrame, schema: FeatureSch
 def read_training_set(path: str | Path, schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "`(X float32, y int8, time_ms int64)` of a training file, oldest first."
     path = Path(path).expanduser()
-    if not path.is_file(): raise DataError(f"training file {path} does not exist")
-    try: pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e: raise DataError(f"training file {path} is not a Parquet file ({e})") from e
+    if not path.is_file():
+        raise DataError(f"training file {path} does not exist")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"training file {path} is not a Parquet file ({e})") from e
     meta = pf.schema_arrow.metadata or {}
     got = meta.get(META_SCHEMA_VERSION.encode())
     if got is not None and int(got) != schema.version:
         raise SchemaMismatch(f"training file {path} holds features of schema version {int(got)}; expected {schema.version}")
     missing = [c for c in (TIME_COLUMN, *schema.names, LABEL_COLUMN) if c not in pf.schema_arrow.names]
-    if missing: raise DataError(f"training file {path} lacks column(s) {missing}")
+    if missing:
+        raise DataError(f"training file {path} lacks column(s) {missing}")
     df = pf.read(columns=[TIME_COLUMN, *schema.names, LABEL_COLUMN]).to_pandas()
     df = df.sort_values(TIME_COLUMN, kind="stable")
     y = df[LABEL_COLUMN].to_numpy()
-    if not np.isin(y, (0, 1)).all(): raise DataError(f"training file {path}: column {LABEL_COLUMN!r} must hold only 0 and 1")
+    if not np.isin(y, (0, 1)).all():
+        raise DataError(f"training file {path}: column {LABEL_COLUMN!r} must hold only 0 and 1")
     X = df[list(schema.names)].to_numpy(np.float32)
     return X, y.astype(np.int8), df[TIME_COLUMN].to_numpy(np.int64)
 
@@ -165,6 +190,7 @@ def read_training_set(path: str | Path, schema: FeatureSchema) -> tuple[np.ndarr
 @dataclass(frozen=True)
 class TrainReport:
     "What a training run produced and how well the model does on the most recent rows."
+
     path: Path
     version: str
     schema_version: int
@@ -177,53 +203,79 @@ class TrainReport:
     max_abs_diff: float
 
     def __str__(self):
-        return (f"model {self.version} (schema {self.schema_version}) -> {self.path}\n"
-                f"  rows: {self.n_train} train, {self.n_valid} validation (the most recent)\n"
-                f"  validation: base rate {self.base_rate:.3f}, AUC {self.auc:.3f}, "
-                f"log loss {self.log_loss:.4f} (base-rate model {self.base_log_loss:.4f})\n"
-                f"  ONNX vs scikit-learn: max abs difference {self.max_abs_diff:.1e} over all rows")
+        return (
+            f"model {self.version} (schema {self.schema_version}) -> {self.path}\n"
+            f"  rows: {self.n_train} train, {self.n_valid} validation (the most recent)\n"
+            f"  validation: base rate {self.base_rate:.3f}, AUC {self.auc:.3f}, "
+            f"log loss {self.log_loss:.4f} (base-rate model {self.base_log_loss:.4f})\n"
+            f"  ONNX vs scikit-learn: max abs difference {self.max_abs_diff:.1e} over all rows"
+        )
 
-# %% ../../nbs/analysis/24_model.ipynb #9a78b35e
+# %% ../../nbs/analysis/24_model.ipynb #c1bec384
 def _fit(X, y, max_iter: int, learning_rate: float, seed: int):
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    return HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=learning_rate, max_leaf_nodes=15,
-                                          min_samples_leaf=40, l2_regularization=1.0, early_stopping=False,
-                                          random_state=seed).fit(X, y)
+    from sklearn.ensemble import HistGradientBoostingClassifier  # the optional train extra: imported only to train
 
+    return HistGradientBoostingClassifier(
+        max_iter=max_iter,
+        learning_rate=learning_rate,
+        max_leaf_nodes=15,
+        min_samples_leaf=40,
+        l2_regularization=1.0,
+        early_stopping=False,
+        random_state=seed,
+    ).fit(X, y)
+
+# %% ../../nbs/analysis/24_model.ipynb #c502d2fd
 def _to_onnx(clf, schema: FeatureSchema) -> bytes:
     "ONNX bytes of `clf` with the schema and the model version in its metadata."
-    import onnx
-    from skl2onnx import convert_sklearn
+    import onnx  # the optional train extra: imported only to export
+    from skl2onnx import convert_sklearn  # the optional train extra, as above
     from skl2onnx.common.data_types import FloatTensorType
+
     with warnings.catch_warnings():  # skl2onnx passes booleans where onnx now wants ints; harmless
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="onnx")
-        onx = convert_sklearn(clf, initial_types=[("features", FloatTensorType([None, schema.n]))],
-                              options={id(clf): {"zipmap": False}}, target_opset=15)
+        onx = convert_sklearn(
+            clf,
+            initial_types=[("features", FloatTensorType([None, schema.n]))],
+            options={id(clf): {"zipmap": False}},
+            target_opset=15,
+        )
     props = {META_SCHEMA_VERSION: str(schema.version), META_FEATURE_NAMES: json.dumps(list(schema.names))}
     onnx.helper.set_model_props(onx, props)
     version = "hgb-" + hashlib.sha256(onx.SerializeToString()).hexdigest()[:12]
     onnx.helper.set_model_props(onx, {**props, META_MODEL_VERSION: version})
     return onx.SerializeToString()
 
-# %% ../../nbs/analysis/24_model.ipynb #9b573f30
+# %% ../../nbs/analysis/24_model.ipynb #01512d82
 ONNX_TOLERANCE = 1e-5
 "Largest difference between ONNX and scikit-learn probabilities an export may show."
 
+# %% ../../nbs/analysis/24_model.ipynb #1900710b
 def _metrics(y, p, base_rate: float) -> tuple[float, float, float]:
-    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.metrics import log_loss, roc_auc_score  # the optional train extra
+
     auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
     return auc, float(log_loss(y, p, labels=[0, 1])), float(log_loss(y, np.full(len(y), base_rate), labels=[0, 1]))
 
-def train_model(parquet_path: str | Path, out_path: str | Path, schema: FeatureSchema | None = None,
-                valid_fraction: float = 0.2, max_iter: int = 150, learning_rate: float = 0.05, seed: int = 0) -> TrainReport:
+# %% ../../nbs/analysis/24_model.ipynb #3bed0383
+def train_model(
+    parquet_path: str | Path,
+    out_path: str | Path,
+    schema: FeatureSchema | None = None,
+    valid_fraction: float = 0.2,
+    max_iter: int = 150,
+    learning_rate: float = 0.05,
+    seed: int = 0,
+) -> TrainReport:
     "Train on a training file, validate on its most recent rows, export to ONNX at `out_path` and verify it."
     schema = current_schema() if schema is None else schema
     X, y, _ = read_training_set(parquet_path, schema)
     n_valid = int(round(len(y) * valid_fraction))
     n_train = len(y) - n_valid
     if n_train < 100 or n_valid < 20 or len(np.unique(y[:n_train])) < 2:
-        raise DataError(f"training file {parquet_path}: {len(y)} rows ({int(y.sum())} positive) "
-                        "are too few to train and validate on")
+        raise DataError(
+            f"training file {parquet_path}: {len(y)} rows ({int(y.sum())} positive) are too few to train and validate on"
+        )
     clf = _fit(X[:n_train], y[:n_train], max_iter, learning_rate, seed)
     out = Path(out_path).expanduser()
     tmp = out.with_name(out.name + ".tmp")
@@ -232,16 +284,30 @@ def train_model(parquet_path: str | Path, out_path: str | Path, schema: FeatureS
     try:
         model = load_model(tmp, schema)
         diff = float(np.abs(model.predict_proba(X) - clf.predict_proba(X)[:, 1]).max())
-        if diff > ONNX_TOLERANCE: raise ModelError(f"ONNX export of {model.version} differs from scikit-learn by {diff:.2e}")
+        if diff > ONNX_TOLERANCE:
+            raise ModelError(f"ONNX export of {model.version} differs from scikit-learn by {diff:.2e}")
         os.replace(tmp, out)
-    finally: tmp.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
     auc, ll, base_ll = _metrics(y[n_train:], model.predict_proba(X[n_train:]), float(y[:n_train].mean()))
     report = TrainReport(out, model.version, schema.version, n_train, n_valid, float(y[n_train:].mean()), auc, ll, base_ll, diff)
-    log.info("trained model %s on %d rows: validation AUC %.3f, log loss %.4f (base rate %.4f), ONNX max abs difference %.1e",
-             model.version, n_train, auc, ll, base_ll, diff)
+    log.info(
+        "trained model %s on %d rows: validation AUC %.3f, log loss %.4f (base rate %.4f), ONNX max abs difference %.1e",
+        model.version,
+        n_train,
+        auc,
+        ll,
+        base_ll,
+        diff,
+    )
     if not ll < base_ll:
-        log.warning("model %s does not beat the base rate on the validation rows (log loss %.4f against %.4f); "
-                    "it needs more (or more informative) training rows", model.version, ll, base_ll)
+        log.warning(
+            "model %s does not beat the base rate on the validation rows (log loss %.4f against %.4f); "
+            "it needs more (or more informative) training rows",
+            model.version,
+            ll,
+            base_ll,
+        )
     return report
 
 # %% ../../nbs/analysis/24_model.ipynb #0d512655
@@ -255,7 +321,7 @@ def race_labels(high: np.ndarray, low: np.ndarray, side: np.ndarray, stop: np.nd
     first_stop = np.where(hit_stop.any(1), hit_stop.argmax(1), horizon)
     return (first_target < first_stop).astype(np.int8)
 
-# %% ../../nbs/analysis/24_model.ipynb #97b41105
+# %% ../../nbs/analysis/24_model.ipynb #c8c47d02
 def _stack(market, symbols: Sequence[str], interval: str) -> SeriesBatch:
     "Bars of `symbols` at `interval` on their common span, one row per symbol."
     series = [market.series(s, interval) for s in symbols]
@@ -264,22 +330,24 @@ def _stack(market, symbols: Sequence[str], interval: str) -> SeriesBatch:
     for sym, s in zip(symbols, series, strict=True):
         a, b = np.searchsorted(s.open_time, [lo, hi + 1])
         rows.append((sym, s, a, b))
-        if b - a != rows[0][3] - rows[0][2]: raise DataError(f"{sym}: {interval} bars have gaps; cannot replay with the others")
+        if b - a != rows[0][3] - rows[0][2]:
+            raise DataError(f"{sym}: {interval} bars have gaps; cannot replay with the others")
     cols = {c: np.stack([getattr(s, c)[a:b] for _, s, a, b in rows]) for c in ("open", "high", "low", "close", "volume")}
-    times = np.broadcast_to(rows[0][1].open_time[rows[0][2]:rows[0][3]], cols["close"].shape)
+    times = np.broadcast_to(rows[0][1].open_time[rows[0][2] : rows[0][3]], cols["close"].shape)
     return SeriesBatch(interval, times, **cols)
 
+# %% ../../nbs/analysis/24_model.ipynb #f83272b5
 def _window(sb: SeriesBatch, now_ms: int, n_bars: int) -> SeriesBatch | None:
     "The last `n_bars` of `sb` closed by `now_ms`, or None if there are fewer."
     k = int(np.searchsorted(sb.open_time[0] + interval_ms(sb.interval), now_ms, side="right"))
-    if k < n_bars: return None
+    if k < n_bars:
+        return None
     cut = slice(k - n_bars, k)
     return SeriesBatch(sb.interval, *(getattr(sb, c)[:, cut] for c in ("open_time", "open", "high", "low", "close", "volume")))
 
 # %% ../../nbs/analysis/24_model.ipynb #5b4ef8cc
 def labelled_signals(market, settings: Settings, symbols: Sequence[str] | None = None, every_bars: int = 12) -> pd.DataFrame:
     "Training rows (features, time_ms, symbol, side, entry, stop, target, label) from replaying `market` through the strategy."
-    from tradelab.analysis.strategy import analyze_batch
     symbols = tuple(market.symbols if symbols is None else symbols)
     tfs = sorted(settings.data.timeframes, key=interval_ms)
     fine, stacks = tfs[0], {tf: _stack(market, symbols, tf) for tf in tfs}
@@ -289,43 +357,29 @@ def labelled_signals(market, settings: Settings, symbols: Sequence[str] | None =
     rows: list[tuple[int, int, Signal]] = []
     for j in range(0, f.open_time.shape[1] - horizon, every_bars):
         now = int(f.open_time[0, j]) + step
-        frames = {tf: _window(stacks[tf], now, settings.data.limit(tf)) for tf in tfs}
-        if any(w is None for w in frames.values()): continue
+        windows = {tf: _window(stacks[tf], now, settings.data.limit(tf)) for tf in tfs}
+        frames = {tf: w for tf, w in windows.items() if w is not None}
+        if len(frames) < len(windows):
+            continue
         rows += [(j, now, s) for s in analyze_batch(AnalysisBatch(symbols, frames, now), strategy)]
-    if not rows: raise DataError(f"replaying {len(symbols)} symbols produced no signals (too few bars?)")
+    if not rows:
+        raise DataError(f"replaying {len(symbols)} symbols produced no signals (too few bars?)")
     index = {s: i for i, s in enumerate(symbols)}
     i = np.array([index[s.symbol] for _, _, s in rows])
     ahead = np.array([j for j, _, _ in rows])[:, None] + 1 + np.arange(horizon)
-    label = race_labels(f.high[i[:, None], ahead], f.low[i[:, None], ahead], np.array([int(s.side) for *_, s in rows]),
-                        np.array([s.stop for *_, s in rows]), np.array([s.target for *_, s in rows]))
+    label = race_labels(
+        f.high[i[:, None], ahead],
+        f.low[i[:, None], ahead],
+        np.array([int(s.side) for *_, s in rows]),
+        np.array([s.stop for *_, s in rows]),
+        np.array([s.target for *_, s in rows]),
+    )
     frame = pd.DataFrame(np.stack([s.features for *_, s in rows]).astype(np.float32), columns=list(current_schema().names))
     trade = {c: [getattr(s, c) for *_, s in rows] for c in ("entry", "stop", "target")}
-    return frame.assign(time_ms=[t for _, t, _ in rows], symbol=[s.symbol for *_, s in rows],
-                        side=[int(s.side) for *_, s in rows], **trade, label=label)
-
-# %% ../../nbs/analysis/24_model.ipynb #20337030
-def synthetic_training_set(path: str | Path, n_symbols: int = 20, days: int = 30, seed: int = 0,
-                           settings: Settings | None = None) -> Path:
-    "Write a bootstrap training file from a synthetic market of `n_symbols` over `days`."
-    from tradelab.sim.synthetic import synthetic_market
-    frame = labelled_signals(synthetic_market(n_symbols, days, seed), settings or Settings())
-    log.info("bootstrap training set: %d rows, base rate %.3f", len(frame), frame[LABEL_COLUMN].mean())
-    return write_training_set(path, frame, current_schema())
-
-# %% ../../nbs/analysis/24_model.ipynb #07af943a
-def cli_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path, help="training file (Parquet; schema in tradelab.analysis.model)")
-    p.add_argument("--out", required=True, type=Path, help="where to write the ONNX model")
-    p.add_argument("--synthetic", type=int, metavar="N_SYMBOLS", help="first write a bootstrap set from N synthetic symbols")
-    p.add_argument("--days", type=int, default=30, help="days of synthetic market (with --synthetic)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--valid-fraction", type=float, default=0.2, help="most recent share of rows held out")
-    p.add_argument("--max-iter", type=int, default=150, help="boosting iterations")
-
-def cli_train(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, env=args.env)
-    if args.synthetic:
-        if args.data.exists(): raise ConfigError(f"--data {args.data} already exists; --synthetic writes a new file")
-        synthetic_training_set(args.data, args.synthetic, args.days, args.seed, settings)
-    print(train_model(args.data, args.out, valid_fraction=args.valid_fraction, max_iter=args.max_iter, seed=args.seed))
-    return 0
+    return frame.assign(
+        time_ms=[t for _, t, _ in rows],
+        symbol=[s.symbol for *_, s in rows],
+        side=[int(s.side) for *_, s in rows],
+        **trade,
+        label=label,
+    )

@@ -12,8 +12,9 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PoolSettings, Settings
+from ..config import PoolSettings, Settings, StrategySettings
 from ..errors import ModelError, StateError
 from .model import FeatureSchema, OnnxModel, load_model
 from ..records import AnalysisBatch, SeriesBatch, Signal
@@ -31,34 +32,42 @@ from .strategy import analyze_batch
 # %% auto #0
 __all__ = ['log', 'GROWTH', 'START_METHOD', 'PRELOAD', 'START_TIMEOUT_S', 'Task', 'WorkerReport', 'worker_report', 'rendezvous',
            'predict_chunk', 'BatchRef', 'SharedBatch', 'chunk_bounds', 'split_batch', 'ChunkResult',
-           'analyze_in_process', 'analyze_chunk', 'analyze_shared', 'default_workers', 'GlobalProcessPool',
-           'rank_signals', 'CycleReport', 'ParallelAnalyzer']
+           'analyze_in_process', 'analyze_chunk', 'analyze_shared', 'default_workers', 'WorkerGenerations',
+           'GlobalProcessPool', 'rank_signals', 'CycleReport', 'collect', 'ParallelAnalyzer']
 
-# %% ../../nbs/analysis/25_pool.ipynb #3b344c77
+# %% ../../nbs/analysis/25_pool.ipynb #e94fd51a
 log = logging.getLogger(__name__)
 
+# %% ../../nbs/analysis/25_pool.ipynb #e580b74a
 @dataclass(frozen=True, slots=True)
 class WorkerReport:
     "What a worker says about itself: pid, pool generation, model loads, model version, shared blocks mapped."
+
     pid: int
     generation: int
     model_loads: int
     model_version: str | None
     blocks_mapped: int = 0
 
+# %% ../../nbs/analysis/25_pool.ipynb #5e90418c
 class _WorkerState:
     __slots__ = ("pid", "generation", "model", "model_loads", "peers", "block", "blocks_mapped")
+
     def __init__(self, generation: int, peers=None):
-        self.pid, self.generation, self.model, self.model_loads, self.peers = os.getpid(), generation, None, 0, peers
+        self.pid, self.generation, self.model_loads, self.peers = os.getpid(), generation, 0, peers
+        self.model: OnnxModel | None = None
         self.block: SharedMemory | None = None
         self.blocks_mapped = 0
-    def report(self) -> WorkerReport:
-        return WorkerReport(self.pid, self.generation, self.model_loads, self.model.version if self.model else None,
-                            self.blocks_mapped)
 
+    def report(self) -> WorkerReport:
+        return WorkerReport(
+            self.pid, self.generation, self.model_loads, self.model.version if self.model else None, self.blocks_mapped
+        )
+
+# %% ../../nbs/analysis/25_pool.ipynb #8a2fc369
 _worker: _WorkerState | None = None
 
-# %% ../../nbs/analysis/25_pool.ipynb #7a4a3360
+# %% ../../nbs/analysis/25_pool.ipynb #a254c074
 def _init_worker(model_path: Path | None, schema: FeatureSchema | None, generation: int, reports, peers=None) -> None:
     "Pool initializer: load the model once for this process and report on `reports`; `peers` is the start-up barrier."
     global _worker
@@ -73,28 +82,36 @@ def _init_worker(model_path: Path | None, schema: FeatureSchema | None, generati
     _worker = state
     reports.put(state.report())
 
+# %% ../../nbs/analysis/25_pool.ipynb #bb4b0f16
 def worker_report() -> WorkerReport:
     "This worker's report (a task, so any worker can be asked)."
-    if _worker is None: raise StateError("worker_report() runs in pool workers only")
+    if _worker is None:
+        raise StateError("worker_report() runs in pool workers only")
     return _worker.report()
 
+# %% ../../nbs/analysis/25_pool.ipynb #6837343a
 def rendezvous() -> WorkerReport:
     "The start-up task: wait until every worker of this generation runs one, then report."
-    if _worker is None or _worker.peers is None: raise StateError("rendezvous() runs in workers started by _launch only")
+    if _worker is None or _worker.peers is None:
+        raise StateError("rendezvous() runs in workers started by _launch only")
     _worker.peers.wait(timeout=START_TIMEOUT_S)
     return _worker.report()
 
+# %% ../../nbs/analysis/25_pool.ipynb #1dafc6ef
 def predict_chunk(X: np.ndarray) -> tuple[np.ndarray, WorkerReport]:
     "Score feature rows with this worker's model."
-    if _worker is None or _worker.model is None: raise ModelError("this worker holds no model")
+    if _worker is None or _worker.model is None:
+        raise ModelError("this worker holds no model")
     return _worker.model.predict_proba(X), _worker.report()
 
-# %% ../../nbs/analysis/25_pool.ipynb #5ad59df0
+# %% ../../nbs/analysis/25_pool.ipynb #3faae3b7
 _COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
 
+# %% ../../nbs/analysis/25_pool.ipynb #b43bdd2c
 @dataclass(frozen=True, slots=True)
 class BatchRef:
     "Rows `start:stop` of a batch held in shared memory: what a task carries instead of the arrays."
+
     name: str
     layout: tuple[tuple[str, str, str, str, tuple[int, ...], int], ...]  # key, interval, column, dtype, shape, offset
     start: int
@@ -106,21 +123,24 @@ class BatchRef:
         "The rows as an `AnalysisBatch` of views on `buf` (the attached block)."
         cols: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         for key, interval, col, dtype, shape, offset in self.layout:
-            cols.setdefault((key, interval), {})[col] = np.ndarray(shape, dtype, buf, offset)[self.start:self.stop]
+            cols.setdefault((key, interval), {})[col] = np.ndarray(shape, dtype, buf, offset)[self.start : self.stop]
         return AnalysisBatch(self.symbols, {k: SeriesBatch(iv, **c) for (k, iv), c in cols.items()}, self.now_ms)
 
-# %% ../../nbs/analysis/25_pool.ipynb #223cba62
+# %% ../../nbs/analysis/25_pool.ipynb #aac0f607
 GROWTH = 1.25
 "A block that is too small is replaced by one this much larger than the batch that did not fit."
 
+# %% ../../nbs/analysis/25_pool.ipynb #a38b9cc7
 class SharedBatch:
     "A shared-memory block holding one market batch at a time, rewritten each cycle; tasks get `BatchRef`s to its rows."
+
     def __init__(self, batch: AnalysisBatch | None = None):
         self.shm: SharedMemory | None = None
         self.layout: tuple = ()
         self.symbols: tuple[str, ...] = ()
         self.now_ms = self.writes = self.blocks_created = 0
-        if batch is not None: self.write(batch)
+        if batch is not None:
+            self.write(batch)
 
     def write(self, batch: AnalysisBatch) -> SharedBatch:
         "Copy `batch` into the block; a larger block replaces it first when the batch does not fit."
@@ -131,12 +151,14 @@ class SharedBatch:
             self.shm = SharedMemory(create=True, size=max(int(offsets[-1] * GROWTH), 64))
             self.blocks_created += 1
         self.layout = tuple((k, iv, c, a.dtype.str, a.shape, o) for (k, iv, c, a), o in zip(arrays, offsets, strict=False))
-        for (*_, a), (*_, o) in zip(arrays, self.layout, strict=True): np.ndarray(a.shape, a.dtype, self.shm.buf, o)[...] = a
+        for (*_, a), (*_, o) in zip(arrays, self.layout, strict=True):
+            np.ndarray(a.shape, a.dtype, self.shm.buf, o)[...] = a
         self.symbols, self.now_ms, self.writes = batch.symbols, batch.now_ms, self.writes + 1
         return self
 
     def ref(self, start: int, stop: int) -> BatchRef:
-        if self.shm is None: raise StateError("the shared batch holds no block: write() a batch first")
+        if self.shm is None:
+            raise StateError("the shared batch holds no block: write() a batch first")
         return BatchRef(self.shm.name, self.layout, start, stop, self.symbols[start:stop], self.now_ms)
 
     def _unlink(self) -> None:
@@ -150,8 +172,11 @@ class SharedBatch:
         self._unlink()
         self.layout, self.symbols = (), ()
 
-    def __enter__(self) -> SharedBatch: return self
-    def __exit__(self, *exc) -> None: self.close()
+    def __enter__(self) -> SharedBatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 # %% ../../nbs/analysis/25_pool.ipynb #54d48949
 def chunk_bounds(n: int, n_chunks: int) -> list[tuple[int, int]]:
@@ -159,127 +184,207 @@ def chunk_bounds(n: int, n_chunks: int) -> list[tuple[int, int]]:
     edges = np.linspace(0, n, max(1, min(n_chunks, n)) + 1).round().astype(int).tolist()
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
+
 def split_batch(batch: AnalysisBatch, n_chunks: int) -> list[AnalysisBatch]:
     "`batch` cut into at most `n_chunks` contiguous chunks."
     return [batch.take(slice(a, b)) for a, b in chunk_bounds(len(batch), n_chunks)]
 
-# %% ../../nbs/analysis/25_pool.ipynb #8c6c9979
+# %% ../../nbs/analysis/25_pool.ipynb #175f155d
 @dataclass(slots=True)
 class ChunkResult:
     "Signals of one chunk, the symbols that failed (with the reason), and who computed it."
+
     signals: list[Signal]
     failed: list[tuple[str, str]]
     worker: WorkerReport | None = None
 
-def analyze_in_process(batch: AnalysisBatch, strategy, model, blend: float) -> ChunkResult:
+# %% ../../nbs/analysis/25_pool.ipynb #6a8850c3
+def analyze_in_process(batch: AnalysisBatch, strategy: StrategySettings, model: OnnxModel | None, blend: float) -> ChunkResult:
     "Analyse `batch`; if that fails, each half again, down to the symbols that fail on their own."
-    try: return ChunkResult(analyze_batch(batch, strategy, model=model, blend=blend), [])
+    try:
+        return ChunkResult(analyze_batch(batch, strategy, model=model, blend=blend), [])
     except Exception as e:  # any error: isolate the symbols that cause it
-        if len(batch) == 1: return ChunkResult([], [(batch.symbols[0], f"{type(e).__name__}: {e}")])
+        if len(batch) == 1:
+            return ChunkResult([], [(batch.symbols[0], f"{type(e).__name__}: {e}")])
     half = len(batch) // 2
     left, right = (analyze_in_process(batch.take(part), strategy, model, blend) for part in (slice(0, half), slice(half, None)))
     return ChunkResult(left.signals + right.signals, left.failed + right.failed)
 
-# %% ../../nbs/analysis/25_pool.ipynb #fd2bb0d6
+# %% ../../nbs/analysis/25_pool.ipynb #252e1dd2
 def _stamped(result: ChunkResult) -> ChunkResult:
-    if _worker is None: raise StateError("pool tasks run in pool workers only")
+    if _worker is None:
+        raise StateError("pool tasks run in pool workers only")
     result.worker = _worker.report()
     return result
 
-def analyze_chunk(batch: AnalysisBatch, strategy, blend: float) -> ChunkResult:
+# %% ../../nbs/analysis/25_pool.ipynb #436d8ba1
+def analyze_chunk(batch: AnalysisBatch, strategy: StrategySettings, blend: float) -> ChunkResult:
     "Pool task: analyse a pickled `batch` with this worker's model."
     return _stamped(analyze_in_process(batch, strategy, _worker.model if _worker else None, blend))
 
+# %% ../../nbs/analysis/25_pool.ipynb #ae7ef9d5
 def _mapped(name: str) -> SharedMemory:
     "This worker's mapping of block `name`, kept across tasks; the mapping of a replaced block is let go."
-    if _worker is None: raise StateError("pool tasks run in pool workers only")
+    if _worker is None:
+        raise StateError("pool tasks run in pool workers only")
     held = _worker.block
-    if held is not None and held.name == name: return held
+    if held is not None and held.name == name:
+        return held
     if held is not None:
-        with contextlib.suppress(BufferError): held.close()  # a view still alive: the mapping goes with it
+        with contextlib.suppress(BufferError):
+            held.close()  # a view still alive: the mapping goes with it
     _worker.block, _worker.blocks_mapped = SharedMemory(name), _worker.blocks_mapped + 1
     return _worker.block
 
-def analyze_shared(ref: BatchRef, strategy, blend: float) -> ChunkResult:
+# %% ../../nbs/analysis/25_pool.ipynb #e7905e99
+def analyze_shared(ref: BatchRef, strategy: StrategySettings, blend: float) -> ChunkResult:
     "Pool task: analyse rows of the shared-memory batch in place with this worker's model."
-    result = analyze_in_process(ref.view(_mapped(ref.name).buf), strategy, _worker.model, blend)
-    return _stamped(result)
+    block = _mapped(ref.name)
+    model = _worker.model if _worker else None
+    return _stamped(analyze_in_process(ref.view(block.buf), strategy, model, blend))
 
-# %% ../../nbs/analysis/25_pool.ipynb #57bb7dc8
+# %% ../../nbs/analysis/25_pool.ipynb #5ce2e841
 START_METHOD = "forkserver"
 PRELOAD = ("tradelab.analysis.pool",)
 "Modules the forkserver imports once, so every worker forks with them loaded."
 START_TIMEOUT_S = 120.0
 
+# %% ../../nbs/analysis/25_pool.ipynb #c9c69f08
 def default_workers() -> int:
     "One worker per core this process may run on."
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
+# %% ../../nbs/analysis/25_pool.ipynb #63984482
 def _kill_workers(ex: ProcessPoolExecutor) -> None:
-    "SIGKILL the executor's workers (what Python 3.14's `ProcessPoolExecutor.kill_workers` does)."
-    if hasattr(ex, "kill_workers"): ex.kill_workers(); return
-    for p in list(getattr(ex, "_processes", {}).values()):
-        if p.is_alive(): p.kill()
+    "SIGKILL the executor's workers: `ProcessPoolExecutor.kill_workers` from Python 3.14, its table of processes before."
+    if sys.version_info >= (3, 14):
+        ex.kill_workers()
+        return
+    for p in list((ex._processes or {}).values()):
+        if p.is_alive():
+            p.kill()
 
-# %% ../../nbs/analysis/25_pool.ipynb #43020370
+# %% ../../nbs/analysis/25_pool.ipynb #f8805e80
 def _await_reports(reports, warmups: list[Future], workers: int) -> list[WorkerReport]:
     "Every worker's start-up report; `ModelError` as soon as one fails or a worker process dies."
     got: list[WorkerReport] = []
     deadline = time.monotonic() + START_TIMEOUT_S
     while len(got) < workers:
-        try: r = reports.get(timeout=0.05)
+        try:
+            r = reports.get(timeout=0.05)
         except queue.Empty:
             dead = next((f for f in warmups if f.done() and f.exception() is not None), None)
             if dead is not None:
-                raise ModelError(f"a pool worker process exited while starting ({dead.exception()}); "
-                                 "its error output says why") from dead.exception()
-            if time.monotonic() > deadline: raise ModelError(f"pool workers did not start within {START_TIMEOUT_S:g} s") from None
+                raise ModelError(
+                    f"a pool worker process exited while starting ({dead.exception()}); its error output says why"
+                ) from dead.exception()
+            if time.monotonic() > deadline:
+                raise ModelError(f"pool workers did not start within {START_TIMEOUT_S:g} s") from None
             continue
-        if isinstance(r, str): raise ModelError(f"a pool worker failed to start: {r}")
+        if isinstance(r, str):
+            raise ModelError(f"a pool worker failed to start: {r}")
         got.append(r)
     return got
 
-def _launch(start_method: str, workers: int, model_path: Path | None, schema: FeatureSchema | None,
-            generation: int) -> tuple[ProcessPoolExecutor, list[WorkerReport]]:
+# %% ../../nbs/analysis/25_pool.ipynb #136dae9f
+def _launch(
+    start_method: str, workers: int, model_path: Path | None, schema: FeatureSchema | None, generation: int
+) -> tuple[ProcessPoolExecutor, list[WorkerReport]]:
     "A new executor whose workers are all up, each having loaded the model once."
     ctx = mp.get_context(start_method)
-    if start_method == "forkserver": ctx.set_forkserver_preload(list(PRELOAD))
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(list(PRELOAD))
     reports, peers = ctx.Queue(), ctx.Barrier(workers)
-    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(model_path, schema, generation, reports, peers))
+    ex = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(model_path, schema, generation, reports, peers)
+    )
     try:
         warmups = [ex.submit(rendezvous) for _ in range(workers)]
         got = _await_reports(reports, warmups, workers)
-        for f in warmups: f.result(timeout=START_TIMEOUT_S)
+        for f in warmups:
+            f.result(timeout=START_TIMEOUT_S)
     except BaseException:
-        _kill_workers(ex); ex.shutdown(wait=True, cancel_futures=True)
+        _kill_workers(ex)
+        ex.shutdown(wait=True, cancel_futures=True)
         raise
-    finally: reports.close()
+    finally:
+        reports.close()
     return ex, got
 
-# %% ../../nbs/analysis/25_pool.ipynb #80046800
-class GlobalProcessPool:
-    "The bot's one process pool: workers that hold the ONNX model, created once, reused every cycle."
-    def __init__(self, settings: PoolSettings, model_path: str | Path | None = None,
-                 schema: FeatureSchema | None = None, start_method: str = START_METHOD):
-        self.settings, self.schema, self.start_method = settings, schema, start_method
-        self.workers = default_workers() if settings.workers is None else settings.workers
-        self.model_path = None if model_path is None else Path(model_path).expanduser()
-        self.model: OnnxModel | None = None
+# %% ../../nbs/analysis/25_pool.ipynb #9a5b1cca
+class WorkerGenerations:
+    "A process pool's executor, replaced whole: every launch is a new generation of workers, all up, each holding the model."
+
+    def __init__(self, workers: int, model_path: Path | None, schema: FeatureSchema | None, start_method: str):
+        self.workers, self.model_path, self.schema, self.start_method = workers, model_path, schema, start_method
         self.pools_created = self.generation = 0
         self.reports: list[WorkerReport] = []
+        self._executor: ProcessPoolExecutor | None = None
+        self.started = False
+
+    @property
+    def pids(self) -> list[int]:
+        "Pids of the current generation's workers."
+        return [r.pid for r in self.reports if r.generation == self.generation]
+
+    def submit(self, fn, *args) -> Future:
+        "Run `fn(*args)` in a worker; `fn` must live in an exported module."
+        if self._executor is None:
+            raise StateError("the process pool has no workers (not started, or workers = 0)")
+        return self._executor.submit(fn, *args)
+
+    def rebuild(self, reason: str, kill: bool = False) -> None:
+        "Replace the executor by a fresh one; `kill` the old workers first when a task hangs."
+        if not self.started:
+            raise StateError("rebuild() on a pool that is not started")
+        log.warning("rebuilding the process pool: %s", reason)
+        self._retire(kill=kill)
+        if self.workers:
+            self._new_executor()
+
+    def _new_executor(self) -> None:
+        ex, got = _launch(self.start_method, self.workers, self.model_path, self.schema, self.generation + 1)
+        self._executor, self.generation, self.pools_created = ex, self.generation + 1, self.pools_created + 1
+        self.reports += got
+        version = next((r.model_version for r in got if r.model_version), "none")
+        log.info("process pool generation %d: %d %s workers, model %s", self.generation, self.workers, self.start_method, version)
+
+    def _retire(self, kill: bool) -> None:
+        ex, self._executor = self._executor, None
+        if ex is None:
+            return
+        if kill:
+            _kill_workers(ex)
+        ex.shutdown(wait=True, cancel_futures=True)
+
+# %% ../../nbs/analysis/25_pool.ipynb #80046800
+class GlobalProcessPool(WorkerGenerations):
+    "The bot's one process pool: workers that hold the ONNX model, created once, reused every cycle."
+
+    def __init__(
+        self,
+        settings: PoolSettings,
+        model_path: str | Path | None = None,
+        schema: FeatureSchema | None = None,
+        start_method: str = START_METHOD,
+    ):
+        workers = default_workers() if settings.workers is None else settings.workers
+        super().__init__(workers, None if model_path is None else Path(model_path).expanduser(), schema, start_method)
+        self.settings = settings
+        self.model: OnnxModel | None = None
         self.staging = SharedBatch()
         "The shared-memory block cycles copy their batch into; unlinked by `close`."
         self.lock = asyncio.Lock()
         "Held by an analyzer for a whole cycle: one cycle at a time uses the workers and the block."
-        self._executor: ProcessPoolExecutor | None = None
-        self.started = False
 
     def start(self) -> GlobalProcessPool:
         "Load (and so validate) the model here, then start the workers."
-        if self.started: raise StateError("the process pool is already started")
-        if self.model_path is not None: self.model = load_model(self.model_path, self.schema)
-        if self.workers: self._new_executor()
+        if self.started:
+            raise StateError("the process pool is already started")
+        if self.model_path is not None:
+            self.model = load_model(self.model_path, self.schema)
+        if self.workers:
+            self._new_executor()
         self.started = True
         return self
 
@@ -288,13 +393,6 @@ class GlobalProcessPool:
         self._retire(kill=False)
         self.staging.close()
         self.started = False
-
-    def rebuild(self, reason: str, kill: bool = False) -> None:
-        "Replace the executor by a fresh one; `kill` the old workers first when a task hangs."
-        if not self.started: raise StateError("rebuild() on a pool that is not started")
-        log.warning("rebuilding the process pool: %s", reason)
-        self._retire(kill=kill)
-        if self.workers: self._new_executor()
 
     def replace_model(self, path: str | Path) -> OnnxModel:
         "Validate the model at `path` here, then re-initialise the workers with it."
@@ -306,46 +404,32 @@ class GlobalProcessPool:
             self._new_executor()
         return model
 
-    def submit(self, fn, *args) -> Future:
-        "Run `fn(*args)` in a worker; `fn` must live in an exported module."
-        if self._executor is None: raise StateError("the process pool has no workers (not started, or workers = 0)")
-        return self._executor.submit(fn, *args)
+    async def __aenter__(self) -> GlobalProcessPool:
+        return await asyncio.to_thread(self.start)
 
-    @property
-    def pids(self) -> list[int]:
-        "Pids of the current generation's workers."
-        return [r.pid for r in self.reports if r.generation == self.generation]
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.close)
 
-    def _new_executor(self) -> None:
-        ex, got = _launch(self.start_method, self.workers, self.model_path, self.schema, self.generation + 1)
-        self._executor, self.generation, self.pools_created = ex, self.generation + 1, self.pools_created + 1
-        self.reports += got
-        log.info("process pool generation %d: %d %s workers, model %s", self.generation, self.workers,
-                 self.start_method, self.model.version if self.model else "none")
+    def __enter__(self) -> GlobalProcessPool:
+        return self.start()
 
-    def _retire(self, kill: bool) -> None:
-        ex, self._executor = self._executor, None
-        if ex is None: return
-        if kill: _kill_workers(ex)
-        ex.shutdown(wait=True, cancel_futures=True)
-
-    async def __aenter__(self) -> GlobalProcessPool: return await asyncio.to_thread(self.start)
-    async def __aexit__(self, *exc) -> None: await asyncio.to_thread(self.close)
-    def __enter__(self) -> GlobalProcessPool: return self.start()
-    def __exit__(self, *exc) -> None: self.close()
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __repr__(self):
         model = self.model.version if self.model else None
         return f"GlobalProcessPool(workers={self.workers}, model={model!r}, started={self.started})"
 
-# %% ../../nbs/analysis/25_pool.ipynb #c863763e
+# %% ../../nbs/analysis/25_pool.ipynb #cd1465cc
 def rank_signals(signals: Sequence[Signal]) -> list[Signal]:
     "Signals by confidence, highest first; ties by symbol, so the order never depends on timing."
     return sorted(signals, key=lambda s: (-s.confidence, s.symbol))
 
+# %% ../../nbs/analysis/25_pool.ipynb #1f1ad24e
 @dataclass(slots=True)
 class CycleReport:
     "What one `analyze_async` call did."
+
     n_symbols: int = 0
     n_tasks: int = 0
     in_process: bool = False
@@ -355,34 +439,70 @@ class CycleReport:
     rebuilds: int = 0
     workers: tuple[WorkerReport, ...] = ()
 
-# %% ../../nbs/analysis/25_pool.ipynb #e8e5cf4b
+# %% ../../nbs/analysis/25_pool.ipynb #8cd23e87
 _BROKEN, _TIMEOUT = "broken", "timeout"
 Task = tuple[Callable, object, int, int]  # function, payload, first row, end row
 
+# %% ../../nbs/analysis/25_pool.ipynb #99eab975
 async def _run_task(pool: GlobalProcessPool, task: Task, symbols: Sequence[str], strategy, blend: float, timeout_s: float):
     "A ChunkResult, or `_BROKEN` / `_TIMEOUT`."
     fn, payload, a, b = task
-    try: return await asyncio.wait_for(asyncio.wrap_future(pool.submit(fn, payload, strategy, blend)), timeout_s)
-    except BrokenProcessPool: return _BROKEN
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(pool.submit(fn, payload, strategy, blend)), timeout_s)
+    except BrokenProcessPool:
+        return _BROKEN
     except TimeoutError:
         log.error("a task of %d symbols (%s..%s) exceeded %g s and was skipped", b - a, symbols[a], symbols[b - 1], timeout_s)
         return _TIMEOUT
 
+# %% ../../nbs/analysis/25_pool.ipynb #5c4f7e36
 def _tasks(batch: AnalysisBatch, bounds: list[tuple[int, int]], shared: SharedBatch | None) -> list[Task]:
     "Tasks over the shared block when the batch is in it, pickled chunks otherwise."
-    if shared is None: return [(analyze_chunk, batch.take(slice(a, b)), a, b) for a, b in bounds]
+    if shared is None:
+        return [(analyze_chunk, batch.take(slice(a, b)), a, b) for a, b in bounds]
     return [(analyze_shared, shared.ref(a, b), a, b) for a, b in bounds]
 
+# %% ../../nbs/analysis/25_pool.ipynb #ab6b6918
 def _stage(pool: GlobalProcessPool, batch: AnalysisBatch) -> SharedBatch | None:
     "The pool's block with `batch` written into it, or None when shared memory is unavailable."
-    try: return pool.staging.write(batch)
+    try:
+        return pool.staging.write(batch)
     except OSError as e:
         log.warning("no shared memory for a batch of %d symbols (%s); pickling the chunks instead", len(batch), e)
         return None
 
+# %% ../../nbs/analysis/25_pool.ipynb #4e965b3c
+async def _retry_broken(
+    tasks: list[Task], results: list, run: Callable[[list[Task]], Awaitable[list]], rebuild: Callable[..., Awaitable[None]]
+) -> list:
+    "`results` with the `_BROKEN` tasks run again once on a rebuilt pool; still broken: skipped, the pool rebuilt again."
+    for attempt in (1, 2):
+        broken = [i for i, r in enumerate(results) if r is _BROKEN]
+        if not broken:
+            break
+        if attempt == 2:
+            n = sum(tasks[i][3] - tasks[i][2] for i in broken)
+            log.error("the rebuilt process pool broke again: %d symbols skipped this cycle", n)
+        await rebuild(f"a worker died; {len(broken)} of {len(tasks)} tasks unfinished", kill=False)
+        if attempt == 1:
+            for i, r in zip(broken, await run([tasks[i] for i in broken]), strict=True):
+                results[i] = r
+    return results
+
+# %% ../../nbs/analysis/25_pool.ipynb #0c4301ba
+def collect(results: list[ChunkResult], report: CycleReport) -> list[Signal]:
+    "The chunks' signals, ranked; the failed symbols logged and noted in `report`, with the workers' reports."
+    failed = [f for r in results for f in r.failed]
+    for symbol, reason in failed:
+        log.warning("%s dropped from this cycle: %s", symbol, reason)
+    report.failed = tuple(s for s, _ in failed)
+    report.workers = tuple(r.worker for r in results if r.worker is not None)
+    return rank_signals([s for r in results for s in r.signals])
+
 # %% ../../nbs/analysis/25_pool.ipynb #13cef23d
 class ParallelAnalyzer:
     "Analyse market batches on a `GlobalProcessPool`; signals come back ranked."
+
     def __init__(self, pool: GlobalProcessPool, settings: Settings):
         self.pool, self.strategy, self.blend, self.settings = pool, settings.strategy, settings.model.blend, settings.pool
         self.last = CycleReport()
@@ -400,15 +520,18 @@ class ParallelAnalyzer:
         "Signals for every symbol of `batch` that has one, ranked; failed symbols are logged and dropped."
         async with self.pool.lock:
             self.last = CycleReport(len(batch), in_process=self.runs_in_process(len(batch)))
-            if not len(batch): return []
+            if not len(batch):
+                return []
             if self.last.in_process:
                 results = [await asyncio.to_thread(analyze_in_process, batch, self.strategy, self.pool.model, self.blend)]
-            else: results = await self._in_pool(batch)
-        return self._collect(results)
+            else:
+                results = await self._in_pool(batch)
+        return collect(results, self.last)
 
     async def replace_model(self, path: str | Path) -> OnnxModel:
         "Swap the model between cycles: validated here first, then every worker re-initialised."
-        async with self.pool.lock: return await asyncio.to_thread(self.pool.replace_model, path)
+        async with self.pool.lock:
+            return await asyncio.to_thread(self.pool.replace_model, path)
 
     async def _in_pool(self, batch: AnalysisBatch) -> list[ChunkResult]:
         bounds = self.bounds(len(batch))
@@ -416,28 +539,15 @@ class ParallelAnalyzer:
         self.last.n_tasks, self.last.shared_memory = len(bounds), shared is not None
         timeout_s = self.settings.task_timeout_s * math.ceil(len(bounds) / self.pool.workers)
         tasks = _tasks(batch, bounds, shared)
-        run = lambda ts: asyncio.gather(*(_run_task(self.pool, t, batch.symbols, self.strategy, self.blend, timeout_s)
-                                          for t in ts))
-        results = await run(tasks)
-        for attempt in (1, 2):
-            broken = [i for i, r in enumerate(results) if r is _BROKEN]
-            if not broken: break
-            if attempt == 2: log.error("the rebuilt process pool broke again: %d symbols skipped this cycle",
-                                       sum(tasks[i][3] - tasks[i][2] for i in broken))
-            await self._rebuild(f"a worker died; {len(broken)} of {len(tasks)} tasks unfinished", kill=False)
-            if attempt == 1:
-                for i, r in zip(broken, await run([tasks[i] for i in broken]), strict=True): results[i] = r
-        if any(r is _TIMEOUT for r in results): await self._rebuild("a task ran past task_timeout_s", kill=True)
+        run = lambda ts: asyncio.gather(
+            *(_run_task(self.pool, t, batch.symbols, self.strategy, self.blend, timeout_s) for t in ts)
+        )
+        results = await _retry_broken(tasks, await run(tasks), run, self._rebuild)
+        if any(r is _TIMEOUT for r in results):
+            await self._rebuild("a task ran past task_timeout_s", kill=True)
         self.last.skipped = sum(b - a for (_, _, a, b), r in zip(tasks, results, strict=True) if not isinstance(r, ChunkResult))
         return [r for r in results if isinstance(r, ChunkResult)]
 
     async def _rebuild(self, reason: str, kill: bool) -> None:
         self.last.rebuilds += 1
         await asyncio.to_thread(self.pool.rebuild, reason, kill)
-
-    def _collect(self, results: list[ChunkResult]) -> list[Signal]:
-        failed = [f for r in results for f in r.failed]
-        for symbol, reason in failed: log.warning("%s dropped from this cycle: %s", symbol, reason)
-        self.last.failed = tuple(s for s, _ in failed)
-        self.last.workers = tuple(r.worker for r in results if r.worker is not None)
-        return rank_signals([s for r in results for s in r.signals])

@@ -16,18 +16,21 @@ from .features import ROLES, SCHEMA_VERSION, Measures, measure, orient
 from ..records import AnalysisBatch, Side, Signal
 
 # %% auto #0
-__all__ = ['log', 'DIRECTIONAL', 'components', 'rule_score', 'Scorer', 'RuleScorer', 'analyze_batch', 'signals_from_measures']
+__all__ = ['log', 'DIRECTIONAL', 'components', 'rule_score', 'Scorer', 'RuleScorer', 'ProbabilityModel', 'analyze_batch',
+           'signals_from_measures']
 
-# %% ../../nbs/analysis/23_strategy.ipynb #d3951a77
+# %% ../../nbs/analysis/23_strategy.ipynb #504b7247
 log = logging.getLogger(__name__)
 
 DIRECTIONAL = ("trend", "structure", "orderblock", "momentum")
 "The components that point long (> 0) or short (< 0)."
 
+# %% ../../nbs/analysis/23_strategy.ipynb #1ab9dffe
 def _proximity(d: np.ndarray, reach: float) -> np.ndarray:
     "1 inside a block (distance <= 0), falling linearly to 0 at `reach` ATRs."
     return np.clip(1.0 - np.maximum(d, 0.0) / reach, 0.0, 1.0)
 
+# %% ../../nbs/analysis/23_strategy.ipynb #f89f7c22
 def components(m: Measures, s: StrategySettings) -> dict[str, np.ndarray]:
     "The score's components per symbol: the four directional ones in -1 .. 1, volatility in 0 .. 1."
     col = m.column
@@ -40,11 +43,17 @@ def components(m: Measures, s: StrategySettings) -> dict[str, np.ndarray]:
         "volatility": 1.0 - col("mid_bb_rank"),
     }
 
-# %% ../../nbs/analysis/23_strategy.ipynb #eaf019d8
+# %% ../../nbs/analysis/23_strategy.ipynb #8f20e428
 def _weights(s: StrategySettings) -> dict[str, float]:
-    return {"trend": s.w_trend, "structure": s.w_structure, "orderblock": s.w_orderblock,
-            "momentum": s.w_momentum, "volatility": s.w_volatility}
+    return {
+        "trend": s.w_trend,
+        "structure": s.w_structure,
+        "orderblock": s.w_orderblock,
+        "momentum": s.w_momentum,
+        "volatility": s.w_volatility,
+    }
 
+# %% ../../nbs/analysis/23_strategy.ipynb #4c833f20
 def rule_score(m: Measures, s: StrategySettings) -> np.ndarray:
     "Signed rule score per symbol: > 0 long, < 0 short, |score| in 0 .. 1; 0 when ranging or unmeasurable."
     c, w = components(m, s), _weights(s)
@@ -57,44 +66,89 @@ def rule_score(m: Measures, s: StrategySettings) -> np.ndarray:
 @runtime_checkable
 class Scorer(Protocol):
     "Anything that turns measures into a signed score per symbol (> 0 long, < 0 short, |score| <= 1)."
+
     def score(self, m: Measures, s: StrategySettings) -> np.ndarray: ...
+
 
 class RuleScorer:
     "The documented multi-timeframe rule score."
-    def score(self, m: Measures, s: StrategySettings) -> np.ndarray: return rule_score(m, s)
-    def __repr__(self): return "RuleScorer()"
 
-# %% ../../nbs/analysis/23_strategy.ipynb #e7cfef7c
-def _model_probability(model, X: np.ndarray) -> np.ndarray:
+    def score(self, m: Measures, s: StrategySettings) -> np.ndarray:
+        return rule_score(m, s)
+
+    def __repr__(self):
+        return "RuleScorer()"
+
+# %% ../../nbs/analysis/23_strategy.ipynb #7fb27b941602401d91542211134fc71a
+@runtime_checkable
+class ProbabilityModel(Protocol):
+    "What the strategy asks of a model (`OnnxModel` of `tradelab.analysis.model` in the bot): version, schema, probabilities."
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def schema_version(self) -> int: ...
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray: ...
+
+# %% ../../nbs/analysis/23_strategy.ipynb #76d82a31
+def _model_probability(model: ProbabilityModel, X: np.ndarray) -> np.ndarray:
     "The model's probabilities for rows `X`, checked."
-    if int(getattr(model, "schema_version", -1)) != SCHEMA_VERSION:
-        raise SchemaMismatch(f"model {getattr(model, 'version', '?')!r} was built for feature schema "
-                             f"{getattr(model, 'schema_version', None)}; the features are schema {SCHEMA_VERSION}")
+    if int(model.schema_version) != SCHEMA_VERSION:
+        raise SchemaMismatch(
+            f"model {model.version!r} was built for feature schema "
+            f"{model.schema_version}; the features are schema {SCHEMA_VERSION}"
+        )
     p = np.asarray(model.predict_proba(X), dtype=np.float64).reshape(-1)
     if p.shape != (len(X),) or not np.all((p >= 0) & (p <= 1)):
         raise ModelError(f"model {model.version!r} returned {p.shape} probabilities for {len(X)} rows, or values outside 0..1")
     return p
 
+# %% ../../nbs/analysis/23_strategy.ipynb #4c4e660e
 def _signal(batch, m, i, side, conf, rule, prob, model, row, s) -> Signal | None:
     entry, risk = float(m.close[i, 2]), float(m.atr[i, 1]) * s.atr_stop_mult
     stop, target = entry - int(side) * risk, entry + int(side) * risk * s.reward_risk
     if stop <= 0 or target <= 0:
         log.debug("%s: a %s from %.6g would put its stop at %.6g; skipped", batch.symbols[i], Side(int(side)).name, entry, stop)
         return None
-    return Signal(batch.symbols[i], Side(int(side)), entry, stop, target, float(conf), row, int(batch.now_ms),
-                  score=float(rule), model_prob=None if prob is None else float(prob),
-                  model_version=None if model is None else str(model.version))
+    return Signal(
+        batch.symbols[i],
+        Side(int(side)),
+        entry,
+        stop,
+        target,
+        float(conf),
+        row,
+        int(batch.now_ms),
+        score=float(rule),
+        model_prob=None if prob is None else float(prob),
+        model_version=None if model is None else str(model.version),
+    )
 
-# %% ../../nbs/analysis/23_strategy.ipynb #4cebf281
-def analyze_batch(batch: AnalysisBatch, strategy: StrategySettings, model=None, blend: float = 0.5,
-                  scorer: Scorer | None = None) -> list[Signal]:
+# %% ../../nbs/analysis/23_strategy.ipynb #c443a651
+def analyze_batch(
+    batch: AnalysisBatch,
+    strategy: StrategySettings,
+    model: ProbabilityModel | None = None,
+    blend: float = 0.5,
+    scorer: Scorer | None = None,
+) -> list[Signal]:
     "Signals for the symbols of `batch` whose confidence reaches `strategy.min_confidence`."
     return signals_from_measures(batch, measure(batch, strategy), strategy, model, blend, scorer)
 
-def signals_from_measures(batch: AnalysisBatch, m: Measures, strategy: StrategySettings, model=None, blend: float = 0.5,
-                          scorer: Scorer | None = None) -> list[Signal]:
+# %% ../../nbs/analysis/23_strategy.ipynb #f877b48f
+def signals_from_measures(
+    batch: AnalysisBatch,
+    m: Measures,
+    strategy: StrategySettings,
+    model: ProbabilityModel | None = None,
+    blend: float = 0.5,
+    scorer: Scorer | None = None,
+) -> list[Signal]:
     "`analyze_batch` after the measuring: reuse `m` when only weights or thresholds change."
-    if not 0.0 <= blend <= 1.0: raise ConfigError(f"model blend must be in 0..1, got {blend}")
+    if not 0.0 <= blend <= 1.0:
+        raise ConfigError(f"model blend must be in 0..1, got {blend}")
     raw = np.asarray((scorer or RuleScorer()).score(m, strategy), dtype=np.float64)
     raw = np.where(m.valid & np.isfinite(raw), np.clip(raw, -1.0, 1.0), 0.0)
     cand = np.flatnonzero(raw != 0)
@@ -106,5 +160,6 @@ def signals_from_measures(batch: AnalysisBatch, m: Measures, strategy: StrategyS
     out = []
     for k in np.flatnonzero(conf >= strategy.min_confidence):
         sig = _signal(batch, m, cand[k], sides[k], conf[k], rule[k], None if prob is None else prob[k], model, X[k], strategy)
-        if sig is not None: out.append(sig)
+        if sig is not None:
+            out.append(sig)
     return out

@@ -15,37 +15,42 @@ from .indicators import _rows
 # %% auto #0
 __all__ = ['swings', 'Structure', 'market_structure', 'OrderBlocks', 'order_blocks', 'nearest_blocks', 'Gaps', 'fair_value_gaps']
 
-# %% ../../nbs/analysis/21_structure.ipynb #c936215b
+# %% ../../nbs/analysis/21_structure.ipynb #ed59375d
 def _extreme(a: np.ndarray, k: int, sign: float) -> np.ndarray:
     "True where `sign * a` is strictly above its `k` left neighbours and not below its `k` right ones."
     m, n = a.shape
     out = np.zeros((m, n), bool)
-    if n < 2 * k + 1: return out
-    c = sign * a[:, k:n - k]
+    if n < 2 * k + 1:
+        return out
+    c = sign * a[:, k : n - k]
     ok = np.ones_like(c, bool)
     for j in range(1, k + 1):
-        ok &= (c > sign * a[:, k - j:n - k - j]) & (c >= sign * a[:, k + j:n - k + j])
-    out[:, k:n - k] = ok
+        ok &= (c > sign * a[:, k - j : n - k - j]) & (c >= sign * a[:, k + j : n - k + j])
+    out[:, k : n - k] = ok
     return out
 
+# %% ../../nbs/analysis/21_structure.ipynb #7d9ee677
 def swings(high, low, window: int = 2) -> tuple[np.ndarray, np.ndarray]:
     "Boolean arrays of swing highs and swing lows (fractals of `window` bars on each side)."
-    if int(window) != window or window < 1: raise DataError(f"swing window must be a positive integer, got {window!r}")
+    if int(window) != window or window < 1:
+        raise DataError(f"swing window must be a positive integer, got {window!r}")
     (h, one), (lo, _) = _rows(high), _rows(low)
     sh, sl = _extreme(h, int(window), 1.0), _extreme(lo, int(window), -1.0)
     return (sh[0], sl[0]) if one else (sh, sl)
 
-# %% ../../nbs/analysis/21_structure.ipynb #e57be14f
+# %% ../../nbs/analysis/21_structure.ipynb #207ed5d3
 def _ffill_index(mask: np.ndarray) -> np.ndarray:
     "For each bar, the index of the last True at or before it (-1 if none)."
     idx = np.where(mask, np.arange(mask.shape[1]), -1)
     return np.maximum.accumulate(idx, axis=1)
 
+# %% ../../nbs/analysis/21_structure.ipynb #4e158749
 def _first_in_segment(cond: np.ndarray, start: np.ndarray) -> np.ndarray:
     "`cond` kept only on its first True bar of each segment that begins at `start` (where it is False)."
     r, cs = np.arange(cond.shape[0])[:, None], np.cumsum(cond, axis=1)
     return cond & (start >= 0) & (cs - cs[r, np.maximum(start, 0)] == 1)
 
+# %% ../../nbs/analysis/21_structure.ipynb #96737b32
 def _levels(swing: np.ndarray, price: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     "Level of the last confirmed swing at each bar, and the bar its segment began (-1 none)."
     conf = np.zeros_like(swing)
@@ -57,6 +62,7 @@ def _levels(swing: np.ndarray, price: np.ndarray, window: int) -> tuple[np.ndarr
 @dataclass(slots=True)
 class Structure:
     "Market structure per bar: int8 arrays are +1 bullish, -1 bearish, 0 none."
+
     swing_high: np.ndarray
     swing_low: np.ndarray
     trend: np.ndarray
@@ -70,8 +76,7 @@ class Structure:
         return self.bos + self.choch
 
     def __repr__(self):
-        return (f"Structure({self.trend.shape}, {int((self.bos != 0).sum())} BOS, "
-                f"{int((self.choch != 0).sum())} CHoCH)")
+        return f"Structure({self.trend.shape}, {int((self.bos != 0).sum())} BOS, {int((self.choch != 0).sum())} CHoCH)"
 
 # %% ../../nbs/analysis/21_structure.ipynb #ce6c14b1
 def market_structure(high, low, close, window: int = 2) -> Structure:
@@ -96,6 +101,7 @@ def market_structure(high, low, close, window: int = 2) -> Structure:
 @dataclass(slots=True)
 class OrderBlocks:
     "Active order block per bar and side: zone `[bottom, top]`, `index` of its candle (-1 none)."
+
     bull_top: np.ndarray
     bull_bottom: np.ndarray
     bull_index: np.ndarray
@@ -104,35 +110,39 @@ class OrderBlocks:
     bear_index: np.ndarray
 
     def __repr__(self):
-        return f"OrderBlocks({self.bull_top.shape}, active at last bar: {int((self.bull_index[..., -1] >= 0).sum())} bullish, " \
-               f"{int((self.bear_index[..., -1] >= 0).sum())} bearish)"
+        return (
+            f"OrderBlocks({self.bull_top.shape}, active at last bar: {int((self.bull_index[..., -1] >= 0).sum())} bullish, "
+            f"{int((self.bear_index[..., -1] >= 0).sum())} bearish)"
+        )
 
-# %% ../../nbs/analysis/21_structure.ipynb #f2abd33d
+# %% ../../nbs/analysis/21_structure.ipynb #5a0eb663
 def _formations(o, h, lo, c, brk, atr, lookback, impulse, sign) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "Where blocks of one side (`sign` +1 bullish, -1 bearish) form: row, bar, and the bar of the block's candle."
     last_opposite = _ffill_index(sign * (c - o) < 0)
-    rows, bars = np.nonzero(brk[:, 1:] == sign)            # breaks are rare: the rest is evaluated at them only
+    rows, bars = np.nonzero(brk[:, 1:] == sign)  # breaks are rare: the rest is evaluated at them only
     bars = bars + 1
-    j = last_opposite[rows, bars - 1]                      # last opposite candle strictly before the break
+    j = last_opposite[rows, bars - 1]  # last opposite candle strictly before the break
     far = (h if sign > 0 else lo)[rows, np.maximum(j, 0)]  # the side of the candle the move must leave
     with np.errstate(invalid="ignore"):
         ok = (j >= 0) & (bars - j <= lookback) & (sign * (c[rows, bars] - far) >= impulse * atr[rows, bars])
     return rows[ok], bars[ok], j[ok]
 
+# %% ../../nbs/analysis/21_structure.ipynb #1b6c25c5
 def _side_blocks(o, h, lo, c, brk, atr, lookback, impulse, sign):
     "Active blocks of one side per bar: top, bottom, candle index."
     r = np.arange(c.shape[0])[:, None]
     rows, bars, j = _formations(o, h, lo, c, brk, atr, lookback, impulse, sign)
     form, candle = np.zeros(c.shape, bool), np.full(c.shape, -1)
     form[rows, bars], candle[rows, bars] = True, j
-    k = _ffill_index(form)                                 # bar that formed the current block
+    k = _ffill_index(form)  # bar that formed the current block
     kk = np.maximum(k, 0)
     cand = np.where(k >= 0, candle[r, kk], -1)
     top, bottom = np.where(cand >= 0, h[r, np.maximum(cand, 0)], np.nan), np.where(cand >= 0, lo[r, np.maximum(cand, 0)], np.nan)
     through = np.cumsum(sign * (c - np.where(sign > 0, bottom, top)) < 0, axis=1)
-    alive = (cand >= 0) & (through == through[r, kk])      # no close through the block since it formed
+    alive = (cand >= 0) & (through == through[r, kk])  # no close through the block since it formed
     return np.where(alive, top, np.nan), np.where(alive, bottom, np.nan), np.where(alive, cand, -1)
 
+# %% ../../nbs/analysis/21_structure.ipynb #bf33ea32
 def order_blocks(open_, high, low, close, structure: Structure, atr, lookback: int = 10, impulse_atr: float = 1.0) -> OrderBlocks:
     "Active bullish and bearish order blocks per bar, formed at the breaks of `structure`."
     (o, one), (h, _), (lo, _), (c, _), (a, _) = _rows(open_), _rows(high), _rows(low), _rows(close), _rows(atr)
@@ -140,45 +150,52 @@ def order_blocks(open_, high, low, close, structure: Structure, atr, lookback: i
     bull = _side_blocks(o, h, lo, c, brk, a, lookback, impulse_atr, 1)
     bear = _side_blocks(o, h, lo, c, brk, a, lookback, impulse_atr, -1)
     out = OrderBlocks(*bull, *bear)
-    if one: out = OrderBlocks(*(x[0] for x in (*bull, *bear)))
+    if one:
+        out = OrderBlocks(*(x[0] for x in (*bull, *bear)))
     return out
 
-# %% ../../nbs/analysis/21_structure.ipynb #70b3204a
+# %% ../../nbs/analysis/21_structure.ipynb #5daad630
 def _nearest_side(o, h, lo, c, brk, atr, lookback, impulse, sign) -> tuple[np.ndarray, np.ndarray]:
     rows, bars, j = _formations(o, h, lo, c, brk, atr, lookback, impulse, sign)
     m = c.shape[0]
     top, bottom = h[rows, j], lo[rows, j]
     near, far = (top, bottom) if sign > 0 else (bottom, top)
     ext = (np.minimum if sign > 0 else np.maximum).accumulate(c[:, ::-1], axis=1)[:, ::-1]
-    after = np.concatenate([ext[:, 1:], np.full((m, 1), np.inf * sign)], axis=1)   # extreme close after each bar
+    after = np.concatenate([ext[:, 1:], np.full((m, 1), np.inf * sign)], axis=1)  # extreme close after each bar
     gap = np.maximum(sign * (c[rows, -1] - near), 0.0)
     with np.errstate(invalid="ignore"):
         keep = (sign * (after[rows, bars] - far) >= 0) & np.isfinite(gap)
     rows, bars, gap, top, bottom = rows[keep], bars[keep], gap[keep], top[keep], bottom[keep]
-    order = np.lexsort((-bars, gap, rows))                 # per row: smallest gap, then the latest block
+    order = np.lexsort((-bars, gap, rows))  # per row: smallest gap, then the latest block
     first = order[np.r_[True, rows[order][1:] != rows[order][:-1]]] if order.size else order
     out_top, out_bottom = np.full(m, np.nan), np.full(m, np.nan)
     out_top[rows[first]], out_bottom[rows[first]] = top[first], bottom[first]
     return out_top, out_bottom
 
-def nearest_blocks(open_, high, low, close, structure: Structure, atr, lookback: int = 10,
-                   impulse_atr: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+# %% ../../nbs/analysis/21_structure.ipynb #7b03dfa5
+def nearest_blocks(
+    open_, high, low, close, structure: Structure, atr, lookback: int = 10, impulse_atr: float = 1.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     "At the last bar: top and bottom of the nearest active bullish block, then of the nearest bearish one (NaN none)."
     (o, one), (h, _), (lo, _), (c, _), (a, _) = _rows(open_), _rows(high), _rows(low), _rows(close), _rows(atr)
     brk = np.atleast_2d(structure.breaks)
-    out = tuple(x for sign in (1, -1) for x in _nearest_side(o, h, lo, c, brk, a, lookback, impulse_atr, sign))
-    return tuple(x[0] for x in out) if one else out
+    bull_top, bull_bottom, bear_top, bear_bottom = (
+        x[0] if one else x for sign in (1, -1) for x in _nearest_side(o, h, lo, c, brk, a, lookback, impulse_atr, sign))
+    return bull_top, bull_bottom, bear_top, bear_bottom
 
-# %% ../../nbs/analysis/21_structure.ipynb #6743cb94
+# %% ../../nbs/analysis/21_structure.ipynb #3ef53c9a
 @dataclass(slots=True)
 class Gaps:
     "Fair value gaps marked at the third candle: direction (+1/-1/0) and the gap's `[bottom, top]`."
+
     direction: np.ndarray
     bottom: np.ndarray
     top: np.ndarray
 
-    def __repr__(self): return f"Gaps({int((self.direction > 0).sum())} bullish, {int((self.direction < 0).sum())} bearish)"
+    def __repr__(self):
+        return f"Gaps({int((self.direction > 0).sum())} bullish, {int((self.direction < 0).sum())} bearish)"
 
+# %% ../../nbs/analysis/21_structure.ipynb #a97b8166
 def fair_value_gaps(high, low) -> Gaps:
     "Three-candle imbalances, marked on the third candle."
     (h, one), (lo, _) = _rows(high), _rows(low)

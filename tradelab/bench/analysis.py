@@ -5,74 +5,95 @@
 # %% ../../nbs/bench/28_analysis.ipynb #2fd4ef22
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 from ..config import DataSettings, Settings, load_settings
-from ..analysis.model import synthetic_training_set, train_model
+from ..analysis.model import train_model
+from ..sim.generators import synthetic_training_set
 from ..analysis.pool import GlobalProcessPool, ParallelAnalyzer, analyze_chunk, default_workers, rank_signals
 from ..records import AnalysisBatch, SeriesBatch, Signal
 from ..sim.synthetic import synthetic_market
 
 # %% auto #0
-__all__ = ['MODES', 'market_batch', 'bootstrap_model', 'bench_analysis', 'bench_arguments', 'run_bench']
+__all__ = ['MODES', 'market_batch', 'bootstrap_model', 'bench_analysis', 'run']
 
 # %% ../../nbs/bench/28_analysis.ipynb #36721c60
 def market_batch(n_symbols: int, data: DataSettings, seed: int = 0) -> AnalysisBatch:
     "The last `data.limits` bars of each timeframe for `n_symbols` synthetic symbols, as one batch."
     market = synthetic_market(n_symbols, days=6, seed=seed)
     symbols = market.symbols[:n_symbols]
-    frames = {tf: SeriesBatch.stack(tf, [market.series(s, tf).klines() for s in symbols], data.limit(tf))
-              for tf in data.timeframes}
+    frames = {
+        tf: SeriesBatch.stack(tf, [market.series(s, tf).klines() for s in symbols], data.limit(tf)) for tf in data.timeframes
+    }
     return AnalysisBatch(tuple(symbols), frames, market.span_ms[1])
+
 
 def bootstrap_model(folder: Path, settings: Settings, seed: int = 0) -> Path:
     "A bootstrap model trained on a small synthetic training set, for benchmarks and demos."
     data = synthetic_training_set(folder / "bootstrap.parquet", n_symbols=40, days=8, seed=seed, settings=settings)
     return train_model(data, folder / "bootstrap.onnx", seed=seed).path
 
-# %% ../../nbs/bench/28_analysis.ipynb #fc1fa54c
+# %% ../../nbs/bench/28_analysis.ipynb #ad77fc2c
 async def _per_symbol(pool: GlobalProcessPool, settings: Settings, batch: AnalysisBatch) -> list[Signal]:
-    futs = [asyncio.wrap_future(pool.submit(analyze_chunk, batch.take(slice(i, i + 1)), settings.strategy, settings.model.blend))
-            for i in range(len(batch))]
+    futs = [
+        asyncio.wrap_future(pool.submit(analyze_chunk, batch.take(slice(i, i + 1)), settings.strategy, settings.model.blend))
+        for i in range(len(batch))
+    ]
     return rank_signals([s for r in await asyncio.gather(*futs) for s in r.signals])
 
+# %% ../../nbs/bench/28_analysis.ipynb #11a9cc43
 async def _pool_per_cycle(settings: Settings, model: Path, batch: AnalysisBatch) -> list[Signal]:
     async with GlobalProcessPool(settings.pool, model) as pool:
         return await ParallelAnalyzer(pool, settings).analyze_async(batch)
 
-async def _cycles(runs: dict[str, Callable[[AnalysisBatch], Awaitable[list[Signal]]]], batch: AnalysisBatch, cycles: int,
-                  per_symbol_cycles: int) -> tuple[dict[str, list[float]], bool]:
+# %% ../../nbs/bench/28_analysis.ipynb #6b345a3e
+async def _cycles(
+    runs: Mapping[str, Callable[[AnalysisBatch], Awaitable[list[Signal]]]],
+    batch: AnalysisBatch,
+    cycles: int,
+    per_symbol_cycles: int,
+) -> tuple[dict[str, list[float]], bool]:
     "Seconds per cycle of every mode, the modes taking turns; and whether they all return the same signals."
     prints = {m: _fingerprint(await run(batch)) for m, run in runs.items() if m != "pool_per_symbol"}  # warm-up
     times: dict[str, list[float]] = {m: [] for m in runs}
     for k in range(cycles):
         for mode, run in runs.items():
-            if mode == "pool_per_symbol" and k >= per_symbol_cycles: continue
+            if mode == "pool_per_symbol" and k >= per_symbol_cycles:
+                continue
             t0 = time.perf_counter()
             signals = await run(batch)
             times[mode].append(time.perf_counter() - t0)
             prints.setdefault(mode, _fingerprint(signals))
     return times, all(p == prints["batched_pool"] for p in prints.values())
 
+# %% ../../nbs/bench/28_analysis.ipynb #74ab00c0
 def _fingerprint(signals: list[Signal]) -> list[tuple[str, float]]:
     return [(s.symbol, round(s.confidence, 6)) for s in signals]
 
-# %% ../../nbs/bench/28_analysis.ipynb #cbd968ea
+# %% ../../nbs/bench/28_analysis.ipynb #a4534280
 MODES = ("pool_per_cycle", "pool_per_symbol", "batched_pool", "in_process")
 
+# %% ../../nbs/bench/28_analysis.ipynb #e9345403
 def _with_pool(settings: Settings, **pool) -> Settings:
     return settings.model_copy(update={"pool": settings.pool.model_copy(update=pool)})
 
-async def bench_analysis(symbols: Sequence[int] = (50, 200, 500), cycles: int = 5, count_cycles: int = 100,
-                         workers: int | None = None, model_path: Path | None = None, settings: Settings | None = None,
-                         seed: int = 0, per_symbol_cycles: int = 1) -> dict:
+# %% ../../nbs/bench/28_analysis.ipynb #4cdf97a8
+async def bench_analysis(
+    symbols: Sequence[int] = (50, 200, 500),
+    cycles: int = 5,
+    count_cycles: int = 100,
+    workers: int | None = None,
+    model_path: Path | None = None,
+    settings: Settings | None = None,
+    seed: int = 0,
+    per_symbol_cycles: int = 1,
+) -> dict:
     "Median cycle time per mode and number of symbols, and the pools created by batched cycles after start-up."
     settings = settings or Settings()
     pooled = _with_pool(settings, workers=workers or default_workers(), in_process_below=0)
@@ -81,22 +102,33 @@ async def bench_analysis(symbols: Sequence[int] = (50, 200, 500), cycles: int = 
     with tempfile.TemporaryDirectory() as tmp:
         model = model_path or bootstrap_model(Path(tmp), settings, seed)
         async with GlobalProcessPool(pooled.pool, model) as pool, GlobalProcessPool(local.pool, model) as here:
-            runs = {"pool_per_cycle": lambda b: _pool_per_cycle(pooled, model, b),
-                    "pool_per_symbol": lambda b: _per_symbol(pool, pooled, b),
-                    "batched_pool": ParallelAnalyzer(pool, pooled).analyze_async,
-                    "in_process": ParallelAnalyzer(here, local).analyze_async}
+            runs = {
+                "pool_per_cycle": lambda b: _pool_per_cycle(pooled, model, b),
+                "pool_per_symbol": lambda b: _per_symbol(pool, pooled, b),
+                "batched_pool": ParallelAnalyzer(pool, pooled).analyze_async,
+                "in_process": ParallelAnalyzer(here, local).analyze_async,
+            }
             for n in symbols:
                 times, same = await _cycles(runs, full.take(slice(0, n)), cycles, per_symbol_cycles)
                 agree = agree and same
-                rows += [{"n_symbols": n, "mode": m, "cycle_s_median": statistics.median(t), "cycle_s_min": min(t),
-                          "cycles": len(t)} for m, t in times.items()]
+                rows += [
+                    {"n_symbols": n, "mode": m, "cycle_s_median": statistics.median(t), "cycle_s_min": min(t), "cycles": len(t)}
+                    for m, t in times.items()
+                ]
             before = pool.pools_created
-            for _ in range(count_cycles): await runs["batched_pool"](full.take(slice(0, symbols[0])))
+            for _ in range(count_cycles):
+                await runs["batched_pool"](full.take(slice(0, symbols[0])))
             created = pool.pools_created - before
         starts = {m: await asyncio.to_thread(_start_seconds, pooled, model, m) for m in ("forkserver", "spawn")}
-    return {"results": rows, "pools_created_after_startup": created, "pool_start_s": starts,
-            **_summary(rows, settings, pooled, agree, count_cycles), "load_average": [load, os.getloadavg()[0]]}
+    return {
+        "results": rows,
+        "pools_created_after_startup": created,
+        "pool_start_s": starts,
+        **_summary(rows, settings, pooled, agree, count_cycles),
+        "load_average": [load, os.getloadavg()[0]],
+    }
 
+# %% ../../nbs/bench/28_analysis.ipynb #34d298ae
 def _start_seconds(settings: Settings, model: Path, start_method: str, repeats: int = 3) -> float:
     "Median seconds to start a pool (every worker up with the model loaded) and close it again."
     times = []
@@ -112,25 +144,28 @@ def _summary(rows: list[dict], settings: Settings, pooled: Settings, agree: bool
     t = {(r["n_symbols"], r["mode"]): r["cycle_s_median"] for r in rows}
     sizes = sorted({r["n_symbols"] for r in rows})
     default = ParallelAnalyzer(GlobalProcessPool(settings.pool), settings)  # not started: only asked for its policy
-    return {"speedup_batched_vs_pool_per_cycle": {n: t[n, "pool_per_cycle"] / t[n, "batched_pool"] for n in sizes},
-            "speedup_batched_vs_pool_per_symbol": {n: t[n, "pool_per_symbol"] / t[n, "batched_pool"] for n in sizes},
-            "speedup_batched_vs_in_process": {n: t[n, "in_process"] / t[n, "batched_pool"] for n in sizes},
-            "default_runs_in_process": {n: default.runs_in_process(n) for n in sizes},
-            "modes_agree": agree, "workers": pooled.pool.workers, "count_cycles": count_cycles,
-            "bars": {tf: settings.data.limit(tf) for tf in settings.data.timeframes}}
+    return {
+        "speedup_batched_vs_pool_per_cycle": {n: t[n, "pool_per_cycle"] / t[n, "batched_pool"] for n in sizes},
+        "speedup_batched_vs_pool_per_symbol": {n: t[n, "pool_per_symbol"] / t[n, "batched_pool"] for n in sizes},
+        "speedup_batched_vs_in_process": {n: t[n, "in_process"] / t[n, "batched_pool"] for n in sizes},
+        "default_runs_in_process": {n: default.runs_in_process(n) for n in sizes},
+        "modes_agree": agree,
+        "workers": pooled.pool.workers,
+        "count_cycles": count_cycles,
+        "bars": {tf: settings.data.limit(tf) for tf in settings.data.timeframes},
+    }
 
-# %% ../../nbs/bench/28_analysis.ipynb #d1a11afa
-def bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--symbols", default="50,200,500", help="comma-separated numbers of symbols")
-    p.add_argument("--cycles", type=int, default=5, help="timed cycles per mode and size (after one warm-up)")
-    p.add_argument("--count-cycles", type=int, default=100, help="batched cycles over which pool creations are counted")
-    p.add_argument("--workers", type=int, default=None, help="pool workers (default: one per core)")
-    p.add_argument("--model", type=Path, default=None, help="ONNX model (default: train a bootstrap model)")
-    p.add_argument("--per-symbol-cycles", type=int, default=1, help="timed cycles of the one-task-per-symbol mode")
-    p.add_argument("--seed", type=int, default=0)
-
-def run_bench(args: argparse.Namespace) -> dict:
-    sizes = tuple(int(x) for x in args.symbols.split(","))
-    settings = load_settings(args.config)
-    return asyncio.run(bench_analysis(sizes, args.cycles, args.count_cycles, args.workers, args.model, settings,
-                                      args.seed, args.per_symbol_cycles))
+# %% ../../nbs/bench/28_analysis.ipynb #1e7e245f
+def run(
+    symbols: Sequence[int] = (50, 200, 500),
+    cycles: int = 5,
+    count_cycles: int = 100,
+    workers: int | None = None,
+    model: Path | None = None,
+    per_symbol_cycles: int = 1,
+    seed: int = 0,
+    settings: Settings | None = None,
+) -> dict:
+    "`tradelab bench analysis`: every mode at every size, in one run (`bench_analysis`)."
+    settings = settings or load_settings(env={})
+    return asyncio.run(bench_analysis(tuple(symbols), cycles, count_cycles, workers, model, settings, seed, per_symbol_cycles))

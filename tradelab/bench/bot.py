@@ -18,20 +18,25 @@ from ..runner import demo_market, demo_settings
 from ..sim.server import SimServer
 
 # %% auto #0
-__all__ = ['lateness_ms', 'percentiles', 'two_tasks', 'one_task', 'measure', 'bench_arguments', 'run_bench']
+__all__ = ['lateness_ms', 'percentiles', 'two_tasks', 'one_task', 'measure', 'run']
 
 # %% ../../nbs/bench/52_bot.ipynb #6a2157e0
 def lateness_ms(started_ms, due_ms, speed: float) -> np.ndarray:
     "Real milliseconds between each due time and the start, for simulated times at `speed`."
     return (np.asarray(started_ms, np.float64) - np.asarray(due_ms, np.float64)) / speed
 
+
 def percentiles(x: np.ndarray) -> dict[str, float]:
     "p50, p99 and the maximum of `x`, rounded."
-    if not len(x): return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-    return {"p50": round(float(np.percentile(x, 50)), 3), "p99": round(float(np.percentile(x, 99)), 3),
-            "max": round(float(x.max()), 3)}
+    if not len(x):
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    return {
+        "p50": round(float(np.percentile(x, 50)), 3),
+        "p99": round(float(np.percentile(x, 99)), 3),
+        "max": round(float(x.max()), 3),
+    }
 
-# %% ../../nbs/bench/52_bot.ipynb #4b26ce17
+# %% ../../nbs/bench/52_bot.ipynb #baaa507f
 async def two_tasks(bot: TradingBot, end_ms: int) -> np.ndarray:
     "Run the bot's own loops until `end_ms`; (started, due) of every monitor tick."
     bot.start()
@@ -41,6 +46,7 @@ async def two_tasks(bot: TradingBot, end_ms: int) -> np.ndarray:
     started = np.array([r.started_ms for r in bot.monitor.history], np.int64)
     return np.stack([started, started // period * period])
 
+# %% ../../nbs/bench/52_bot.ipynb #c8936a73
 async def one_task(bot: TradingBot, end_ms: int) -> np.ndarray:
     "The baseline: one coroutine runs each due scan and monitor tick in turn; (started, due) of every monitor tick."
     clock, scan, monitor = bot.clock, bot.scan, bot.monitor
@@ -71,24 +77,34 @@ async def measure(schedule, symbols: int, minutes: float, speed: float, seed: in
                 await bot.scan_cycle()
                 started, due = await schedule(bot, clock.now_ms() + int(minutes * 60_000))
                 scans = [r.total_ms for r in bot.scan.history if r.ok]
-            finally: await bot.stop()
+            finally:
+                await bot.stop()
     late = lateness_ms(started, due, speed)
-    return {"monitor_ticks": len(late), "scans": len(scans), "scan_ms_mean": round(float(np.mean(scans)), 3),
-            "lateness_ms": percentiles(late)}
+    return {
+        "monitor_ticks": len(late),
+        "scans": len(scans),
+        "scan_ms_mean": round(float(np.mean(scans)), 3),
+        "lateness_ms": percentiles(late),
+    }
 
-# %% ../../nbs/bench/52_bot.ipynb #700349e4
-def bench_arguments(p) -> None:
-    p.add_argument("--symbols", type=int, default=40, help="synthetic symbols scanned (default 40)")
-    p.add_argument("--minutes", type=float, default=40, help="simulated minutes per run (default 40)")
-    p.add_argument("--speed", type=float, default=240, help="simulated seconds per real second (default 240)")
-    p.add_argument("--seed", type=int, default=7)
+# %% ../../nbs/bench/52_bot.ipynb #0f010cd1
+def _ratio(one: dict, two: dict, key: str) -> float | None:
+    "One task's lateness over the two tasks' at percentile `key` (None when the two tasks were never late)."
+    return round(one["lateness_ms"][key] / two["lateness_ms"][key], 2) if two["lateness_ms"][key] > 0 else None
 
-def run_bench(args) -> dict:
-    "Monitor lateness with the bot's two tasks against one task doing both in turn."
+# %% ../../nbs/bench/52_bot.ipynb #da0e1f5d
+def run(symbols: int = 40, minutes: float = 40.0, speed: float = 240.0, seed: int = 7) -> dict:
+    "`tradelab bench bot`: monitor lateness with the bot's two tasks against one task doing both in turn."
     t0 = time.perf_counter()
-    two = asyncio.run(measure(two_tasks, args.symbols, args.minutes, args.speed, args.seed))
-    one = asyncio.run(measure(one_task, args.symbols, args.minutes, args.speed, args.seed))
-    ratio = lambda k: round(one["lateness_ms"][k] / two["lateness_ms"][k], 2) if two["lateness_ms"][k] > 0 else None
-    return {"symbols": args.symbols, "minutes": args.minutes, "speed": args.speed, "two_tasks": two, "one_task": one,
-            "p99_ratio_one_over_two": ratio("p99"), "max_ratio_one_over_two": ratio("max"),
-            "wall_s": round(time.perf_counter() - t0, 2)}
+    two = asyncio.run(measure(two_tasks, symbols, minutes, speed, seed))
+    one = asyncio.run(measure(one_task, symbols, minutes, speed, seed))
+    return {
+        "symbols": symbols,
+        "minutes": minutes,
+        "speed": speed,
+        "two_tasks": two,
+        "one_task": one,
+        "p99_ratio_one_over_two": _ratio(one, two, "p99"),
+        "max_ratio_one_over_two": _ratio(one, two, "max"),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }

@@ -5,10 +5,10 @@
 # %% ../../nbs/bench/19_klines.ipynb #6fd9839d
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 from ..exchange.client import BinanceClient
 from ..data.buffers import NO_BAR, KlineBuffer
@@ -22,8 +22,8 @@ from ..sim.server import SimServer
 from ..sim.synthetic import synthetic_market
 
 # %% auto #0
-__all__ = ['Key', 'POLICIES', 'drive', 'FullRefetch', 'SeedTTL', 'Tradelab', 'Staleness', 'run_policy', 'bench_klines',
-           'bench_arguments', 'run_bench']
+__all__ = ['Key', 'POLICIES', 'drive', 'FullRefetch', 'SeedTTL', 'Tradelab', 'RefreshPolicy', 'Staleness', 'run_policy',
+           'bench_klines', 'run']
 
 # %% ../../nbs/bench/19_klines.ipynb #9a99bc06
 async def drive(clock: TestClock, work, governor: WeightGovernor, poll_s: float = 0.02):
@@ -31,22 +31,27 @@ async def drive(clock: TestClock, work, governor: WeightGovernor, poll_s: float 
     task = asyncio.ensure_future(work)
     while True:
         done, _ = await asyncio.wait({task}, timeout=poll_s)
-        if done: return task.result()
+        if done:
+            return task.result()
         wake = clock.next_wake_ms()
-        if wake is not None and not governor.stats().in_flight: clock.set_ms(max(wake, clock.now_ms()))
+        if wake is not None and not governor.stats().in_flight:
+            clock.set_ms(max(wake, clock.now_ms()))
 
-# %% ../../nbs/bench/19_klines.ipynb #7aef857e
+# %% ../../nbs/bench/19_klines.ipynb #429e1d5a
 Key = tuple[str, str]
 
+# %% ../../nbs/bench/19_klines.ipynb #0af3c1bd
 class FullRefetch:
     "Every series, every cycle: the newest `limit` bars."
+
     def __init__(self, settings: Settings, client: BinanceClient, clock, symbols: Sequence[str]):
         self.client, self.data = client, settings.data
         self.keys = [(s, tf) for s in symbols for tf in self.data.timeframes]
         self.last: dict[Key, int] = dict.fromkeys(self.keys, NO_BAR)
         self._sem = asyncio.Semaphore(self.data.max_concurrency)
 
-    def due(self, key: Key) -> bool: return True
+    def due(self, key: Key) -> bool:
+        return True
 
     async def _fetch(self, key: Key) -> None:
         async with self._sem:
@@ -54,32 +59,38 @@ class FullRefetch:
         self.store(key, k)
 
     def store(self, key: Key, k) -> None:
-        if len(k): self.last[key] = int(k.open_time[-1])
+        if len(k):
+            self.last[key] = int(k.open_time[-1])
 
     async def cycle(self) -> Mapping[Key, int]:
         await asyncio.gather(*(self._fetch(key) for key in self.keys if self.due(key)))
         return self.last
 
-# %% ../../nbs/bench/19_klines.ipynb #94a0d29b
+# %% ../../nbs/bench/19_klines.ipynb #5ae7d0c8
 class SeedTTL(FullRefetch):
     "The whole window of a series once its volatility-scaled TTL has run out."
+
     def __init__(self, settings: Settings, client: BinanceClient, clock, symbols: Sequence[str]):
         super().__init__(settings, client, clock, symbols)
         self.clock = clock
         self.bufs = {key: KlineBuffer(self.data.limit(key[1])) for key in self.keys}
         self.expires: dict[Key, int] = dict.fromkeys(self.keys, NO_BAR)
 
-    def due(self, key: Key) -> bool: return self.clock.now_ms() >= self.expires[key]
+    def due(self, key: Key) -> bool:
+        return self.clock.now_ms() >= self.expires[key]
 
     def store(self, key: Key, k) -> None:
         super().store(key, k)
         buf = self.bufs[key]
-        buf.clear(); buf.merge(k)
+        buf.clear()
+        buf.merge(k)
         ttl = volatility_ttl_s(buf.volatility(), self.data.ttl_floor_s, self.data.ttl_ceiling_s)
         self.expires[key] = self.clock.now_ms() + int(ttl * 1000)
 
+# %% ../../nbs/bench/19_klines.ipynb #ad8237e5
 class Tradelab:
     "`DataService.refresh` over the scan."
+
     def __init__(self, settings: Settings, client: BinanceClient, clock, symbols: Sequence[str]):
         self.svc, self.symbols = DataService(settings, client, clock), list(symbols)
 
@@ -87,13 +98,21 @@ class Tradelab:
         rep = await self.svc.refresh(self.symbols)
         return {(s.symbol, s.interval): s.last_open_ms for s in rep.series}
 
-POLICIES = {"full_refetch": FullRefetch, "seed_ttl": SeedTTL, "tradelab": Tradelab}
+# %% ../../nbs/bench/19_klines.ipynb #514fe94f
+class RefreshPolicy(Protocol):
+    "What the benchmark drives: one scan cycle's requests, as (symbol, interval) -> bars received."
+
+    async def cycle(self) -> Mapping[Key, int]: ...
+
+POLICIES: dict[str, Callable[..., RefreshPolicy]] = {"full_refetch": FullRefetch, "seed_ttl": SeedTTL, "tradelab": Tradelab}
 "Policy name -> class with `cycle()`."
 
 # %% ../../nbs/bench/19_klines.ipynb #a032e0ae
 class Staleness:
     "Worst delay between a bar's close and its arrival in a policy's cache, on the simulated clock."
+
     __slots__ = ("last", "step", "worst_ms")
+
     def __init__(self, keys: Sequence[Key]):
         self.last = dict.fromkeys(keys, NO_BAR)
         self.step, self.worst_ms = {k: interval_ms(k[1]) for k in keys}, 0
@@ -103,19 +122,27 @@ class Staleness:
         for key, last in held.items():
             prev, step = self.last[key], self.step[key]
             if last > prev:
-                if prev != NO_BAR: self.worst_ms = max(self.worst_ms, now_ms - (prev + 2 * step))
+                if prev != NO_BAR:
+                    self.worst_ms = max(self.worst_ms, now_ms - (prev + 2 * step))
                 self.last[key] = last
             newest = last_closed_open_ms(now_ms, key[1])
-            if self.last[key] < newest: self.worst_ms = max(self.worst_ms, now_ms - (self.last[key] + 2 * step))
+            if self.last[key] < newest:
+                self.worst_ms = max(self.worst_ms, now_ms - (self.last[key] + 2 * step))
 
-# %% ../../nbs/bench/19_klines.ipynb #f7d6546c
+# %% ../../nbs/bench/19_klines.ipynb #3111de0d
 def _settings_for(base: Settings, url: str) -> Settings:
     "`base` pointed at the simulator at `url`, without a warm cache."
-    return base.model_copy(update={"exchange": base.exchange.model_copy(update={"base_url": url}),
-                                   "data": base.data.model_copy(update={"cache_file": ""})})
+    return base.model_copy(
+        update={
+            "exchange": base.exchange.model_copy(update={"base_url": url}),
+            "data": base.data.model_copy(update={"cache_file": ""}),
+        }
+    )
 
-async def run_policy(name: str, market: MarketSource, settings: Settings, start_ms: int, cycles: int,
-                     cycle_s: float = 60.0) -> dict:
+# %% ../../nbs/bench/19_klines.ipynb #236ac9fb
+async def run_policy(
+    name: str, market: MarketSource, settings: Settings, start_ms: int, cycles: int, cycle_s: float = 60.0
+) -> dict:
     "Run policy `name` for `cycles` cycles from `start_ms`; its requests, weight, time, staleness and refusals."
     clock = TestClock(start_ms)
     async with SimServer(market, clock) as sim:
@@ -133,12 +160,22 @@ async def run_policy(name: str, market: MarketSource, settings: Settings, start_
                 per_cycle.append((st["requests"], st["weight"]))
             wall, gov = time.perf_counter() - t0, client.governor.stats()
     st = sim.stats()
-    return {"requests": st["requests"], "weight": st["weight"], "wall_s": round(wall, 3),
-            "max_staleness_s": stale.worst_ms / 1000, "http_429": st["status_429"], "http_418": st["status_418"],
-            "held_s": sum(held) / 1000, "max_cycle_s": max(held) / 1000, "governor_waits": gov.waits,
-            "governor_wait_s": round(gov.waited_s, 3), "max_used_weight_1m": gov.max_used_weight, "per_cycle": per_cycle}
+    return {
+        "requests": st["requests"],
+        "weight": st["weight"],
+        "wall_s": round(wall, 3),
+        "max_staleness_s": stale.worst_ms / 1000,
+        "http_429": st["status_429"],
+        "http_418": st["status_418"],
+        "held_s": sum(held) / 1000,
+        "max_cycle_s": max(held) / 1000,
+        "governor_waits": gov.waits,
+        "governor_wait_s": round(gov.waited_s, 3),
+        "max_used_weight_1m": gov.max_used_weight,
+        "per_cycle": per_cycle,
+    }
 
-# %% ../../nbs/bench/19_klines.ipynb #83f9b427
+# %% ../../nbs/bench/19_klines.ipynb #bdf8533c
 def _market_for(n_symbols: int, hours: float, settings: Settings, seed: int) -> tuple[MarketSource, int]:
     "A synthetic market and a start: the largest window behind it, `hours` ahead."
     history_ms = max(settings.data.limit(tf) * interval_ms(tf) for tf in settings.data.timeframes)
@@ -147,10 +184,18 @@ def _market_for(n_symbols: int, hours: float, settings: Settings, seed: int) -> 
     market = synthetic_market(n_symbols, days=(behind + hours * 3_600_000) / day + 1, seed=seed)
     return market, market.span_ms[0] + behind + int(settings.data.boundary_delay_s * 1000)
 
-async def bench_klines(n_symbols: int = 20, hours: float = 2.0, cycle_s: float = 60.0, seed: int = 0,
-                       settings: Settings | None = None, policies: Sequence[str] = tuple(POLICIES)) -> dict:
+# %% ../../nbs/bench/19_klines.ipynb #b79aec91
+async def bench_klines(
+    n_symbols: int = 20,
+    hours: float = 2.0,
+    cycle_s: float = 60.0,
+    seed: int = 0,
+    settings: Settings | None = None,
+    policies: Sequence[str] = tuple(POLICIES),
+) -> dict:
     "Requests, weight, wall time and staleness of each refresh policy over `hours` of `cycle_s` cycles."
-    if n_symbols < 1 or hours <= 0 or cycle_s <= 0: raise ConfigError("bench klines needs symbols >= 1, hours > 0, cycle > 0")
+    if n_symbols < 1 or hours <= 0 or cycle_s <= 0:
+        raise ConfigError("bench klines needs symbols >= 1, hours > 0, cycle > 0")
     if unknown := [p for p in policies if p not in POLICIES]:
         raise ConfigError(f"unknown policies {unknown}; known: {list(POLICIES)}")
     settings = settings or load_settings(env={})
@@ -159,25 +204,34 @@ async def bench_klines(n_symbols: int = 20, hours: float = 2.0, cycle_s: float =
     runs = {p: await run_policy(p, market, settings, start, cycles, cycle_s) for p in policies}
     base = runs.get("full_refetch")
     for r in runs.values():
-        if base: r["vs_full_refetch"] = {"requests_saved": round(1 - r["requests"] / base["requests"], 4),
-                                         "weight_saved": round(1 - r["weight"] / base["weight"], 4)}
-    return {"n_symbols": n_symbols, "timeframes": list(settings.data.timeframes), "simulated_hours": hours,
-            "cycle_s": cycle_s, "cycles": cycles, "staleness_bound_s": cycle_s + settings.data.boundary_delay_s,
-            "policies": runs}
+        if base:
+            r["vs_full_refetch"] = {
+                "requests_saved": round(1 - r["requests"] / base["requests"], 4),
+                "weight_saved": round(1 - r["weight"] / base["weight"], 4),
+            }
+    return {
+        "n_symbols": n_symbols,
+        "timeframes": list(settings.data.timeframes),
+        "simulated_hours": hours,
+        "cycle_s": cycle_s,
+        "cycles": cycles,
+        "staleness_bound_s": cycle_s + settings.data.boundary_delay_s,
+        "policies": runs,
+    }
 
-# %% ../../nbs/bench/19_klines.ipynb #37d960ba
-def bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--symbols", type=int, default=20, help="synthetic symbols (default 20)")
-    p.add_argument("--hours", type=float, default=6.0, help="simulated hours (default 6)")
-    p.add_argument("--cycle-s", type=float, default=60.0, help="seconds between scan cycles (default 60)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic market")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ", ".join(POLICIES))
-    p.add_argument("--per-cycle", action="store_true", help="keep the per-cycle counters in the result")
-
-def run_bench(args: argparse.Namespace) -> dict:
-    settings = load_settings(args.config)
-    out = asyncio.run(bench_klines(args.symbols, args.hours, args.cycle_s, args.seed, settings,
-                                   [p.strip() for p in args.policies.split(",") if p.strip()]))
-    if not args.per_cycle:
-        for r in out["policies"].values(): r.pop("per_cycle")
+# %% ../../nbs/bench/19_klines.ipynb #01e7ea18
+def run(
+    symbols: int = 20,
+    hours: float = 6.0,
+    cycle_s: float = 60.0,
+    seed: int = 0,
+    policies: Sequence[str] = tuple(POLICIES),
+    per_cycle: bool = False,
+    settings: Settings | None = None,
+) -> dict:
+    "`tradelab bench klines`: `bench_klines`, without the per-cycle counters unless `per_cycle`."
+    out = asyncio.run(bench_klines(symbols, hours, cycle_s, seed, settings, policies))
+    if not per_cycle:
+        for r in out["policies"].values():
+            r.pop("per_cycle")
     return out

@@ -5,11 +5,11 @@
 # %% ../../nbs/bench/39_virtual.ipynb #3fb89132
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import statistics
 import time
+from collections.abc import Sequence
 
 import aiohttp
 import numpy as np
@@ -24,43 +24,52 @@ from ..sim.synthetic import synthetic_market
 from ..trading.virtual import VirtualPositionManager
 
 # %% auto #0
-__all__ = ['measure_size', 'measure', 'bench_arguments', 'run_bench']
+__all__ = ['measure_size', 'measure', 'run']
 
-# %% ../../nbs/bench/39_virtual.ipynb #447429be
+# %% ../../nbs/bench/39_virtual.ipynb #380ef82f
 def _signals(symbols, prices, n: int) -> list[Signal]:
     "`n` signals, long and short on each symbol in turn, 2R targets; one in five with a 0.4 % stop, the rest 3 %."
-    features, out = np.zeros(1, np.float32), []
+    features = np.zeros(1, np.float32)
+    out: list[Signal] = []
     for sym, px in zip(symbols, prices, strict=True):
         for side in (Side.LONG, Side.SHORT):
             s, d = int(side), 0.004 if len(out) % 5 == 0 else 0.03
             out.append(Signal(sym, side, px, px * (1 - s * d), px * (1 + 2 * s * d), 0.5, features))
-            if len(out) == n: return out
+            if len(out) == n:
+                return out
     return out
 
+# %% ../../nbs/bench/39_virtual.ipynb #1ed8aec4
 def _market_symbols(n_positions: int, min_symbols: int = 400) -> int:
     "Symbols needed for `n_positions` at one per symbol and side, at least `min_symbols`."
     return max(min_symbols, -(-n_positions // 2))
 
-# %% ../../nbs/bench/39_virtual.ipynb #ff5777fd
-async def _per_position_update(http: aiohttp.ClientSession, url: str, positions: list[Position], now_ms: int,
-                               funding_rate: float) -> list[Position]:
+# %% ../../nbs/bench/39_virtual.ipynb #d3307efa
+async def _per_position_update(
+    http: aiohttp.ClientSession, url: str, positions: list[Position], now_ms: int, funding_rate: float
+) -> list[Position]:
     "The original loop: one price request per open position, then that position's update."
     closed = []
     for p in positions:
-        if not p.is_open: continue
+        if not p.is_open:
+            continue
         async with http.get(f"{url}/fapi/v1/ticker/price", params={"symbol": p.symbol}) as r:
             price = float((await r.json(content_type=None))["price"])
-        if p.update(price, now_ms, funding_rate=funding_rate) is not None: closed.append(p)
+        if p.update(price, now_ms, funding_rate=funding_rate) is not None:
+            closed.append(p)
     return closed
 
+# %% ../../nbs/bench/39_virtual.ipynb #a84029ff
 async def _warm(http: aiohttp.ClientSession, url: str) -> None:
     "One untimed all-prices request: the simulator builds this minute's price table."
-    async with http.get(f"{url}/fapi/v2/ticker/price") as r: await r.read()
+    async with http.get(f"{url}/fapi/v2/ticker/price") as r:
+        await r.read()
 
 # %% ../../nbs/bench/39_virtual.ipynb #495dca6f
 async def _replenish(vpm: VirtualPositionManager, loose: list[Position], closed: list[Position], client) -> None:
     "Open a fresh position for each closed one (same symbol and side, current price), in both books."
-    if not closed: return
+    if not closed:
+        return
     snap = await client.all_prices()
     signals = []
     for p in closed:
@@ -68,9 +77,9 @@ async def _replenish(vpm: VirtualPositionManager, loose: list[Position], closed:
         d = abs(p.entry - p.stop) / p.entry
         signals.append(Signal(p.symbol, p.side, px, px * (1 - s * d), px * (1 + 2 * s * d), 0.5, p.features))
     for i in range(0, len(signals), 1000):
-        loose += [Position.from_dict(q.to_dict()) for q in await vpm.open_signals(signals[i:i + 1000])]
+        loose += [Position.from_dict(q.to_dict()) for q in await vpm.open_signals(signals[i : i + 1000])]
 
-# %% ../../nbs/bench/39_virtual.ipynb #6154bb0e
+# %% ../../nbs/bench/39_virtual.ipynb #a66de991
 async def _tick(sim, http, client, vpm, loose, cap: int, now: int, rate: float) -> dict:
     "One tick: the batch update and the per-position loop (over `loose[:cap]`) on the same prices."
     open_now, before = len(vpm), sim.stats()["requests"]
@@ -82,29 +91,43 @@ async def _tick(sim, http, client, vpm, loose, cap: int, now: int, rate: float) 
     t = time.perf_counter()
     closed_loop = await _per_position_update(http, sim.url, sample, now, rate)
     loop_s, loop_req = time.perf_counter() - t, sim.stats()["requests"] - before
-    return {"open": open_now, "batch_s": batch_s, "batch_requests": batch_req, "pass_s": vpm.stats.last_update_s,
-            "loop_s": loop_s, "loop_requests": loop_req, "closed_batch": closed_batch, "closed_loop": closed_loop,
-            "sampled": {p.id for p in sample}}
+    return {
+        "open": open_now,
+        "batch_s": batch_s,
+        "batch_requests": batch_req,
+        "pass_s": vpm.stats.last_update_s,
+        "loop_s": loop_s,
+        "loop_requests": loop_req,
+        "closed_batch": closed_batch,
+        "closed_loop": closed_loop,
+        "sampled": {p.id for p in sample},
+    }
 
+# %% ../../nbs/bench/39_virtual.ipynb #84abe09b
 def _same_closes(batch: list[Position], loop: list[Position], sampled_ids: set[str]) -> bool:
     "Both modes closed the same positions (within the sample) for the same reasons at the same prices."
     key = lambda ps: sorted((p.id, p.exit_reason, round(p.exit_price, 9)) for p in ps)
     return key([p for p in batch if p.id in sampled_ids]) == key(loop)
 
 # %% ../../nbs/bench/39_virtual.ipynb #d2e22400
-async def measure_size(n: int, *, updates: int = 5, per_position_cap: int = 20_000, seed: int = 0,
-                       min_symbols: int = 400) -> list[dict]:
+async def measure_size(
+    n: int, *, updates: int = 5, per_position_cap: int = 20_000, seed: int = 0, min_symbols: int = 400
+) -> list[dict]:
     "Both modes for `n` open virtual positions; one result row per mode."
     market = synthetic_market(_market_symbols(n, min_symbols), 0.01 + updates * 300 / 86_400, seed=seed)
     start = market.span_ms[0] + 10 * 60_000
     clock = TestClock(start)
     settings = Settings(trading=TradingSettings(max_trades=0, virtual_until=1000, funding_rate=0.0001))
-    async with SimServer(market, clock, weight_limit=10**9) as sim, aiohttp.ClientSession() as http, \
-            BinanceClient(ExchangeSettings(base_url=sim.url), clock) as client:
+    async with (
+        SimServer(market, clock, weight_limit=10**9) as sim,
+        aiohttp.ClientSession() as http,
+        BinanceClient(ExchangeSettings(base_url=sim.url), clock) as client,
+    ):
         snap = await client.all_prices()
         vpm = VirtualPositionManager(settings, clock)
         signals = _signals(snap.symbols, snap.prices, n)
-        for i in range(0, n, 1000): await vpm.open_signals(signals[i:i + 1000])   # as many scans would
+        for i in range(0, n, 1000):
+            await vpm.open_signals(signals[i : i + 1000])  # as many scans would
         loose = [Position.from_dict(p.to_dict()) for p in vpm.positions]
         cap = min(n, per_position_cap)
         ticks, agree = [], True
@@ -122,21 +145,41 @@ async def measure_size(n: int, *, updates: int = 5, per_position_cap: int = 20_0
 def _rows(n: int, n_symbols: int, cap: int, ticks: list[dict], agree: bool) -> list[dict]:
     med = lambda k: statistics.median(t[k] for t in ticks)
     scale = n / cap
-    batch = {"positions": n, "mode": "batch", "update_s_median": med("batch_s"), "requests_per_update": med("batch_requests"),
-             "weight_per_update": 2 * med("batch_requests"), "vector_pass_s_median": med("pass_s"),
-             "open_median": med("open"), "symbols": n_symbols,
-             "updates": len(ticks), "closed": sum(len(t["closed_batch"]) for t in ticks), "extrapolated": False}
-    loop = {"positions": n, "mode": "per_position", "update_s_median": med("loop_s") * scale,
-            "requests_per_update": round(med("loop_requests") * scale), "weight_per_update": round(med("loop_requests") * scale),
-            "open_median": med("open"), "symbols": n_symbols, "updates": len(ticks),
-            "closed": sum(len(t["closed_loop"]) for t in ticks),
-            "extrapolated": cap < n, "measured_positions": cap, "same_closes_as_batch": agree}
-    if cap < n: loop["measured_update_s_median"] = med("loop_s")
+    batch = {
+        "positions": n,
+        "mode": "batch",
+        "update_s_median": med("batch_s"),
+        "requests_per_update": med("batch_requests"),
+        "weight_per_update": 2 * med("batch_requests"),
+        "vector_pass_s_median": med("pass_s"),
+        "open_median": med("open"),
+        "symbols": n_symbols,
+        "updates": len(ticks),
+        "closed": sum(len(t["closed_batch"]) for t in ticks),
+        "extrapolated": False,
+    }
+    loop = {
+        "positions": n,
+        "mode": "per_position",
+        "update_s_median": med("loop_s") * scale,
+        "requests_per_update": round(med("loop_requests") * scale),
+        "weight_per_update": round(med("loop_requests") * scale),
+        "open_median": med("open"),
+        "symbols": n_symbols,
+        "updates": len(ticks),
+        "closed": sum(len(t["closed_loop"]) for t in ticks),
+        "extrapolated": cap < n,
+        "measured_positions": cap,
+        "same_closes_as_batch": agree,
+    }
+    if cap < n:
+        loop["measured_update_s_median"] = med("loop_s")
     return [loop, batch]
 
-# %% ../../nbs/bench/39_virtual.ipynb #6e4c5900
-async def measure(sizes=(200, 2_000, 20_000), *, updates: int = 5, per_position_cap: int = 20_000, seed: int = 0,
-                  min_symbols: int = 400) -> dict:
+# %% ../../nbs/bench/39_virtual.ipynb #e5be8421
+async def measure(
+    sizes=(200, 2_000, 20_000), *, updates: int = 5, per_position_cap: int = 20_000, seed: int = 0, min_symbols: int = 400
+) -> dict:
     "The benchmark for each of `sizes`: rows, per-position / batch ratios, the 20,000-in-50-ms target."
     results = []
     for n in sizes:
@@ -144,22 +187,28 @@ async def measure(sizes=(200, 2_000, 20_000), *, updates: int = 5, per_position_
     by = {(r["positions"], r["mode"]): r for r in results}
     ratio = {str(n): by[n, "per_position"]["update_s_median"] / by[n, "batch"]["update_s_median"] for n in sizes}
     big = by.get((20_000, "batch"))
-    target = None if big is None else {"positions": 20_000, "limit_s": 0.05, "update_s_median": big["update_s_median"],
-                                       "met": big["update_s_median"] < 0.05 and big["requests_per_update"] == 1}
+    target = (
+        None
+        if big is None
+        else {
+            "positions": 20_000,
+            "limit_s": 0.05,
+            "update_s_median": big["update_s_median"],
+            "met": big["update_s_median"] < 0.05 and big["requests_per_update"] == 1,
+        }
+    )
     if not all(r.get("same_closes_as_batch", True) for r in results):
         raise AssertionError("the per-position loop and the batch update closed different positions")
-    return {"results": results, "per_position_over_batch": ratio, "target": target,
-            "notes": "HTTP on loopback to tradelab.sim.server in this process; the simulator's per-minute price table is built "
-                     "by an untimed request before each timed update; rows with extrapolated=true timed the per-position "
-                     "loop over measured_positions and scaled the time and requests by positions/measured_positions"}
+    return {
+        "results": results,
+        "per_position_over_batch": ratio,
+        "target": target,
+        "notes": "HTTP on loopback to tradelab.sim.server in this process; the simulator's per-minute price table is built "
+        "by an untimed request before each timed update; rows with extrapolated=true timed the per-position "
+        "loop over measured_positions and scaled the time and requests by positions/measured_positions",
+    }
 
-def bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default="200,2000,20000", help="open virtual positions, comma-separated")
-    p.add_argument("--updates", type=int, default=5, help="timed updates per size (median reported)")
-    p.add_argument("--per-position-cap", type=int, default=20_000,
-                   help="time the per-position loop over at most this many positions; larger sizes are extrapolated")
-    p.add_argument("--seed", type=int, default=0)
-
-def run_bench(args: argparse.Namespace) -> dict:
-    sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
-    return asyncio.run(measure(sizes, updates=args.updates, per_position_cap=args.per_position_cap, seed=args.seed))
+# %% ../../nbs/bench/39_virtual.ipynb #c6e23e8d
+def run(sizes: Sequence[int] = (200, 2_000, 20_000), updates: int = 5, per_position_cap: int = 20_000, seed: int = 0) -> dict:
+    "`tradelab bench virtual`: `measure` over `sizes`."
+    return asyncio.run(measure(tuple(sizes), updates=updates, per_position_cap=per_position_cap, seed=seed))

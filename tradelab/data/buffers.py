@@ -20,8 +20,8 @@ from ..errors import DataError, TradelabError
 from ..records import KLINE_COLUMNS, Klines
 
 # %% auto #0
-__all__ = ['NO_BAR', 'ANOMALIES', 'CACHE_FORMAT', 'CACHE_SCHEMA', 'KlineBuffer', 'clean_klines', 'first_gap', 'write_cache',
-           'read_cache']
+__all__ = ['NO_BAR', 'ANOMALIES', 'CACHE_FORMAT', 'CACHE_SCHEMA', 'BarColumns', 'overlay', 'high_volatility', 'KlineBuffer',
+           'clean_klines', 'first_gap', 'write_cache', 'read_cache']
 
 # %% ../../nbs/data/14_buffers.ipynb #7b7eb9fe
 NO_BAR = -1
@@ -29,64 +29,113 @@ NO_BAR = -1
 
 _VALUES = KLINE_COLUMNS[1:6]  # open, high, low, close, volume
 
+
 def _concat(a: Klines, b: Klines) -> Klines:
     return Klines(*(np.concatenate((getattr(a, c), getattr(b, c))) for c in KLINE_COLUMNS))
 
-# %% ../../nbs/data/14_buffers.ipynb #69131b29
+# %% ../../nbs/data/14_buffers.ipynb #8d68476f
+class BarColumns:
+    "Bars in preallocated columns, rows `lo:hi` in use: open and close times (int64), OHLCV as one float64 block."
+
+    __slots__ = ("open_time", "close_time", "values", "lo", "hi")
+
+    def __init__(self, capacity: int):
+        self.open_time, self.close_time = np.empty(capacity, np.int64), np.empty(capacity, np.int64)
+        self.values = np.empty((capacity, 5), np.float64)
+        self.lo = self.hi = 0
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def capacity(self) -> int:
+        return len(self.open_time)
+
+    def rows(self, n: int | None = None) -> Klines:
+        "Read-only views of the newest `n` rows in use (all by default), valid until the next write."
+        a, b = self.hi - (len(self) if n is None else max(0, min(n, len(self)))), self.hi
+        arrays = [self.open_time[a:b], *(self.values[a:b, j] for j in range(5)), self.close_time[a:b]]
+        for x in arrays:
+            x.flags.writeable = False
+        return Klines(*arrays)
+
+    def write(self, at: int, k: Klines, keep: int) -> None:
+        "Replace the rows from `at` on by the sorted bars `k`, keeping the newest `keep` rows; compact when full."
+        n = len(k)
+        if n >= keep:  # the new rows are all that is kept
+            k, at, self.lo, n = k[n - keep :], 0, 0, keep
+        elif at + n > self.capacity:  # compaction: the newest rows before `at` move to the front
+            start = max(self.lo, at + n - keep)
+            m = at - start
+            self.open_time[:m], self.close_time[:m], self.values[:m] = (
+                self.open_time[start:at],
+                self.close_time[start:at],
+                self.values[start:at],
+            )
+            self.lo, at = 0, m
+        self.open_time[at : at + n], self.close_time[at : at + n] = k.open_time, k.close_time
+        for j, c in enumerate(_VALUES):
+            self.values[at : at + n, j] = getattr(k, c)
+        self.hi = at + n
+        self.lo = max(self.lo, self.hi - keep)
+
+# %% ../../nbs/data/14_buffers.ipynb #c7c94d0c
+def overlay(tail: Klines, k: Klines) -> tuple[Klines, int]:
+    "The sorted rows that replace `tail` when `k` overlaps it (`k`'s copy of a bar wins), and how many bars of `k` are new."
+    old = ~np.isin(tail.open_time, k.open_time)
+    both = _concat(tail[old], k)
+    return both[np.argsort(both.open_time, kind="stable")], len(k) - (len(tail) - int(old.sum()))
+
+# %% ../../nbs/data/14_buffers.ipynb #d2a34e10
+def high_volatility(k: Klines) -> float:
+    "Sample standard deviation of the highs of `k` over its last close; NaN with fewer than two bars."
+    if len(k) < 2:
+        return math.nan
+    return float(np.std(k.high, ddof=1) / k.close[-1])
+
+# %% ../../nbs/data/14_buffers.ipynb #ab190e82
 class KlineBuffer:
     "Closed bars of one series in preallocated arrays: ascending, unique open times, the newest `keep` of them."
-    __slots__ = ("keep", "_ot", "_ct", "_v", "_lo", "_hi")
+
+    __slots__ = ("keep", "_cols")
 
     def __init__(self, keep: int, capacity: int | None = None):
-        if keep < 1: raise DataError(f"a kline buffer keeps at least one bar, got keep={keep}")
-        self.keep, self._lo, self._hi = int(keep), 0, 0
-        self._alloc(max(capacity or 2 * keep, keep + 1))
+        if keep < 1:
+            raise DataError(f"a kline buffer keeps at least one bar, got keep={keep}")
+        self.keep = int(keep)
+        self._cols = BarColumns(max(capacity or 2 * keep, keep + 1))
 
-    def _alloc(self, cap: int) -> None:
-        self._ot, self._ct, self._v = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty((cap, 5), np.float64)
+    def __len__(self):
+        return len(self._cols)
 
-    def __len__(self): return self._hi - self._lo
     @property
-    def capacity(self) -> int: return len(self._ot)
+    def capacity(self) -> int:
+        return self._cols.capacity
+
     @property
-    def last_open(self) -> int: return int(self._ot[self._hi - 1]) if self._hi > self._lo else NO_BAR
+    def last_open(self) -> int:
+        return int(self._cols.open_time[self._cols.hi - 1]) if len(self) else NO_BAR
+
     def __repr__(self):
-        span = f"open_time {self._ot[self._lo]}..{self.last_open}" if len(self) else "empty"
+        span = f"open_time {self._cols.open_time[self._cols.lo]}..{self.last_open}" if len(self) else "empty"
         return f"KlineBuffer({len(self)} of {self.keep} bars, {span})"
 
     def merge(self, k: Klines) -> int:
         "Add the ascending, unique bars `k` (a bar already held is replaced by its copy in `k`); the number of new bars."
-        if not len(k): return 0
-        lo, hi = self._lo, self._hi
-        p = lo + int(np.searchsorted(self._ot[lo:hi], k.open_time[0]))
-        if p == hi: self._write(hi, k); return len(k)
-        tail = self.view()[p - lo:]
-        old = ~np.isin(tail.open_time, k.open_time)
-        both = _concat(tail[old], k)
-        self._write(p, both[np.argsort(both.open_time, kind="stable")])
-        return len(k) - (hi - p - int(old.sum()))
-
-    def _write(self, at: int, k: Klines) -> None:
-        "Replace everything from position `at` on by the sorted rows `k`, compacting when the arrays are full."
-        n = len(k)
-        if n >= self.keep:                                  # the new rows are all that is kept
-            k, at, self._lo, n = k[n - self.keep:], 0, 0, self.keep
-        elif at + n > self.capacity:                        # compaction: the newest rows before `at` move to the front
-            start = max(self._lo, at + n - self.keep)
-            m = at - start
-            self._ot[:m], self._ct[:m], self._v[:m] = self._ot[start:at], self._ct[start:at], self._v[start:at]
-            self._lo, at = 0, m
-        self._ot[at:at + n], self._ct[at:at + n] = k.open_time, k.close_time
-        for j, c in enumerate(_VALUES): self._v[at:at + n, j] = getattr(k, c)
-        self._hi = at + n
-        self._lo = max(self._lo, self._hi - self.keep)
+        if not len(k):
+            return 0
+        c = self._cols
+        p = c.lo + int(np.searchsorted(c.open_time[c.lo : c.hi], k.open_time[0]))
+        if p == c.hi:
+            c.write(p, k, self.keep)
+            return len(k)
+        rows, new = overlay(c.rows()[p - c.lo :], k)
+        c.write(p, rows, self.keep)
+        return new
 
     def view(self, n: int | None = None) -> Klines:
         "Read-only views of the newest `n` bars (all by default), valid until the next write."
-        a = self._hi - (len(self) if n is None else max(0, min(n, len(self))))
-        arrays = [self._ot[a:self._hi], *(self._v[a:self._hi, j] for j in range(5)), self._ct[a:self._hi]]
-        for x in arrays: x.flags.writeable = False
-        return Klines(*arrays)
+        return self._cols.rows(n)
 
     def klines(self, n: int | None = None) -> Klines:
         "Copies of the newest `n` bars (all by default)."
@@ -94,31 +143,34 @@ class KlineBuffer:
 
     def grow(self, keep: int) -> None:
         "Keep up to `keep` bars from now on (held bars stay)."
-        if keep <= self.keep: return
+        if keep <= self.keep:
+            return
         k = self.klines()
-        self.keep, self._lo, self._hi = int(keep), 0, 0
-        self._alloc(max(2 * keep, keep + 1))
-        self._write(0, k)
+        self.keep, self._cols = int(keep), BarColumns(max(2 * keep, keep + 1))
+        self._cols.write(0, k, self.keep)
 
-    def clear(self) -> None: self._lo = self._hi = 0
+    def clear(self) -> None:
+        self._cols.lo = self._cols.hi = 0
 
     def volatility(self, n: int = 20) -> float:
-        "Sample standard deviation of the last `n` highs over the last close; NaN with fewer than two bars."
-        if len(self) < 2: return math.nan
-        highs = self._v[max(self._lo, self._hi - n):self._hi, 1]
-        return float(np.std(highs, ddof=1) / self._v[self._hi - 1, 3])
+        "Sample standard deviation of the last `n` highs over the last close (`high_volatility`); NaN with fewer than two bars."
+        return high_volatility(self.view(n))
 
-# %% ../../nbs/data/14_buffers.ipynb #3c05bf7a
+# %% ../../nbs/data/14_buffers.ipynb #13d0930e
 ANOMALIES = ("forming", "off_grid", "out_of_order", "duplicate", "missing")
 "Kinds of trouble a kline response can carry."
 
+# %% ../../nbs/data/14_buffers.ipynb #80bf296e
 def clean_klines(k: Klines, step_ms: int, now_ms: int) -> tuple[Klines, dict[str, int]]:
     "Closed, on-grid bars of `k`, ascending, one per open time (the last copy wins), and counts of what was wrong."
     found: dict[str, int] = {}
+
     def drop(bad: np.ndarray, kind: str) -> Klines:
-        if not bad.any(): return k
+        if not bad.any():
+            return k
         found[kind] = int(bad.sum())
         return k[~bad]
+
     k = drop(k.close_time >= now_ms, "forming")
     k = drop((k.open_time % step_ms != 0) | (k.close_time != k.open_time + step_ms - 1), "off_grid")
     if len(k) > 1 and (np.diff(k.open_time) < 0).any():
@@ -127,28 +179,40 @@ def clean_klines(k: Klines, step_ms: int, now_ms: int) -> tuple[Klines, dict[str
     if len(k) > 1:
         k = drop(np.r_[k.open_time[1:] == k.open_time[:-1], False], "duplicate")
         gaps = np.diff(k.open_time) // step_ms - 1
-        if gaps.any(): found["missing"] = int(gaps.sum())
+        if gaps.any():
+            found["missing"] = int(gaps.sum())
     return k, found
 
+# %% ../../nbs/data/14_buffers.ipynb #5b86f3b4
 def first_gap(k: Klines, step_ms: int, after_ms: int) -> int:
     "Open time of the first bar missing between the bars of `k`, at or after `after_ms`; NO_BAR if none."
     t = k.open_time
     i = np.flatnonzero((np.diff(t) > step_ms) & (t[:-1] + step_ms >= after_ms))
     return int(t[i[0]] + step_ms) if len(i) else NO_BAR
 
-# %% ../../nbs/data/14_buffers.ipynb #eecd73e9
+# %% ../../nbs/data/14_buffers.ipynb #661e1ddd
 CACHE_FORMAT = 1
 _CACHE_META = b"tradelab.kline_cache"
-CACHE_SCHEMA = pa.schema([("symbol", pa.string()), ("interval", pa.string()), ("open_time", pa.int64()),
-                          *((c, pa.float64()) for c in _VALUES), ("close_time", pa.int64())])
+CACHE_SCHEMA = pa.schema(
+    [
+        ("symbol", pa.string()),
+        ("interval", pa.string()),
+        ("open_time", pa.int64()),
+        *((c, pa.float64()) for c in _VALUES),
+        ("close_time", pa.int64()),
+    ]
+)
 "Columns of the warm cache file."
 
+# %% ../../nbs/data/14_buffers.ipynb #300ff03a
 def write_cache(path: Path, series: Mapping[tuple[str, str], Klines], saved_ms: int) -> int:
     "Write `series` to `path` atomically (temporary file, fsync, rename); the number of bars written."
     keys = [key for key, k in series.items() if len(k)]
     sizes = [len(series[key]) for key in keys]
+
     def col(c: str, dtype) -> np.ndarray:
         return np.concatenate([getattr(series[key], c) for key in keys]) if keys else np.empty(0, dtype)
+
     arrays = [pa.array(np.repeat(np.array([key[i] for key in keys], dtype=object), sizes), pa.string()) for i in (0, 1)]
     arrays += [pa.array(col(c, np.int64 if c.endswith("time") else np.float64)) for c in KLINE_COLUMNS]
     meta = {_CACHE_META: json.dumps({"format": CACHE_FORMAT, "saved_ms": int(saved_ms)}).encode()}
@@ -157,34 +221,47 @@ def write_cache(path: Path, series: Mapping[tuple[str, str], Klines], saved_ms: 
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         pq.write_table(table, f)
-        f.flush(); os.fsync(f.fileno())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     return table.num_rows
 
-# %% ../../nbs/data/14_buffers.ipynb #ef5c582f
+# %% ../../nbs/data/14_buffers.ipynb #1b857689
 def _check_series(key: tuple[str, str], k: Klines) -> None:
-    try: step = interval_ms(key[1])
-    except TradelabError as e: raise DataError(f"series {key[0]} {key[1]}: {e}") from None
+    try:
+        step = interval_ms(key[1])
+    except TradelabError as e:
+        raise DataError(f"series {key[0]} {key[1]}: {e}") from None
     t = k.open_time
     if (np.diff(t) <= 0).any() or (t % step).any() or (k.close_time != t + step - 1).any() or not np.isfinite(k.close).all():
         raise DataError(f"series {key[0]} {key[1]}: open times not ascending on the {key[1]} grid, or bad close times/prices")
 
+# %% ../../nbs/data/14_buffers.ipynb #1a88950b
 def read_cache(path: Path) -> tuple[int, dict[tuple[str, str], Klines]] | None:
     "(save time in ms, series) from a warm cache file; None if there is no file; `DataError` if it is not a valid one."
-    if not path.exists(): return None
-    try: t = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e: raise DataError(f"not a readable Parquet file ({e})") from None
-    if not t.schema.remove_metadata().equals(CACHE_SCHEMA): raise DataError(f"unexpected columns {t.schema.names}")
-    try: meta = json.loads((t.schema.metadata or {})[_CACHE_META]); saved_ms = int(meta["saved_ms"])
-    except (KeyError, TypeError, ValueError) as e: raise DataError(f"no tradelab cache metadata ({e!r})") from None
-    if meta.get("format") != CACHE_FORMAT: raise DataError(f"cache format {meta.get('format')}, expected {CACHE_FORMAT}")
+    if not path.exists():
+        return None
+    try:
+        t = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"not a readable Parquet file ({e})") from None
+    if not t.schema.remove_metadata().equals(CACHE_SCHEMA):
+        raise DataError(f"unexpected columns {t.schema.names}")
+    try:
+        meta = json.loads((t.schema.metadata or {})[_CACHE_META])
+        saved_ms = int(meta["saved_ms"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"no tradelab cache metadata ({e!r})") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"cache format {meta.get('format')}, expected {CACHE_FORMAT}")
     sym, iv = (t.column(c).to_numpy(zero_copy_only=False) for c in ("symbol", "interval"))
     cols = [t.column(c).to_numpy() for c in KLINE_COLUMNS]
     edges = np.r_[0, np.flatnonzero((sym[1:] != sym[:-1]) | (iv[1:] != iv[:-1])) + 1, len(sym)]
     series: dict[tuple[str, str], Klines] = {}
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         key = (str(sym[a]), str(iv[a]))
-        if key in series: raise DataError(f"series {key[0]} {key[1]} appears twice")
+        if key in series:
+            raise DataError(f"series {key[0]} {key[1]} appears twice")
         series[key] = Klines(*(c[a:b] for c in cols))
         _check_series(key, series[key])
     return saved_ms, series

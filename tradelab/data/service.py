@@ -7,41 +7,48 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from ..exchange.client import BinanceClient
 from .buffers import NO_BAR, KlineBuffer, clean_klines, first_gap, read_cache, write_cache
 from ..clock import Clock, interval_ms, last_closed_open_ms
-from ..config import Settings
+from ..config import DataSettings, Settings
 from ..errors import DataError, TradelabError
 from ..exchange.governor import kline_weight
 from ..records import Klines, AnalysisBatch, SeriesBatch
 
 # %% auto #0
 __all__ = ['log', 'INCREMENTAL_LIMIT', 'expected_open_ms', 'volatility_ttl_s', 'Due', 'SeriesState', 'due_reason', 'plan_refresh',
-           'FetchPlan', 'plan_fetch', 'SeriesFreshness', 'RefreshReport', 'store_answer', 'DataService']
+           'FetchPlan', 'plan_fetch', 'series_plan', 'SeriesFreshness', 'RefreshReport', 'freshness', 'series_outcome',
+           'store_answer', 'AnomalyNotes', 'SharedTasks', 'KlineFetcher', 'bridgeable', 'restore', 'WarmCache',
+           'SeriesBook', 'MarketView', 'DataService']
 
 # %% ../../nbs/data/15_service.ipynb #8a81e23c
 log = logging.getLogger(__name__)
 
-# %% ../../nbs/data/15_service.ipynb #2330cf02
+# %% ../../nbs/data/15_service.ipynb #2aaddf02
 def expected_open_ms(now_ms: int, interval: str, delay_ms: int) -> int:
     "Open time of the newest bar a series should hold at `now_ms`: the one closed at least `delay_ms` ago."
     return last_closed_open_ms(now_ms - delay_ms, interval)
 
+# %% ../../nbs/data/15_service.ipynb #fd044e25
 def volatility_ttl_s(vol: float, floor_s: float, ceiling_s: float) -> float:
     "The original plan's recheck bound `max(floor, ceiling * (1 - min(vol, 0.1)))`; the ceiling if `vol` is unknown."
     return ceiling_s if not math.isfinite(vol) else max(floor_s, ceiling_s * (1 - min(vol, 0.1)))
 
+# %% ../../nbs/data/15_service.ipynb #f271879d
 class Due(enum.Enum):
     "Why a series is (or is not) requested in a cycle."
+
     FIRST = "first fetch"
     BAR_CLOSED = "bar closed"
     LATE = "expected bar late"
@@ -53,50 +60,61 @@ class Due(enum.Enum):
         "Due because of what the bar boundaries say (not only the TTL)."
         return self in (Due.FIRST, Due.BAR_CLOSED, Due.LATE)
 
-# %% ../../nbs/data/15_service.ipynb #85f838c8
+# %% ../../nbs/data/15_service.ipynb #96ad3635
 class SeriesState:
     "What the service knows about one (symbol, interval) series: its bars and when it last asked."
+
     __slots__ = ("symbol", "interval", "step_ms", "buf", "checked_ms", "ttl_ms", "filled", "hole_ms")
 
     def __init__(self, symbol: str, interval: str, keep: int, ttl_ms: int = 300_000):
         self.symbol, self.interval, self.step_ms = symbol, interval, interval_ms(interval)
         self.buf, self.checked_ms, self.ttl_ms = KlineBuffer(keep), NO_BAR, ttl_ms
-        self.filled, self.hole_ms = 0, NO_BAR   # limit of the last whole fetch; first bar of a hole to re-read
+        self.filled, self.hole_ms = 0, NO_BAR  # limit of the last whole fetch; first bar of a hole to re-read
 
     @property
-    def key(self) -> tuple[str, str]: return self.symbol, self.interval
-    def __repr__(self): return f"SeriesState({self.symbol} {self.interval}, {self.buf!r}, checked_ms={self.checked_ms})"
+    def key(self) -> tuple[str, str]:
+        return self.symbol, self.interval
 
+    def __repr__(self):
+        return f"SeriesState({self.symbol} {self.interval}, {self.buf!r}, checked_ms={self.checked_ms})"
+
+# %% ../../nbs/data/15_service.ipynb #b28c772a
 def due_reason(st: SeriesState, now_ms: int, delay_ms: int, verified_ms: int = NO_BAR) -> Due:
     "Why `st` must be requested at `now_ms` (`Due.NO`: it need not be). `verified_ms`: its symbol's last answer."
-    if st.filled < st.buf.keep: return Due.FIRST
+    if st.filled < st.buf.keep:
+        return Due.FIRST
     expected = expected_open_ms(now_ms, st.interval, delay_ms)
     if st.buf.last_open < expected:
         return Due.LATE if st.checked_ms >= expected + st.step_ms + delay_ms else Due.BAR_CLOSED
     return Due.TTL if now_ms - max(st.checked_ms, verified_ms) >= st.ttl_ms else Due.NO
 
 # %% ../../nbs/data/15_service.ipynb #573f1cd6
-def plan_refresh(states: Iterable[SeriesState], now_ms: int, delay_ms: int,
-                 verified: Mapping[str, int]) -> list[tuple[SeriesState, Due]]:
+def plan_refresh(
+    states: Iterable[SeriesState], now_ms: int, delay_ms: int, verified: Mapping[str, int]
+) -> list[tuple[SeriesState, Due]]:
     "The series a cycle requests and why; a symbol asked for anyway needs no TTL-only request."
     reasons = [(st, due_reason(st, now_ms, delay_ms, verified.get(st.symbol, NO_BAR))) for st in states]
     asked = {st.symbol for st, d in reasons if d.boundary}
     return [(st, d) for st, d in reasons if d.boundary or (d is Due.TTL and st.symbol not in asked)]
 
-# %% ../../nbs/data/15_service.ipynb #f278a1fc
+# %% ../../nbs/data/15_service.ipynb #d5d2c4d1
 INCREMENTAL_LIMIT = 99
 "Bars asked for by an incremental request: the most that still costs weight 1."
 
+# %% ../../nbs/data/15_service.ipynb #a2d6e3bb
 @dataclass(frozen=True, slots=True)
 class FetchPlan:
     "One klines request: from `since_ms`, up to `limit` bars; `whole` replaces the buffer."
+
     since_ms: int
     limit: int
     whole: bool
 
     @property
-    def weight(self) -> int: return kline_weight(self.limit)
+    def weight(self) -> int:
+        return kline_weight(self.limit)
 
+# %% ../../nbs/data/15_service.ipynb #db9ecf14
 def plan_fetch(last_open: int, expected_open: int, step_ms: int, keep: int, hole_ms: int = NO_BAR) -> FetchPlan:
     "The request that brings a series holding bars up to `last_open` (NO_BAR: none) to `expected_open`."
     first = last_open + step_ms if hole_ms == NO_BAR else min(hole_ms, last_open + step_ms)
@@ -105,10 +123,17 @@ def plan_fetch(last_open: int, expected_open: int, step_ms: int, keep: int, hole
         return FetchPlan(expected_open - (keep - 1) * step_ms, keep, True)
     return FetchPlan(first, max(INCREMENTAL_LIMIT, missing), False)
 
-# %% ../../nbs/data/15_service.ipynb #a0ba0fdc
+# %% ../../nbs/data/15_service.ipynb #42101404
+def series_plan(st: SeriesState, expected_open: int) -> FetchPlan:
+    "The request that brings `st` up to `expected_open`; a series never filled to its limit is fetched whole."
+    last = st.buf.last_open if st.filled >= st.buf.keep else NO_BAR
+    return plan_fetch(last, expected_open, st.step_ms, st.buf.keep, st.hole_ms)
+
+# %% ../../nbs/data/15_service.ipynb #44c053e4
 @dataclass(frozen=True, slots=True)
 class SeriesFreshness:
     "How fresh one series is (times in ms on the exchange's clock)."
+
     symbol: str
     interval: str
     last_open_ms: int
@@ -120,218 +145,400 @@ class SeriesFreshness:
     checked_ms: int
     error: str | None = None
 
+# %% ../../nbs/data/15_service.ipynb #730c71c0
 @dataclass(frozen=True, slots=True)
 class RefreshReport:
     "Freshness of every series of a scan, and the requests and weight the refresh sent."
+
     now_ms: int
     series: tuple[SeriesFreshness, ...]
     requests: int
     weight: int
 
     @property
-    def fetched(self) -> int: return sum(s.fetched for s in self.series)
+    def fetched(self) -> int:
+        return sum(s.fetched for s in self.series)
+
     @property
-    def rows_added(self) -> int: return sum(s.rows_added for s in self.series)
+    def rows_added(self) -> int:
+        return sum(s.rows_added for s in self.series)
+
     @property
-    def stale(self) -> tuple[SeriesFreshness, ...]: return tuple(s for s in self.series if not s.fresh)
+    def stale(self) -> tuple[SeriesFreshness, ...]:
+        return tuple(s for s in self.series if not s.fresh)
+
     def to_frame(self) -> pd.DataFrame:
         "One row per series."
         return pd.DataFrame([{f: getattr(s, f) for f in SeriesFreshness.__slots__} for s in self.series])
+
     def __repr__(self):
         n, got = len(self.series), self.fetched
-        return (f"RefreshReport({n} series: {got} fetched, {n - got} skipped, {len(self.stale)} not fresh, "
-                f"{self.rows_added} bars added; {self.requests} requests, weight {self.weight})")
+        return (
+            f"RefreshReport({n} series: {got} fetched, {n - got} skipped, {len(self.stale)} not fresh, "
+            f"{self.rows_added} bars added; {self.requests} requests, weight {self.weight})"
+        )
+
+# %% ../../nbs/data/15_service.ipynb #a474331d
+def freshness(
+    st: SeriesState,
+    now_ms: int,
+    delay_ms: int,
+    due: Due = Due.NO,
+    fetched: bool = False,
+    added: int = 0,
+    error: str | None = None,
+) -> SeriesFreshness:
+    "How fresh `st` is at `now_ms`: fresh when no request failed and it holds the newest bar closed `delay_ms` ago."
+    last = st.buf.last_open
+    age = (now_ms - last - st.step_ms) / 1000 if last != NO_BAR else math.inf
+    fresh = error is None and last >= expected_open_ms(now_ms, st.interval, delay_ms)
+    return SeriesFreshness(st.symbol, st.interval, last, age, due, fetched, added, fresh, st.checked_ms, error)
+
+# %% ../../nbs/data/15_service.ipynb #3c9a65f6
+def series_outcome(st: SeriesState, now_ms: int, delay_ms: int, due: Due, result: object) -> SeriesFreshness:
+    "The freshness a refresh reports for `st` from its request's result (a freshness, an error, or None: not asked)."
+    if isinstance(result, SeriesFreshness):
+        return result
+    if isinstance(result, TradelabError):
+        return freshness(st, now_ms, delay_ms, due, error=f"{type(result).__name__}: {result}")
+    if isinstance(result, BaseException):
+        raise result
+    return freshness(st, now_ms, delay_ms, due)
 
 # %% ../../nbs/data/15_service.ipynb #729c5154
 def store_answer(st: SeriesState, k: Klines, plan: FetchPlan, now_ms: int) -> tuple[int, dict[str, int]]:
     "Clean the answer `k` to `plan` and write it into `st`; (bars added, anomalies found)."
     k, found = clean_klines(k, st.step_ms, now_ms)
-    if plan.whole: st.buf.clear(); st.filled = st.buf.keep
+    if plan.whole:
+        st.buf.clear()
+        st.filled = st.buf.keep
     elif len(k) and k.open_time[0] > plan.since_ms:
         found["missing"] = found.get("missing", 0) + int(k.open_time[0] - plan.since_ms) // st.step_ms
     added = st.buf.merge(k)
     hole = first_gap(st.buf.view(), st.step_ms, plan.since_ms)
-    if hole != NO_BAR and hole == st.hole_ms:            # re-read once already: the exchange has no such bar
+    if hole != NO_BAR and hole == st.hole_ms:  # re-read once already: the exchange has no such bar
         hole = first_gap(st.buf.view(), st.step_ms, hole + st.step_ms)
     st.hole_ms = hole
     return added, found
 
-# %% ../../nbs/data/15_service.ipynb #281a17f4
-_TEXT = {"forming": "{n} bar(s) still forming in the answer; not stored",
-         "off_grid": "{n} bar(s) off the interval grid; dropped",
-         "out_of_order": "bars out of order in the answer; sorted",
-         "duplicate": "{n} duplicated bar(s) in the answer; the last copy kept",
-         "missing": "{n} bar(s) missing from the answer; the hole is re-read once",
-         "late": "the newest closed bar has not arrived; asked again every cycle until it does"}
+# %% ../../nbs/data/15_service.ipynb #9301f53d
+_TEXT = {
+    "forming": "{n} bar(s) still forming in the answer; not stored",
+    "off_grid": "{n} bar(s) off the interval grid; dropped",
+    "out_of_order": "bars out of order in the answer; sorted",
+    "duplicate": "{n} duplicated bar(s) in the answer; the last copy kept",
+    "missing": "{n} bar(s) missing from the answer; the hole is re-read once",
+    "late": "the newest closed bar has not arrived; asked again every cycle until it does",
+}
 
-def _raise_first(out: Mapping[tuple[str, str], tuple[Due, object]]) -> None:
-    "Raise the first exception among the results of `_bring_up`, noting which series it belongs to."
-    for (symbol, interval), (_, r) in out.items():
-        if isinstance(r, BaseException):
-            r.add_note(f"while fetching {symbol} {interval} klines")
-            raise r
+# %% ../../nbs/data/15_service.ipynb #5dd2996e
+class AnomalyNotes:
+    "Counts of what went wrong, by kind; each kind is logged once per series, then only counted."
 
-class DataService:
-    "Closed klines of many series in numpy buffers, refreshed when a bar can have closed; the one writer of market data."
-
-    def __init__(self, settings: Settings, client: BinanceClient, clock: Clock):
-        self.settings, self.data, self.client, self.clock = settings, settings.data, client, clock
-        self._delay_ms = int(self.data.boundary_delay_s * 1000)
-        self._series: dict[tuple[str, str], SeriesState] = {}
-        self._inflight: dict[tuple[str, str], asyncio.Task] = {}
-        self._verified: dict[str, int] = {}
-        self._sem = asyncio.Semaphore(self.data.max_concurrency)
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
         self._logged: set[tuple[str, str, str]] = set()
-        self.anomalies: Counter[str] = Counter()
+
+    def note(self, st: SeriesState, kind: str, n: int = 1, text: str | None = None) -> None:
+        "Count `n` of `kind` for `st`; log it the first time it happens to this series."
+        self.counts[kind] += n
+        if (st.symbol, st.interval, kind) in self._logged:
+            return
+        self._logged.add((st.symbol, st.interval, kind))
+        level = logging.INFO if kind == "late" else logging.WARNING
+        log.log(
+            level,
+            "%s %s: %s (logged once per series; counted in DataService.anomalies)",
+            st.symbol,
+            st.interval,
+            text or _TEXT[kind].format(n=n),
+            extra={"anomaly": kind},
+        )
+
+# %% ../../nbs/data/15_service.ipynb #63de588b
+class SharedTasks:
+    "At most one task per key: a caller asking while one runs awaits the same task, shielded from its own cancellation."
+
+    def __init__(self) -> None:
+        self._tasks: dict[Hashable, asyncio.Task[Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def run(self, key: Hashable, start: Callable[[], Coroutine[Any, Any, Any]], name: str) -> asyncio.Future[Any]:
+        "The task running for `key`, started as `start()` if none is."
+        task = self._tasks.get(key)
+        if task is None:
+            task = self._tasks[key] = asyncio.get_running_loop().create_task(start(), name=name)
+            task.add_done_callback(functools.partial(self._done, key))
+        return asyncio.shield(task)
+
+    def _done(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+        self._tasks.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # mark it retrieved: the callers awaiting the task get the error
+
+    async def cancel(self) -> None:
+        "Cancel every task in flight and wait until they have ended."
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+# %% ../../nbs/data/15_service.ipynb #62e80d3a
+class KlineFetcher:
+    "The klines requests of a data service: one per series in flight, at most `max_concurrency` at once; answers stored."
+
+    def __init__(self, data: DataSettings, client: BinanceClient, clock: Clock):
+        self.data, self.client, self.clock = data, client, clock
+        self.delay_ms = int(data.boundary_delay_s * 1000)
+        self.tasks, self.notes = SharedTasks(), AnomalyNotes()
+        self.verified: dict[str, int] = {}
+        "Symbol -> when the exchange last answered for any series of it."
+        self._sem = asyncio.Semaphore(data.max_concurrency)
         self.requests = self.weight = 0
 
+    async def bring_up(self, states: Sequence[SeriesState]) -> tuple[int, dict[tuple[str, str], tuple[Due, object]]]:
+        "Request the due series among `states`; (the time planned at, key -> (why, freshness or the exception raised))."
+        now = self.clock.now_ms()
+        due = plan_refresh(states, now, self.delay_ms, self.verified)
+        results = await asyncio.gather(*(self.fetch(st, d) for st, d in due), return_exceptions=True)
+        return now, {st.key: (d, r) for (st, d), r in zip(due, results, strict=True)}
+
+    def fetch(self, st: SeriesState, due: Due) -> asyncio.Future[Any]:
+        "The update of `st`, shared with any caller already waiting for the same series."
+        return self.tasks.run(st.key, lambda: self._update(st, due), f"klines {st.symbol} {st.interval}")
+
+    async def _update(self, st: SeriesState, due: Due) -> SeriesFreshness:
+        async with self._sem:
+            now = self.clock.now_ms()
+            expected = expected_open_ms(now, st.interval, self.delay_ms)
+            plan = series_plan(st, expected)
+            self.requests += 1
+            self.weight += plan.weight
+            k = await self.client.get_klines_since(st.symbol, st.interval, plan.since_ms, limit=plan.limit)
+        added, found = store_answer(st, k, plan, self.clock.now_ms())
+        for kind, n in found.items():
+            self.notes.note(st, kind, n)
+        st.checked_ms = self.verified[st.symbol] = now
+        st.ttl_ms = int(1000 * volatility_ttl_s(st.buf.volatility(), self.data.ttl_floor_s, self.data.ttl_ceiling_s))
+        if st.buf.last_open < expected:
+            self.notes.note(st, "late")
+        return freshness(st, now, self.delay_ms, due, True, added)
+
+    def outcome(self, st: SeriesState, now_ms: int, due: Due, result: object) -> SeriesFreshness:
+        "What a refresh reports for `st` (`series_outcome`); a failed request is noted too."
+        if isinstance(result, TradelabError):
+            name = type(result).__name__
+            self.notes.note(st, name, 1, f"request failed, will retry next cycle: {name}: {result}")
+        return series_outcome(st, now_ms, self.delay_ms, due, result)
+
+# %% ../../nbs/data/15_service.ipynb #b27e2907
+def bridgeable(
+    series: Mapping[tuple[str, str], Klines], now_ms: int, delay_ms: int, limit: Callable[[str], int]
+) -> dict[tuple[str, str], Klines]:
+    "The saved series that lack fewer bars at `now_ms` than their `limit(interval)` keeps."
+
+    def ok(interval: str, k: Klines) -> bool:
+        return (expected_open_ms(now_ms, interval, delay_ms) - int(k.open_time[-1])) // interval_ms(interval) < limit(interval)
+
+    return {key: k for key, k in series.items() if ok(key[1], k)}
+
+# %% ../../nbs/data/15_service.ipynb #5e31d78b
+def restore(st: SeriesState, k: Klines) -> bool:
+    "Put the saved bars `k` into `st` unless it holds bars already; whether it did. Fewer than `keep`: fetched whole next."
+    if len(st.buf):
+        return False
+    st.buf.merge(k)
+    st.filled = st.buf.keep if len(k) >= st.buf.keep else 0
+    return True
+
+# %% ../../nbs/data/15_service.ipynb #6d772498
+class WarmCache:
+    "The Parquet file the series outlive a restart in (`path` None: disabled)."
+
+    def __init__(self, path: Path | None, data: DataSettings, clock: Clock):
+        self.path, self.data, self.clock = path, data, clock
+
+    async def load(self) -> dict[tuple[str, str], Klines]:
+        "The saved series a refresh can bridge; none without a file. A bad file or stale series: one warning."
+        if self.path is None:
+            return {}
+        try:
+            loaded = await asyncio.to_thread(read_cache, self.path)
+        except DataError as e:
+            log.warning("warm cache %s discarded, starting cold: %s", self.path, e)
+            return {}
+        if loaded is None:
+            return {}
+        saved_ms, series = loaded
+        now = self.clock.now_ms()
+        usable = bridgeable(series, now, int(self.data.boundary_delay_s * 1000), self.data.limit)
+        if len(usable) < len(series):
+            log.warning(
+                "warm cache %s saved %.1f h ago: %d of %d series are older than their limit can bridge and are fetched whole",
+                self.path,
+                (now - saved_ms) / 3.6e6,
+                len(series) - len(usable),
+                len(series),
+            )
+        return usable
+
+    async def save(self, series: Mapping[tuple[str, str], Klines]) -> int:
+        "Write `series` to the file, atomically; the number of bars written."
+        if self.path is None:
+            return 0
+        n = await asyncio.to_thread(write_cache, self.path, series, self.clock.now_ms())
+        log.info("warm cache: %d bars of %d series written to %s", n, len(series), self.path)
+        return n
+
+# %% ../../nbs/data/15_service.ipynb #b1577414
+class SeriesBook:
+    "The series of a data service by (symbol, interval): created on first use, grown to the largest limit asked for."
+
+    def __init__(self, data: DataSettings, clock: Clock):
+        self.data, self.clock = data, clock
+        self.delay_ms = int(data.boundary_delay_s * 1000)
+        self._series: dict[tuple[str, str], SeriesState] = {}
+
+    def __len__(self) -> int:
+        return len(self._series)
+
     @property
-    def cache_path(self) -> Path | None:
-        "Where the warm cache lives (`home / data.cache_file`); None when disabled."
-        return self.settings.home_dir / self.data.cache_file if self.data.cache_file else None
+    def keys(self) -> tuple[tuple[str, str], ...]:
+        "The (symbol, interval) series held."
+        return tuple(self._series)
 
-    def __repr__(self): return f"DataService({len(self._series)} series, {self.requests} requests, weight {self.weight})"
-    async def __aenter__(self) -> DataService: await self.load_cache(); return self
-    async def __aexit__(self, *exc_info) -> None: await self.close()
+    def get(self, symbol: str, interval: str) -> SeriesState | None:
+        return self._series.get((symbol, interval))
 
-    def _state(self, symbol: str, interval: str, keep: int) -> SeriesState:
+    def state(self, symbol: str, interval: str, keep: int | None = None) -> SeriesState:
+        "The series (empty when new), keeping at least `keep` bars (default: the configured limit) from now on."
+        keep = self.data.limit(interval) if keep is None else keep
         st = self._series.get((symbol, interval))
         if st is None:
             st = self._series[(symbol, interval)] = SeriesState(symbol, interval, keep, int(self.data.ttl_ceiling_s * 1000))
         st.buf.grow(keep)
         return st
 
-    def _note(self, st: SeriesState, kind: str, n: int = 1, text: str | None = None) -> None:
-        "Count an anomaly; log it the first time it happens to this series."
-        self.anomalies[kind] += n
-        if (st.symbol, st.interval, kind) in self._logged: return
-        self._logged.add((st.symbol, st.interval, kind))
-        level = logging.INFO if kind == "late" else logging.WARNING
-        log.log(level, "%s %s: %s (logged once per series; counted in DataService.anomalies)",
-                st.symbol, st.interval, text or _TEXT[kind].format(n=n), extra={"anomaly": kind})
+    def scan(self, symbols: Iterable[str]) -> list[SeriesState]:
+        "Every configured timeframe of `symbols`, symbol by symbol."
+        return [self.state(s, tf) for s in symbols for tf in self.data.timeframes]
 
-    def _freshness(self, st: SeriesState, now_ms: int, due: Due, fetched: bool, added: int,
-                   error: str | None = None) -> SeriesFreshness:
-        last = st.buf.last_open
-        age = (now_ms - last - st.step_ms) / 1000 if last != NO_BAR else math.inf
-        fresh = error is None and last >= expected_open_ms(now_ms, st.interval, self._delay_ms)
-        return SeriesFreshness(st.symbol, st.interval, last, age, due, fetched, added, fresh, st.checked_ms, error)
+    def held(self) -> dict[tuple[str, str], Klines]:
+        "Copies of every series that holds bars."
+        return {key: st.buf.klines() for key, st in self._series.items() if len(st.buf)}
 
-    def _fetch(self, st: SeriesState, due: Due) -> asyncio.Future:
-        "The update of `st`, shared with any caller already waiting for the same series."
-        task = self._inflight.get(st.key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._update(st, due), name=f"klines {st.symbol} {st.interval}")
-            self._inflight[st.key] = task
-            task.add_done_callback(lambda t, key=st.key: (self._inflight.pop(key, None), t.cancelled() or t.exception()))
-        return asyncio.shield(task)
+    def load(self, series: Mapping[tuple[str, str], Klines]) -> int:
+        "Put saved `series` into those that hold no bars yet (`restore`); the number of series given."
+        for (symbol, interval), k in series.items():
+            restore(self.state(symbol, interval), k)
+        return len(series)
 
-    async def _update(self, st: SeriesState, due: Due) -> SeriesFreshness:
-        async with self._sem:
-            now = self.clock.now_ms()
-            expected = expected_open_ms(now, st.interval, self._delay_ms)
-            plan = plan_fetch(st.buf.last_open if st.filled >= st.buf.keep else NO_BAR, expected,
-                              st.step_ms, st.buf.keep, st.hole_ms)
-            self.requests += 1; self.weight += plan.weight
-            k = await self.client.get_klines_since(st.symbol, st.interval, plan.since_ms, limit=plan.limit)
-        added, found = store_answer(st, k, plan, self.clock.now_ms())
-        for kind, n in found.items(): self._note(st, kind, n)
-        st.checked_ms = self._verified[st.symbol] = now
-        st.ttl_ms = int(1000 * volatility_ttl_s(st.buf.volatility(), self.data.ttl_floor_s, self.data.ttl_ceiling_s))
-        if st.buf.last_open < expected: self._note(st, "late")
-        return self._freshness(st, now, due, True, added)
+# %% ../../nbs/data/15_service.ipynb #f4bc5f20
+class MarketView:
+    "Read-only access to a book of series: copies of the bars with their freshness, 2-D batches; never a request."
 
-    async def _bring_up(self, states: Sequence[SeriesState]) -> tuple[int, dict]:
-        "Request the due series among `states`; (the time planned at, key -> freshness or the exception raised)."
-        now = self.clock.now_ms()
-        due = plan_refresh(states, now, self._delay_ms, self._verified)
-        results = await asyncio.gather(*(self._fetch(st, d) for st, d in due), return_exceptions=True)
-        return now, {st.key: (d, r) for (st, d), r in zip(due, results, strict=True)}
-
-    async def get_klines_incremental(self, symbol: str, interval: str, limit: int = 100) -> pd.DataFrame:
-        "The last `limit` closed bars of a series, ascending by `open_time` (a request only when one can be new)."
-        st = self._state(symbol, interval, limit)
-        _, out = await self._bring_up([st])
-        _raise_first(out)
-        return st.buf.view(limit).to_frame()
-
-    async def get_multi_timeframe_data(self, symbol: str) -> dict[str, pd.DataFrame]:
-        "`{timeframe: DataFrame}` for `data.timeframes`, each with its configured limit, fetched concurrently."
-        states = [self._state(symbol, tf, self.data.limit(tf)) for tf in self.data.timeframes]
-        _, out = await self._bring_up(states)
-        _raise_first(out)
-        return {st.interval: st.buf.view(st.buf.keep).to_frame() for st in states}
-
-    async def refresh(self, symbols: Sequence[str]) -> RefreshReport:
-        "Bring every (symbol, timeframe) of a scan up to date; per-series errors are reported, not raised."
-        states = [self._state(s, tf, self.data.limit(tf)) for s in symbols for tf in self.data.timeframes]
-        r0, w0 = self.requests, self.weight
-        now, out = await self._bring_up(states)
-        series = []
-        for st in states:
-            due, r = out.get(st.key, (Due.NO, None))
-            if isinstance(r, BaseException) and not isinstance(r, TradelabError): raise r
-            if isinstance(r, TradelabError):
-                self._note(st, type(r).__name__, 1, f"request failed, will retry next cycle: {type(r).__name__}: {r}")
-                r = self._freshness(st, now, due, False, 0, f"{type(r).__name__}: {r}")
-            series.append(r or self._freshness(st, now, due, False, 0))
-        return RefreshReport(now, tuple(series), self.requests - r0, self.weight - w0)
+    def __init__(self, book: SeriesBook):
+        self.book = book
 
     @property
     def series(self) -> tuple[tuple[str, str], ...]:
         "The (symbol, interval) series held."
-        return tuple(self._series)
+        return self.book.keys
 
     def read(self, symbol: str, interval: str, n: int | None = None) -> tuple[Klines, SeriesFreshness]:
         "Copies of the newest `n` bars of a series (all by default) and how fresh they are now; no request."
-        st = self._series.get((symbol, interval))
-        if st is None: raise DataError(f"no series {symbol} {interval} in the data service; held: {len(self._series)} series")
-        return st.buf.klines(n), self._freshness(st, self.clock.now_ms(), Due.NO, False, 0)
+        st = self.book.get(symbol, interval)
+        if st is None:
+            raise DataError(f"no series {symbol} {interval} in the data service; held: {len(self.book)} series")
+        return st.buf.klines(n), freshness(st, self.book.clock.now_ms(), self.book.delay_ms)
 
     def batch(self, symbols: Sequence[str]) -> AnalysisBatch:
         "Every configured timeframe of `symbols` as 2-D arrays (copies, newest `limit` bars), straight from the buffers."
+
         def view(s: str, tf: str) -> Klines:
-            st = self._series.get((s, tf))
+            st = self.book.get(s, tf)
             return st.buf.view() if st is not None else Klines.empty()
-        frames = {tf: SeriesBatch.stack(tf, [view(s, tf) for s in symbols], self.data.limit(tf)) for tf in self.data.timeframes}
-        return AnalysisBatch(tuple(symbols), frames, self.clock.now_ms())
+
+        data = self.book.data
+        frames = {tf: SeriesBatch.stack(tf, [view(s, tf) for s in symbols], data.limit(tf)) for tf in data.timeframes}
+        return AnalysisBatch(tuple(symbols), frames, self.book.clock.now_ms())
+
+# %% ../../nbs/data/15_service.ipynb #93cd74c9
+def _raise_first(out: Mapping[tuple[str, str], tuple[Due, object]]) -> None:
+    "Raise the first exception among the results of `KlineFetcher.bring_up`, noting which series it belongs to."
+    for (symbol, interval), (_, r) in out.items():
+        if isinstance(r, BaseException):
+            r.add_note(f"while fetching {symbol} {interval} klines")
+            raise r
+
+# %% ../../nbs/data/15_service.ipynb #81eb2c14
+class DataService(MarketView):
+    "Closed klines of many series in numpy buffers, refreshed when a bar can have closed; the one writer of market data."
+
+    def __init__(self, settings: Settings, client: BinanceClient, clock: Clock):
+        super().__init__(SeriesBook(settings.data, clock))
+        self.settings, self.data, self.client, self.clock = settings, settings.data, client, clock
+        self.fetcher = KlineFetcher(settings.data, client, clock)
+        self.cache = WarmCache(settings.home_dir / self.data.cache_file if self.data.cache_file else None, self.data, clock)
+        self.anomalies = self.fetcher.notes.counts
+        "Anomalies of the answers and failed requests so far, by kind."
+
+    @property
+    def cache_path(self) -> Path | None:
+        "Where the warm cache lives (`home / data.cache_file`); None when disabled."
+        return self.cache.path
+
+    @property
+    def requests(self) -> int:
+        "Klines requests sent so far."
+        return self.fetcher.requests
+
+    @property
+    def weight(self) -> int:
+        "The request weight of those requests."
+        return self.fetcher.weight
+
+    def __repr__(self):
+        return f"DataService({len(self.book)} series, {self.requests} requests, weight {self.weight})"
+
+    async def __aenter__(self) -> DataService:
+        await self.load_cache()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def get_klines_incremental(self, symbol: str, interval: str, limit: int = 100) -> pd.DataFrame:
+        "The last `limit` closed bars of a series, ascending by `open_time` (a request only when one can be new)."
+        st = self.book.state(symbol, interval, limit)
+        _raise_first((await self.fetcher.bring_up([st]))[1])
+        return st.buf.view(limit).to_frame()
+
+    async def get_multi_timeframe_data(self, symbol: str) -> dict[str, pd.DataFrame]:
+        "`{timeframe: DataFrame}` for `data.timeframes`, each with its configured limit, fetched concurrently."
+        states = self.book.scan([symbol])
+        _raise_first((await self.fetcher.bring_up(states))[1])
+        return {st.interval: st.buf.view(st.buf.keep).to_frame() for st in states}
+
+    async def refresh(self, symbols: Sequence[str]) -> RefreshReport:
+        "Bring every (symbol, timeframe) of a scan up to date; per-series errors are reported, not raised."
+        states = self.book.scan(symbols)
+        r0, w0 = self.requests, self.weight
+        now, out = await self.fetcher.bring_up(states)
+        series = tuple(self.fetcher.outcome(st, now, *out.get(st.key, (Due.NO, None))) for st in states)
+        return RefreshReport(now, series, self.requests - r0, self.weight - w0)
 
     async def load_cache(self) -> int:
         "Restore the warm cache into series not yet held; the number restored. A bad or stale file: one warning."
-        path = self.cache_path
-        if path is None: return 0
-        try: loaded = await asyncio.to_thread(read_cache, path)
-        except DataError as e:
-            log.warning("warm cache %s discarded, starting cold: %s", path, e); return 0
-        if loaded is None: return 0
-        saved_ms, series = loaded
-        now = self.clock.now_ms()
-        def bridgeable(key, k) -> bool:
-            keep, step = self.data.limit(key[1]), interval_ms(key[1])
-            return (expected_open_ms(now, key[1], self._delay_ms) - int(k.open_time[-1])) // step < keep
-        usable = {key: k for key, k in series.items() if bridgeable(key, k)}
-        if len(usable) < len(series):
-            log.warning("warm cache %s saved %.1f h ago: %d of %d series are older than their limit can bridge and are "
-                        "fetched whole", path, (now - saved_ms) / 3.6e6, len(series) - len(usable), len(series))
-        for (symbol, interval), k in usable.items():
-            st = self._state(symbol, interval, self.data.limit(interval))
-            if len(st.buf): continue
-            st.buf.merge(k)
-            st.filled = st.buf.keep if len(k) >= st.buf.keep else 0
-        return len(usable)
+        return self.book.load(await self.cache.load())
 
     async def save_cache(self) -> int:
         "Write every series to the warm cache file, atomically; the number of bars written."
-        path = self.cache_path
-        if path is None: return 0
-        series = {key: st.buf.klines() for key, st in self._series.items() if len(st.buf)}
-        n = await asyncio.to_thread(write_cache, path, series, self.clock.now_ms())
-        log.info("warm cache: %d bars of %d series written to %s", n, len(series), path)
-        return n
+        return await self.cache.save(self.book.held()) if self.cache.path is not None else 0
 
     async def close(self) -> None:
         "Cancel the requests in flight, then write the warm cache."
-        tasks = list(self._inflight.values())
-        for t in tasks: t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.fetcher.tasks.cancel()
         await self.save_cache()

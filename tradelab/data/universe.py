@@ -17,39 +17,55 @@ from ..clock import Clock
 from ..config import UniverseSettings
 
 # %% auto #0
-__all__ = ['log', 'UniverseSnapshot', 'rank_universe', 'Universe']
+__all__ = ['log', 'UniverseSnapshot', 'quote_volumes', 'rank_universe', 'Universe']
 
-# %% ../../nbs/data/16_universe.ipynb #4ef12cfb
+# %% ../../nbs/data/16_universe.ipynb #8a8f47e3
 log = logging.getLogger(__name__)
 
+# %% ../../nbs/data/16_universe.ipynb #c98d017b
 @dataclass(frozen=True, slots=True)
 class UniverseSnapshot:
     "The ranked symbols of a scan, their 24-hour quote volumes, and when they were ranked."
+
     symbols: tuple[str, ...]
     quote_volume: np.ndarray = field(repr=False)
     as_of_ms: int
     n_tradable: int
     unknown: tuple[str, ...] = ()
 
-    def __len__(self): return len(self.symbols)
+    def __len__(self):
+        return len(self.symbols)
+
     def __repr__(self):
         head = ", ".join(self.symbols[:3]) + (", ..." if len(self) > 3 else "")
         return f"UniverseSnapshot({len(self)} of {self.n_tradable} tradable symbols: {head}; as of {self.as_of_ms})"
 
+# %% ../../nbs/data/16_universe.ipynb #4af6f94f
+def quote_volumes(tickers: Tickers24h) -> np.ndarray:
+    "The 24-hour quote volume of each ticker (float64), in the order of `tickers.symbols`."
+    # read through `to_frame`: `Tickers24h` sets its numeric fields in a loop, which a type checker cannot see
+    return tickers.to_frame()["quote_volume"].to_numpy(np.float64)
+
 # %% ../../nbs/data/16_universe.ipynb #dbb93cb5
-def rank_universe(tradable: Collection[str], tickers: Tickers24h, top_n: int, include: Collection[str] = (),
-                  exclude: Collection[str] = (), as_of_ms: int = 0) -> UniverseSnapshot:
+def rank_universe(
+    tradable: Collection[str],
+    tickers: Tickers24h,
+    top_n: int,
+    include: Collection[str] = (),
+    exclude: Collection[str] = (),
+    as_of_ms: int = 0,
+) -> UniverseSnapshot:
     "Tradable symbols by 24h quote volume: every `include`d one, the most liquid others up to `top_n`, no `exclude`d one."
     names = np.array(sorted(tradable), dtype=object)
     idx = {s: i for i, s in enumerate(tickers.symbols)}
     pos = np.array([idx.get(s, -1) for s in names], dtype=np.int64)
-    qv = np.where(pos >= 0, tickers.quote_volume[np.maximum(pos, 0)] if len(tickers) else 0.0, 0.0)
+    qv = np.where(pos >= 0, quote_volumes(tickers)[np.maximum(pos, 0)] if len(tickers) else 0.0, 0.0)
     qv = np.nan_to_num(qv, nan=0.0)
     excluded = np.isin(names, list(exclude))
     forced = np.isin(names, list(include)) & ~excluded
-    order = np.lexsort((names, -qv))                      # by volume, then by name
+    order = np.lexsort((names, -qv))  # by volume, then by name
     keep = forced.copy()
-    keep[order[~forced[order] & ~excluded[order]][:max(0, top_n - int(forced.sum()))]] = True
+    keep[order[~forced[order] & ~excluded[order]][: max(0, top_n - int(forced.sum()))]] = True
     chosen = order[keep[order]]
     unknown = tuple(sorted((set(include) | set(exclude)) - set(tradable)))
     return UniverseSnapshot(tuple(names[chosen]), qv[chosen], int(as_of_ms), len(names), unknown)
@@ -65,23 +81,34 @@ class Universe:
         self._warned: tuple[str, ...] = ()
         self.refreshes = 0
 
-    def __repr__(self): return f"Universe(top {self.settings.top_n}, {self._snapshot!r})"
+    def __repr__(self):
+        return f"Universe(top {self.settings.top_n}, {self._snapshot!r})"
 
-    def _fresh(self) -> bool:
+    def _fresh(self) -> UniverseSnapshot | None:
+        "The last snapshot while it is younger than `universe.refresh_s`, else None."
         s = self._snapshot
-        return s is not None and self.clock.now_ms() - s.as_of_ms < self.settings.refresh_s * 1000
+        return s if s is not None and self.clock.now_ms() - s.as_of_ms < self.settings.refresh_s * 1000 else None
 
     async def current(self) -> UniverseSnapshot:
         "The ranked universe, refreshed first if it is older than `universe.refresh_s`."
-        if self._fresh(): return self._snapshot
+        if (snap := self._fresh()) is not None:
+            return snap
         async with self._lock:
-            if self._fresh(): return self._snapshot
-            try: self._snapshot = await self.refresh()
-            except Exception as e:
-                if self._snapshot is None: raise
-                log.warning("universe refresh failed (%s: %s); keeping the one ranked at %d", type(e).__name__, e,
-                            self._snapshot.as_of_ms)
-        return self._snapshot
+            if (snap := self._fresh()) is not None:
+                return snap
+            self._snapshot = snap = await self._refresh_or_keep()
+        return snap
+
+    async def _refresh_or_keep(self) -> UniverseSnapshot:
+        "A new ranking; if it fails, the last one (with a warning) or, without one, the error."
+        try:
+            return await self.refresh()
+        except Exception as e:
+            kept = self._snapshot
+            if kept is None:
+                raise
+            log.warning("universe refresh failed (%s: %s); keeping the one ranked at %d", type(e).__name__, e, kept.as_of_ms)
+            return kept
 
     async def symbols(self) -> tuple[str, ...]:
         "The symbols of the current universe, most liquid first."
@@ -95,9 +122,11 @@ class Universe:
         snap = rank_universe(contracts, tickers, s.top_n, s.include, s.exclude, now)
         self.refreshes += 1
         if snap.unknown and snap.unknown != self._warned:
-            log.warning("universe.include / universe.exclude name symbols that are not TRADING %s perpetuals: %s",
-                        s.quote, ", ".join(snap.unknown))
+            log.warning(
+                "universe.include / universe.exclude name symbols that are not TRADING %s perpetuals: %s",
+                s.quote,
+                ", ".join(snap.unknown),
+            )
         self._warned = snap.unknown
-        log.info("universe: %d of %d tradable symbols, most liquid %s", len(snap), snap.n_tradable,
-                 ", ".join(snap.symbols[:5]))
+        log.info("universe: %d of %d tradable symbols, most liquid %s", len(snap), snap.n_tradable, ", ".join(snap.symbols[:5]))
         return snap

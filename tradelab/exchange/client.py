@@ -6,61 +6,83 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
-from urllib.parse import urlencode
+from typing import Any, Self
 
 import aiohttp
 import numpy as np
 import pandas as pd
-from pydantic import SecretStr
 from yarl import URL
 
 from ..clock import Clock, LiveClock, interval_ms
 from ..config import ExchangeSettings
-from ..errors import (AuthenticationError, ClockDriftError, ConfigError, ExchangeError, ExchangeRejected, IpBanned,
-                             MalformedResponse, RateLimited, StateError, TemporaryExchangeError, UnknownSymbol)
+from tradelab.errors import (
+    AuthenticationError,
+    ClockDriftError,
+    ConfigError,
+    ExchangeError,
+    ExchangeRejected,
+    IpBanned,
+    MalformedResponse,
+    RateLimited,
+    StateError,
+    TemporaryExchangeError,
+    UnknownSymbol,
+)
 from .governor import GovernorStats, WeightGovernor, request_weight
+from .signing import Credentials, encode_query
 from ..records import Klines, PriceSnapshot, SymbolInfo, parse_klines
 
 # %% auto #0
 __all__ = ['log', 'EXCHANGE_INFO', 'KLINES', 'TIME', 'TICKER_PRICE', 'TICKER_24H', 'CODE_ERRORS', 'parse_symbol', 'ExchangeInfo',
-           'parse_exchange_info', 'parse_prices', 'Tickers24h', 'parse_tickers_24h', 'Credentials', 'encode_query',
-           'error_for', 'decode_json', 'check_symbol', 'kline_params', 'closed_bars', 'ClockSync', 'ClientStats',
-           'parse_server_time', 'BinanceClient']
+           'parse_exchange_info', 'parse_prices', 'Tickers24h', 'parse_tickers_24h', 'error_for', 'decode_json',
+           'check_symbol', 'kline_params', 'closed_bars', 'open_session', 'transport_error', 'HttpSession', 'may_retry',
+           'RequestLoop', 'ClockSync', 'parse_server_time', 'best_sync', 'ClientStats', 'BinanceConnection',
+           'BinanceClient']
 
-# %% ../../nbs/exchange/05_client.ipynb #cb20ba6c
+# %% ../../nbs/exchange/05_client.ipynb #19c5b9cc
 log = logging.getLogger(__name__)
 
 EXCHANGE_INFO, KLINES, TIME = "/fapi/v1/exchangeInfo", "/fapi/v1/klines", "/fapi/v1/time"
 TICKER_PRICE, TICKER_24H = "/fapi/v2/ticker/price", "/fapi/v1/ticker/24hr"
 _NEEDED_FILTERS = ("PRICE_FILTER", "LOT_SIZE", "MARKET_LOT_SIZE", "MIN_NOTIONAL")
 
+# %% ../../nbs/exchange/05_client.ipynb #2fcbff26
 def parse_symbol(entry: Mapping[str, Any], endpoint: str = f"GET {EXCHANGE_INFO}") -> SymbolInfo:
     "One `exchangeInfo` symbol entry as a `SymbolInfo`."
     name = entry.get("symbol", "?") if isinstance(entry, Mapping) else "?"
     try:
         filters = {f["filterType"]: f for f in entry["filters"]}
         missing = [k for k in _NEEDED_FILTERS if k not in filters]
-        if missing: raise KeyError(f"filter(s) {missing}")
+        if missing:
+            raise KeyError(f"filter(s) {missing}")
         price, lot, market = filters["PRICE_FILTER"], filters["LOT_SIZE"], filters["MARKET_LOT_SIZE"]
-        return SymbolInfo(entry["symbol"], entry["baseAsset"], entry["quoteAsset"], entry["status"], entry["contractType"],
-                          tick_size=float(price["tickSize"]), step_size=float(lot["stepSize"]), min_qty=float(lot["minQty"]),
-                          market_step_size=float(market["stepSize"]), market_min_qty=float(market["minQty"]),
-                          market_max_qty=float(market["maxQty"]), min_notional=float(filters["MIN_NOTIONAL"]["notional"]))
+        return SymbolInfo(
+            entry["symbol"],
+            entry["baseAsset"],
+            entry["quoteAsset"],
+            entry["status"],
+            entry["contractType"],
+            tick_size=float(price["tickSize"]),
+            step_size=float(lot["stepSize"]),
+            min_qty=float(lot["minQty"]),
+            market_step_size=float(market["stepSize"]),
+            market_min_qty=float(market["minQty"]),
+            market_max_qty=float(market["maxQty"]),
+            min_notional=float(filters["MIN_NOTIONAL"]["notional"]),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise MalformedResponse(f"symbol {name}: missing or invalid {e}", endpoint=endpoint) from e
 
-# %% ../../nbs/exchange/05_client.ipynb #451b28e5
+# %% ../../nbs/exchange/05_client.ipynb #331f8fbb
 @dataclass(frozen=True, slots=True)
 class ExchangeInfo:
     "The decoded `exchangeInfo`: every contract, the exchange's time and its stated weight limit."
+
     server_time_ms: int
     symbols: Mapping[str, SymbolInfo] = field(repr=False)
     weight_limit: int | None = None
@@ -70,30 +92,37 @@ class ExchangeInfo:
         return {s: i for s, i in self.symbols.items() if i.tradable and i.quote_asset == quote}
 
     def __repr__(self):
-        return (f"ExchangeInfo({len(self.symbols)} contracts, {len(self.contracts())} TRADING USDT perpetuals, "
-                f"weight limit {self.weight_limit}/min)")
+        return (
+            f"ExchangeInfo({len(self.symbols)} contracts, {len(self.contracts())} TRADING USDT perpetuals, "
+            f"weight limit {self.weight_limit}/min)"
+        )
 
+# %% ../../nbs/exchange/05_client.ipynb #0dc60f82
 def _weight_limit(rate_limits) -> int | None:
     for r in rate_limits or ():
         if (r.get("rateLimitType"), r.get("interval"), r.get("intervalNum")) == ("REQUEST_WEIGHT", "MINUTE", 1):
             return int(r["limit"])
     return None
 
+# %% ../../nbs/exchange/05_client.ipynb #d7fe5c3c
 def parse_exchange_info(payload: Any, endpoint: str = f"GET {EXCHANGE_INFO}") -> ExchangeInfo:
     "Decode an `exchangeInfo` answer."
     if not isinstance(payload, Mapping) or not isinstance(payload.get("symbols"), list):
         raise MalformedResponse("expected an object with a 'symbols' list", endpoint=endpoint)
     symbols = {i.symbol: i for i in (parse_symbol(e, endpoint) for e in payload["symbols"])}
-    try: server_ms, weight_limit = int(payload.get("serverTime", 0)), _weight_limit(payload.get("rateLimits"))
+    try:
+        server_ms, weight_limit = int(payload.get("serverTime", 0)), _weight_limit(payload.get("rateLimits"))
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise MalformedResponse(f"invalid serverTime or rateLimits ({e})", endpoint=endpoint) from e
     return ExchangeInfo(server_ms, MappingProxyType(symbols), weight_limit)
 
 # %% ../../nbs/exchange/05_client.ipynb #c05a240c
-def parse_prices(payload: Any, now_ms: int, stale_after_ms: int = 3_600_000,
-                 endpoint: str = f"GET {TICKER_PRICE}") -> PriceSnapshot:
+def parse_prices(
+    payload: Any, now_ms: int, stale_after_ms: int = 3_600_000, endpoint: str = f"GET {TICKER_PRICE}"
+) -> PriceSnapshot:
     "Decode an all-symbol price answer; entries older than `stale_after_ms` are left out."
-    if not isinstance(payload, list): raise MalformedResponse(f"expected a list, got {type(payload).__name__}", endpoint=endpoint)
+    if not isinstance(payload, list):
+        raise MalformedResponse(f"expected a list, got {type(payload).__name__}", endpoint=endpoint)
     try:
         symbols = np.array([e["symbol"] for e in payload], dtype=object)
         prices = np.array([e["price"] for e in payload], dtype=np.float64)
@@ -106,116 +135,111 @@ def parse_prices(payload: Any, now_ms: int, stale_after_ms: int = 3_600_000,
     fresh = times >= newest - stale_after_ms
     return PriceSnapshot(symbols[fresh], prices[fresh], newest)
 
-# %% ../../nbs/exchange/05_client.ipynb #0fa8c207
-_TICKER_FIELDS = (("last_price", "lastPrice"), ("open_price", "openPrice"), ("high", "highPrice"), ("low", "lowPrice"),
-                  ("volume", "volume"), ("quote_volume", "quoteVolume"), ("price_change_pct", "priceChangePercent"))
+# %% ../../nbs/exchange/05_client.ipynb #43d510fa
+_TICKER_FIELDS = (
+    ("last_price", "lastPrice"),
+    ("open_price", "openPrice"),
+    ("high", "highPrice"),
+    ("low", "lowPrice"),
+    ("volume", "volume"),
+    ("quote_volume", "quoteVolume"),
+    ("price_change_pct", "priceChangePercent"),
+)
 
+# %% ../../nbs/exchange/05_client.ipynb #9443fac1
 class Tickers24h:
     "Rolling 24-hour statistics of many symbols, one numpy array per field."
+
     __slots__ = ("symbols", "close_time", "trades", *(name for name, _ in _TICKER_FIELDS))
 
     def __init__(self, symbols, close_time, trades, **fields):
         self.symbols, self.close_time = np.asarray(symbols, dtype=object), np.asarray(close_time, np.int64)
         self.trades = np.asarray(trades, np.int64)
-        for name, _ in _TICKER_FIELDS: setattr(self, name, np.asarray(fields[name], np.float64))
+        for name, _ in _TICKER_FIELDS:
+            setattr(self, name, np.asarray(fields[name], np.float64))
 
-    def __len__(self): return len(self.symbols)
-    def __repr__(self): return f"Tickers24h({len(self)} symbols)"
+    def __len__(self):
+        return len(self.symbols)
+
+    def __repr__(self):
+        return f"Tickers24h({len(self)} symbols)"
+
     def to_frame(self) -> pd.DataFrame:
         "One row per symbol."
         return pd.DataFrame({c: getattr(self, c) for c in self.__slots__})
 
+# %% ../../nbs/exchange/05_client.ipynb #c159721c
 def parse_tickers_24h(payload: Any, endpoint: str = f"GET {TICKER_24H}") -> Tickers24h:
     "Decode an all-symbol 24-hour ticker answer."
-    if not isinstance(payload, list): raise MalformedResponse(f"expected a list, got {type(payload).__name__}", endpoint=endpoint)
+    if not isinstance(payload, list):
+        raise MalformedResponse(f"expected a list, got {type(payload).__name__}", endpoint=endpoint)
     try:
         cols = {name: np.array([e[key] for e in payload], dtype=np.float64) for name, key in _TICKER_FIELDS}
-        return Tickers24h([e["symbol"] for e in payload], [e["closeTime"] for e in payload],
-                          [e.get("count", 0) for e in payload], **cols)
+        return Tickers24h(
+            [e["symbol"] for e in payload], [e["closeTime"] for e in payload], [e.get("count", 0) for e in payload], **cols
+        )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MalformedResponse(f"undecodable 24-hour ticker entries ({e})", endpoint=endpoint) from e
 
-# %% ../../nbs/exchange/05_client.ipynb #826d4f4d
-class Credentials:
-    "An API key and secret for signed requests; neither is ever shown."
-    __slots__ = ("_key", "_secret")
-
-    def __init__(self, api_key: SecretStr | str, api_secret: SecretStr | str):
-        reveal = lambda v: v.get_secret_value() if isinstance(v, SecretStr) else str(v)
-        self._key, self._secret = reveal(api_key), reveal(api_secret).encode()
-        if not self._key or not self._secret: raise AuthenticationError("API key and secret must both be non-empty")
-
-    @classmethod
-    def from_settings(cls, exchange: ExchangeSettings) -> Credentials | None:
-        "The configured credentials, or None when `exchange.api_key`/`api_secret` are not set."
-        if exchange.api_key is None or exchange.api_secret is None: return None
-        return cls(exchange.api_key, exchange.api_secret)
-
-    def sign(self, query: str) -> str:
-        "Hex HMAC-SHA256 of `query` keyed by the secret."
-        return hmac.new(self._secret, query.encode(), hashlib.sha256).hexdigest()
-
-    def signed_query(self, params: Mapping[str, Any], timestamp_ms: int, recv_window_ms: int = 5000) -> str:
-        "`params` with `recvWindow`, `timestamp` and `signature` appended, as sent."
-        query = encode_query({**params, "recvWindow": recv_window_ms, "timestamp": timestamp_ms})
-        return f"{query}&signature={self.sign(query)}"
-
-    @property
-    def headers(self) -> dict[str, str]: return {"X-MBX-APIKEY": self._key}
-    def __repr__(self): return "Credentials(api key and secret hidden)"
-
-def encode_query(params: Mapping[str, Any] | None) -> str:
-    "A Binance query string: parameters in the given order, booleans as true/false, None left out."
-    if not params: return ""
-    return urlencode([(k, str(v).lower() if isinstance(v, bool) else v) for k, v in params.items() if v is not None])
-
-# %% ../../nbs/exchange/05_client.ipynb #364d28e5
-CODE_ERRORS = MappingProxyType({-1121: UnknownSymbol, -1021: ClockDriftError, -2014: AuthenticationError,
-                                -2015: AuthenticationError})
+# %% ../../nbs/exchange/05_client.ipynb #ffcbe00a
+CODE_ERRORS: Mapping[int, type[ExchangeError]] = MappingProxyType(
+    {-1121: UnknownSymbol, -1021: ClockDriftError, -2014: AuthenticationError, -2015: AuthenticationError}
+)
 "Binance error codes with a meaning of their own; any other code is `ExchangeRejected`."
 
+# %% ../../nbs/exchange/05_client.ipynb #43be2870
 def _code_and_message(body: bytes) -> tuple[int | None, str]:
     try:
         payload = json.loads(body)
         return int(payload["code"]), str(payload.get("msg", ""))
-    except (ValueError, TypeError, KeyError): return None, body[:200].decode("utf-8", "replace")
+    except (ValueError, TypeError, KeyError):
+        return None, body[:200].decode("utf-8", "replace")
 
+# %% ../../nbs/exchange/05_client.ipynb #8517bf16
 def error_for(status: int, body: bytes, headers: Mapping[str, str] | None, endpoint: str) -> ExchangeError:
     "The exception for a non-200 answer (returned, not raised: the request loop decides about retries)."
     if status in (418, 429):
-        try: retry_after = float((headers or {}).get("Retry-After", 0))
-        except ValueError: retry_after = 0.0
-        cls = IpBanned if status == 418 else RateLimited
-        return cls(f"HTTP {status}", retry_after_s=retry_after, endpoint=endpoint, status=status)
-    if status >= 500 or status == 408: return TemporaryExchangeError(f"HTTP {status}", endpoint=endpoint, status=status)
+        try:
+            retry_after = float((headers or {}).get("Retry-After", 0))
+        except ValueError:
+            retry_after = 0.0
+        limited = IpBanned if status == 418 else RateLimited
+        return limited(f"HTTP {status}", retry_after_s=retry_after, endpoint=endpoint, status=status)
+    if status >= 500 or status == 408:
+        return TemporaryExchangeError(f"HTTP {status}", endpoint=endpoint, status=status)
     code, msg = _code_and_message(body)
-    cls = CODE_ERRORS.get(code, ExchangeRejected) if code is not None else ExchangeRejected
-    return cls(f"HTTP {status}, code {code}: {msg}", endpoint=endpoint, status=status, code=code)
+    rejected = CODE_ERRORS.get(code, ExchangeRejected) if code is not None else ExchangeRejected
+    return rejected(f"HTTP {status}, code {code}: {msg}", endpoint=endpoint, status=status, code=code)
 
+# %% ../../nbs/exchange/05_client.ipynb #6274ce36
 def decode_json(body: bytes, endpoint: str) -> Any:
     "The JSON of a 200 answer; `MalformedResponse` naming `endpoint` if it is not JSON."
-    try: return json.loads(body)
+    try:
+        return json.loads(body)
     except ValueError as e:
         raise MalformedResponse(f"answer is not JSON ({e.__class__.__name__}: {body[:60]!r})", endpoint=endpoint) from e
 
-# %% ../../nbs/exchange/05_client.ipynb #e5751894
+# %% ../../nbs/exchange/05_client.ipynb #b4db5b50
 def check_symbol(symbol: Any, endpoint: str = f"GET {KLINES}") -> str:
     "`symbol` if it can be a Binance futures symbol, else `UnknownSymbol` naming it."
     ok = isinstance(symbol, str) and 2 <= len(symbol) <= 32 and symbol.replace("_", "").isalnum() and symbol == symbol.upper()
     if not ok:
-        raise UnknownSymbol(f"{symbol!r} is not a Binance futures symbol (upper-case letters and digits, like 'BTCUSDT')",
-                            endpoint=endpoint)
+        raise UnknownSymbol(
+            f"{symbol!r} is not a Binance futures symbol (upper-case letters and digits, like 'BTCUSDT')", endpoint=endpoint
+        )
     return symbol
 
+# %% ../../nbs/exchange/05_client.ipynb #d598a4a8
 def kline_params(symbol: str, interval: str, limit: int, since_ms: int | None = None) -> dict[str, Any]:
     "Checked query parameters of a klines request."
     check_symbol(symbol)
-    interval_ms(interval)                      # ConfigError naming an unknown interval
+    interval_ms(interval)  # ConfigError naming an unknown interval
     if isinstance(limit, bool) or not isinstance(limit, int | np.integer) or not 1 <= limit <= 1500:
         raise ConfigError(f"klines limit must be an integer in 1..1500, got {limit!r}")
     params: dict[str, Any] = {"symbol": symbol, "interval": interval, "limit": int(limit)}
     if since_ms is not None:
-        if int(since_ms) < 0: raise ConfigError(f"klines since_ms must be >= 0, got {since_ms!r}")
+        if int(since_ms) < 0:
+            raise ConfigError(f"klines since_ms must be >= 0, got {since_ms!r}")
         params["startTime"] = int(since_ms)
     return params
 
@@ -225,120 +249,223 @@ def closed_bars(k: Klines, sent_ms: int) -> Klines:
     closed = k.close_time < sent_ms
     return k if closed.all() else k[closed]
 
-# %% ../../nbs/exchange/05_client.ipynb #73a1da4b
+# %% ../../nbs/exchange/05_client.ipynb #acae54e37e7d407bbb7b55eff062a284
+def open_session(exchange: ExchangeSettings) -> aiohttp.ClientSession:
+    "An aiohttp session: a pool of `max_connections`, and `timeout_s` on the socket only (to connect, between reads)."
+    t = exchange.timeout_s  # waiting for a pooled connection is our own queue, not a fault
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=exchange.max_connections),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t),
+    )
+
+# %% ../../nbs/exchange/05_client.ipynb #72eea5119410473aa328ad9291626812
+def transport_error(e: Exception, endpoint: str, signed: bool) -> TemporaryExchangeError:
+    "A timeout or a dropped connection as a retryable error naming `endpoint`; aiohttp's words only if not `signed`."
+    detail = "no answer within the timeout" if isinstance(e, TimeoutError) else type(e).__name__
+    if not signed and str(e):
+        detail += f" ({e})"
+    return TemporaryExchangeError(detail, endpoint=endpoint)
+
+# %% ../../nbs/exchange/05_client.ipynb #349c9a5b
 class _Answer:
     __slots__ = ("status", "headers", "body", "sent_ms")
+
     def __init__(self, status: int, headers: Mapping[str, str], body: bytes, sent_ms: int):
         self.status, self.headers, self.body, self.sent_ms = status, headers, body, sent_ms
 
+# %% ../../nbs/exchange/05_client.ipynb #8763a12b2bbd4a93a75aff182afb95dc
+class HttpSession:
+    "One aiohttp session; `send` waits for a free connection, then stamps, signs and sends one request."
+
+    def __init__(self, exchange: ExchangeSettings, clock: Clock, credentials: Credentials | None = None):
+        self.settings, self.clock, self.credentials = exchange, clock, credentials
+        self._session: aiohttp.ClientSession | None = None
+        self._lanes = asyncio.Semaphore(exchange.max_connections)
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None
+
+    def open(self) -> None:
+        if self._session is not None:
+            raise StateError("BinanceClient is already open")
+        self._session = open_session(self.settings)
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def send(self, method: str, path: str, params: Mapping[str, Any] | None, signed: bool = False) -> _Answer:
+        "Send once (`signed`: with the credentials): the answer whatever its status, or `TemporaryExchangeError`."
+        session, endpoint, credentials = self._session, f"{method} {path}", self.credentials if signed else None
+        if session is None:
+            raise StateError(f"{endpoint}: BinanceClient was closed")
+        try:
+            async with self._lanes:  # a free connection: from here on the request really goes out
+                sent_ms = self.clock.now_ms()
+                if credentials is None:
+                    query = encode_query(params)
+                else:
+                    query = credentials.signed_query(params or {}, sent_ms, self.settings.recv_window_ms)
+                url = URL(f"{self.settings.url}{path}" + (f"?{query}" if query else ""), encoded=True)
+                headers = None if credentials is None else credentials.headers
+                async with session.request(method, url, headers=headers) as resp:
+                    return _Answer(resp.status, resp.headers, await resp.read(), sent_ms)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise transport_error(e, endpoint, credentials is not None) from (e if credentials is None else None)
+
+# %% ../../nbs/exchange/05_client.ipynb #7cdc8c89c7104fffa095e18ddfef8986
+def may_retry(error: ExchangeError, method: str, attempt: int, max_retries: int) -> bool:
+    "Whether to send again after `error`: a rate limit always, a temporary failure only for a GET, `max_retries` times at most."
+    if attempt >= max_retries:
+        return False
+    return isinstance(error, RateLimited) or (method == "GET" and isinstance(error, TemporaryExchangeError))
+
+# %% ../../nbs/exchange/05_client.ipynb #504fb2a444614c0babb325280ed9130a
+class RequestLoop:
+    "One request as the client makes it: weight from the governor, the answer back to it, errors named, retries."
+
+    def __init__(
+        self, exchange: ExchangeSettings, governor: WeightGovernor, http: HttpSession, resync: Callable[[], Awaitable[object]]
+    ):
+        self.settings, self.governor, self.http, self.resync = exchange, governor, http, resync
+        self.answered: dict[str, int] = {}
+
+    async def request(
+        self, path: str, params: Mapping[str, Any] | None = None, *, method: str = "GET", signed: bool = False
+    ) -> tuple[Any, int]:
+        "The decoded JSON of `method path?params` and the exchange time (ms) it was sent at."
+        endpoint = f"{method} {path}"
+        if not self.http.is_open:
+            raise StateError(f"{endpoint}: BinanceClient is not open; use 'async with'")
+        if signed and self.http.credentials is None:
+            raise AuthenticationError("signed endpoint needs exchange.api_key and exchange.api_secret", endpoint=endpoint)
+        cost, attempt, resynced = request_weight(path, params), 0, False
+        while True:
+            try:
+                return await self._attempt(method, path, params, signed, cost)
+            except ClockDriftError:
+                if not signed or resynced:
+                    raise
+                resynced = True
+                await self.resync()
+            except (TemporaryExchangeError, RateLimited) as e:
+                if not may_retry(e, method, attempt, self.settings.max_retries):
+                    raise
+                log.debug("%s; retry %d of %d", e, attempt + 1, self.settings.max_retries)
+                await self.governor.backoff(attempt)
+                attempt += 1
+
+    async def _attempt(
+        self, method: str, path: str, params: Mapping[str, Any] | None, signed: bool, cost: int
+    ) -> tuple[Any, int]:
+        endpoint, answer = f"{method} {path}", None
+        ticket = await self.governor.acquire(cost)
+        try:
+            answer = await self.http.send(method, path, params, signed)
+        finally:
+            self.governor.release(ticket, answer.status if answer else None, answer.headers if answer else None)
+        self.answered[endpoint] = self.answered.get(endpoint, 0) + 1
+        if answer.status != 200:
+            raise error_for(answer.status, answer.body, answer.headers, endpoint)
+        return decode_json(answer.body, endpoint), answer.sent_ms
+
+# %% ../../nbs/exchange/05_client.ipynb #b43b363d81ae4b689946ece5c682cd59
 @dataclass(frozen=True, slots=True)
 class ClockSync:
     "One clock synchronisation: exchange time minus ours at the midpoint, and the round trip it was measured over."
+
     error_ms: int
     rtt_ms: int
     adjusted: bool
 
-@dataclass(frozen=True, slots=True)
-class ClientStats:
-    "The governor's counters and the answered requests per endpoint."
-    governor: GovernorStats
-    by_endpoint: Mapping[str, int]
+    def __str__(self) -> str:
+        return f"ours was {self.error_ms:+d} ms off (round trip {self.rtt_ms} ms){', corrected' if self.adjusted else ''}"
 
+# %% ../../nbs/exchange/05_client.ipynb #d22c8ba1
 def parse_server_time(payload: Any, endpoint: str = f"GET {TIME}") -> int:
     "The exchange time (ms) of a `time` answer."
     if not isinstance(payload, Mapping) or not isinstance(payload.get("serverTime"), int):
         raise MalformedResponse(f"expected {{'serverTime': <int>}}, got {str(payload)[:60]}", endpoint=endpoint)
     return payload["serverTime"]
 
-# %% ../../nbs/exchange/05_client.ipynb #bf8c14be
-class BinanceClient:
-    "Binance USDⓈ-M REST with typed answers; one session, every request paced by `governor`."
+# %% ../../nbs/exchange/05_client.ipynb #c3933fab20d04ec698c2621248eb3be0
+def best_sync(samples: Sequence[tuple[int, int, int]], adjusted: bool) -> ClockSync:
+    "From `(sent_ms, received_ms, server_ms)` round trips: exchange minus our time at the midpoint of the shortest."
+    sent_ms, received_ms, server_ms = min(samples, key=lambda s: s[1] - s[0])
+    rtt = received_ms - sent_ms
+    return ClockSync(server_ms - (sent_ms + rtt // 2), rtt, adjusted)
 
-    def __init__(self, exchange: ExchangeSettings, clock: Clock, *, governor: WeightGovernor | None = None,
-                 stale_price_ms: int = 3_600_000):
+# %% ../../nbs/exchange/05_client.ipynb #3aeb07cc
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    "The governor's counters and the answered requests per endpoint."
+
+    governor: GovernorStats
+    by_endpoint: Mapping[str, int]
+
+# %% ../../nbs/exchange/05_client.ipynb #3ed186c9a28b402fb0bc4494df01f08d
+class BinanceConnection:
+    "What a Binance client holds for the length of an `async with`: its session, its governor, its request loop, its clock sync."
+
+    def __init__(
+        self, exchange: ExchangeSettings, clock: Clock, *, governor: WeightGovernor | None = None, stale_price_ms: int = 3_600_000
+    ):
         self.settings, self.clock, self.stale_price_ms = exchange, clock, stale_price_ms
         self.governor = governor if governor is not None else WeightGovernor.from_settings(exchange, clock)
-        self._owns_governor, self._credentials = governor is None, Credentials.from_settings(exchange)
-        self._session: aiohttp.ClientSession | None = None
-        self._answered: dict[str, int] = {}
-        self._lanes = asyncio.Semaphore(exchange.max_connections)
+        self._owns_governor, self._http = governor is None, HttpSession(exchange, clock, Credentials.from_settings(exchange))
+        self._requests = RequestLoop(exchange, self.governor, self._http, resync=self.sync_clock)
         self.last_sync: ClockSync | None = None
 
-    async def __aenter__(self) -> BinanceClient:
-        if self._session is not None: raise StateError("BinanceClient is already open")
-        t = self.settings.timeout_s   # on the socket: waiting for a pooled connection is our own queue, not a fault
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.settings.max_connections),
-                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t))
+    async def __aenter__(self) -> Self:
+        self._http.open()
         return self
 
-    async def __aexit__(self, *exc_info) -> None: await self.aclose()
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         "Close the session (and the governor, if this client made it)."
-        session, self._session = self._session, None
-        if session is not None: await session.close()
-        if self._owns_governor: await self.governor.aclose()
+        await self._http.close()
+        if self._owns_governor:
+            await self.governor.aclose()
 
     @property
-    def stats(self) -> ClientStats: return ClientStats(self.governor.stats(), MappingProxyType(dict(self._answered)))
+    def stats(self) -> ClientStats:
+        return ClientStats(self.governor.stats(), MappingProxyType(dict(self._requests.answered)))
 
-    def __repr__(self):
-        state = "open" if self._session is not None else "closed"
-        return f"BinanceClient({self.settings.url}, {state}, credentials {'set' if self._credentials else 'not set'})"
+    def __repr__(self) -> str:
+        state = "open" if self._http.is_open else "closed"
+        credentials = "set" if self._http.credentials else "not set"
+        return f"{type(self).__name__}({self.settings.url}, {state}, credentials {credentials})"
 
-    async def _request(self, path: str, params: Mapping[str, Any] | None = None, *, method: str = "GET",
-                       signed: bool = False) -> tuple[Any, int]:
-        "The decoded JSON of `method path?params` and the exchange time (ms) it was sent at."
-        endpoint = f"{method} {path}"
-        if self._session is None: raise StateError(f"{endpoint}: BinanceClient is not open; use 'async with'")
-        if signed and self._credentials is None:
-            raise AuthenticationError("signed endpoint needs exchange.api_key and exchange.api_secret", endpoint=endpoint)
-        cost, attempt, resynced = request_weight(path, params), 0, False
-        while True:
-            try: return await self._attempt(method, path, params, signed, cost)
-            except ClockDriftError:
-                if not signed or resynced: raise
-                resynced = True
-                await self.sync_clock()
-            except (TemporaryExchangeError, RateLimited) as e:
-                if attempt >= self.settings.max_retries or (method != "GET" and not isinstance(e, RateLimited)): raise
-                log.debug("%s; retry %d of %d", e, attempt + 1, self.settings.max_retries)
-                await self.governor.backoff(attempt)
-                attempt += 1
+    async def sync_clock(self, samples: int = 3) -> ClockSync:
+        "Measure exchange minus local time over `samples` round trips (the shortest wins); a `LiveClock` is corrected."
+        measured = []
+        for _ in range(samples):
+            payload, sent_ms = await self._requests.request(TIME)
+            measured.append((sent_ms, self.clock.now_ms(), parse_server_time(payload)))
+        self.last_sync = sync = best_sync(measured, adjusted=isinstance(self.clock, LiveClock))
+        if isinstance(self.clock, LiveClock):
+            self.clock.offset_ms += sync.error_ms
+        log.info("exchange clock: %s", sync)
+        return sync
 
-    async def _attempt(self, method: str, path: str, params, signed: bool, cost: int) -> tuple[Any, int]:
-        endpoint, answer = f"{method} {path}", None
-        ticket = await self.governor.acquire(cost)
-        try: answer = await self._send(method, path, params, signed)
-        finally:
-            self.governor.release(ticket, answer and answer.status, answer and answer.headers)
-        self._answered[endpoint] = self._answered.get(endpoint, 0) + 1
-        if answer.status != 200: raise error_for(answer.status, answer.body, answer.headers, endpoint)
-        return decode_json(answer.body, endpoint), answer.sent_ms
-
-    async def _send(self, method: str, path: str, params, signed: bool) -> _Answer:
-        session = self._session
-        if session is None: raise StateError(f"{method} {path}: BinanceClient was closed")
-        try:
-            async with self._lanes:                 # a free connection: from here on the request really goes out
-                sent_ms = self.clock.now_ms()
-                query = (self._credentials.signed_query(params or {}, sent_ms, self.settings.recv_window_ms)
-                         if signed else encode_query(params))
-                url = URL(f"{self.settings.url}{path}" + (f"?{query}" if query else ""), encoded=True)
-                async with session.request(method, url, headers=self._credentials.headers if signed else None) as resp:
-                    return _Answer(resp.status, resp.headers, await resp.read(), sent_ms)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            detail = "no answer within the timeout" if isinstance(e, TimeoutError) else type(e).__name__
-            if not signed and str(e): detail += f" ({e})"
-            raise TemporaryExchangeError(detail, endpoint=f"{method} {path}") from (None if signed else e)
+# %% ../../nbs/exchange/05_client.ipynb #379cbbc1e968416e875cc15c1202d7eb
+class BinanceClient(BinanceConnection):
+    "Binance USDⓈ-M REST with typed answers; one session, every request paced by `governor`."
 
     async def exchange_info(self) -> ExchangeInfo:
         "Every contract with its filters (weight 1)."
-        payload, _ = await self._request(EXCHANGE_INFO)
+        payload, _ = await self._requests.request(EXCHANGE_INFO)
         info = parse_exchange_info(payload)
         if info.weight_limit is not None and info.weight_limit < self.governor.limit:
-            log.warning("the exchange allows %d weight per minute, less than exchange.weight_limit = %d",
-                        info.weight_limit, self.governor.limit)
+            log.warning(
+                "the exchange allows %d weight per minute, less than exchange.weight_limit = %d",
+                info.weight_limit,
+                self.governor.limit,
+            )
         return info
 
     async def contracts(self, quote: str = "USDT") -> dict[str, SymbolInfo]:
@@ -347,43 +474,29 @@ class BinanceClient:
 
     async def get_klines(self, symbol: str, interval: str, limit: int = 500, include_forming: bool = False) -> Klines:
         "The latest `limit` bars (weight by limit); the forming bar only with `include_forming`."
-        payload, sent_ms = await self._request(KLINES, kline_params(symbol, interval, limit))
+        payload, sent_ms = await self._requests.request(KLINES, kline_params(symbol, interval, limit))
         k = parse_klines(payload, f"GET {KLINES}")
         return k if include_forming else closed_bars(k, sent_ms)
 
-    async def get_klines_since(self, symbol: str, interval: str, since_ms: int, limit: int = 99,
-                               include_forming: bool = False) -> Klines:
+    async def get_klines_since(
+        self, symbol: str, interval: str, since_ms: int, limit: int = 99, include_forming: bool = False
+    ) -> Klines:
         "Up to `limit` bars opening at or after `since_ms`; 99 keeps the weight at 1."
-        payload, sent_ms = await self._request(KLINES, kline_params(symbol, interval, limit, since_ms))
+        payload, sent_ms = await self._requests.request(KLINES, kline_params(symbol, interval, limit, since_ms))
         k = parse_klines(payload, f"GET {KLINES}")
         return k if include_forming else closed_bars(k, sent_ms)
 
     async def all_prices(self) -> PriceSnapshot:
         "Every last price in ONE request (weight 2)."
-        payload, sent_ms = await self._request(TICKER_PRICE)
+        payload, sent_ms = await self._requests.request(TICKER_PRICE)
         return parse_prices(payload, sent_ms, self.stale_price_ms)
 
     async def tickers_24h(self) -> Tickers24h:
         "Every contract's 24-hour statistics in one request (weight 40): for the universe, not every cycle."
-        payload, _ = await self._request(TICKER_24H)
+        payload, _ = await self._requests.request(TICKER_24H)
         return parse_tickers_24h(payload)
 
     async def server_time(self) -> int:
         "The exchange's time in milliseconds (weight 1)."
-        payload, _ = await self._request(TIME)
+        payload, _ = await self._requests.request(TIME)
         return parse_server_time(payload)
-
-    async def sync_clock(self, samples: int = 3) -> ClockSync:
-        "Measure exchange minus local time over `samples` round trips (the shortest wins); a `LiveClock` is corrected."
-        best: tuple[int, int] | None = None
-        for _ in range(samples):
-            payload, sent_ms = await self._request(TIME)
-            rtt = self.clock.now_ms() - sent_ms
-            error = parse_server_time(payload) - (sent_ms + rtt // 2)
-            if best is None or rtt < best[1]: best = (error, rtt)
-        adjusted = isinstance(self.clock, LiveClock)
-        if adjusted: self.clock.offset_ms += best[0]
-        self.last_sync = ClockSync(best[0], best[1], adjusted)
-        log.info("exchange clock: ours was %+d ms off (round trip %d ms)%s", best[0], best[1],
-                 ", corrected" if adjusted else "")
-        return self.last_sync

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
+from typing import Any
 
 from ..clock import Clock, sleep_until
 from ..config import ExchangeSettings
@@ -20,44 +21,70 @@ from ..errors import ConfigError, StateError
 
 # %% auto #0
 __all__ = ['log', 'MINUTE_MS', 'WEIGHT_HEADER', 'UNKNOWN_WEIGHT', 'KLINE_PATHS', 'ONE_OR_ALL', 'FIXED_WEIGHT', 'kline_weight',
-           'request_weight', 'Ticket', 'WeightWindow', 'GovernorStats', 'backoff_delay', 'WeightGovernor']
+           'request_weight', 'Ticket', 'WeightWindow', 'GovernorStats', 'GovernorCounts', 'backoff_delay', 'Backoff',
+           'Throttle', 'WeightBudget', 'WaitQueue', 'wait_for_change', 'pace', 'Gate', 'WeightGovernor']
 
-# %% ../../nbs/exchange/04_governor.ipynb #584811c8
+# %% ../../nbs/exchange/04_governor.ipynb #72a62a28
 log = logging.getLogger(__name__)
 
 MINUTE_MS = 60_000
 WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 UNKNOWN_WEIGHT = 5
-KLINE_PATHS = frozenset({"/fapi/v1/klines", "/fapi/v1/continuousKlines", "/fapi/v1/indexPriceKlines",
-                         "/fapi/v1/markPriceKlines", "/fapi/v1/premiumIndexKlines"})
-ONE_OR_ALL = MappingProxyType({  # path -> (weight with a symbol, weight without)
-    "/fapi/v1/ticker/price": (1, 2), "/fapi/v2/ticker/price": (1, 2),
-    "/fapi/v1/ticker/24hr": (1, 40), "/fapi/v1/ticker/bookTicker": (2, 5)})
+KLINE_PATHS = frozenset(
+    {
+        "/fapi/v1/klines",
+        "/fapi/v1/continuousKlines",
+        "/fapi/v1/indexPriceKlines",
+        "/fapi/v1/markPriceKlines",
+        "/fapi/v1/premiumIndexKlines",
+    }
+)
+ONE_OR_ALL = MappingProxyType(
+    {  # path -> (weight with a symbol, weight without)
+        "/fapi/v1/ticker/price": (1, 2),
+        "/fapi/v2/ticker/price": (1, 2),
+        "/fapi/v1/ticker/24hr": (1, 40),
+        "/fapi/v1/ticker/bookTicker": (2, 5),
+    }
+)
 FIXED_WEIGHT = MappingProxyType({"/fapi/v1/ping": 1, "/fapi/v1/time": 1, "/fapi/v1/exchangeInfo": 1})
 _DEPTH = ((50, 2), (100, 5), (500, 10), (1000, 20))
 
+# %% ../../nbs/exchange/04_governor.ipynb #4ab58642
 def kline_weight(limit: int) -> int:
     "Weight of a klines request for `limit` bars: [1,100) 1, [100,500) 2, [500,1000] 5, above 10."
-    if not 1 <= limit <= 1500: raise ConfigError(f"klines limit must be in 1..1500, got {limit}")
+    if not 1 <= limit <= 1500:
+        raise ConfigError(f"klines limit must be in 1..1500, got {limit}")
     return 1 if limit < 100 else 2 if limit < 500 else 5 if limit <= 1000 else 10
 
-def request_weight(path: str, params: Mapping[str, object] | None = None) -> int:
+# %% ../../nbs/exchange/04_governor.ipynb #210b4e52
+def request_weight(path: str, params: Mapping[str, Any] | None = None) -> int:
     "The weight Binance charges for `GET path?params`."
     params = params or {}
-    if path in KLINE_PATHS: return kline_weight(int(params.get("limit", 500)))
-    if path in ONE_OR_ALL: return ONE_OR_ALL[path][0 if params.get("symbol") else 1]
-    if path == "/fapi/v1/depth": return next(w for n, w in _DEPTH if int(params.get("limit", 500)) <= n)
+    if path in KLINE_PATHS:
+        return kline_weight(int(params.get("limit", 500)))
+    if path in ONE_OR_ALL:
+        return ONE_OR_ALL[path][0 if params.get("symbol") else 1]
+    if path == "/fapi/v1/depth":
+        return next(w for n, w in _DEPTH if int(params.get("limit", 500)) <= n)
     return FIXED_WEIGHT.get(path, UNKNOWN_WEIGHT)
 
-# %% ../../nbs/exchange/04_governor.ipynb #9e539017
+# %% ../../nbs/exchange/04_governor.ipynb #f7bfd73c
 class Ticket:
     "A reservation of `cost` weight made in exchange minute `minute`."
-    __slots__ = ("cost", "minute", "settled")
-    def __init__(self, cost: int, minute: int): self.cost, self.minute, self.settled = cost, minute, False
-    def __repr__(self): return f"Ticket(cost={self.cost}, minute={self.minute})"
 
+    __slots__ = ("cost", "minute", "settled")
+
+    def __init__(self, cost: int, minute: int):
+        self.cost, self.minute, self.settled = cost, minute, False
+
+    def __repr__(self):
+        return f"Ticket(cost={self.cost}, minute={self.minute})"
+
+# %% ../../nbs/exchange/04_governor.ipynb #559953ba
 class WeightWindow:
     "Weight accounting for the exchange's current minute."
+
     __slots__ = ("guard_ms", "minute", "used", "unconfirmed", "in_flight", "late", "bound")
 
     def __init__(self, guard_ms: int = 200):
@@ -71,31 +98,38 @@ class WeightWindow:
             self.minute, self.used, self.unconfirmed, self.late = minute, 0, self.late, 0
             self.bound = self.in_flight + self.unconfirmed
 
-    def load(self) -> int: return self.used + self.unconfirmed + self.in_flight
-    def next_roll_ms(self) -> int: return (self.minute + 1) * MINUTE_MS + self.guard_ms
+    def load(self) -> int:
+        return self.used + self.unconfirmed + self.in_flight
+
+    def next_roll_ms(self) -> int:
+        return (self.minute + 1) * MINUTE_MS + self.guard_ms
 
     def reserve(self, cost: int) -> Ticket:
-        self.in_flight += cost; self.bound += cost
+        self.in_flight += cost
+        self.bound += cost
         return Ticket(cost, self.minute)
 
     def settle(self, ticket: Ticket, used_header: int | None, now_ms: int, answered: bool = True) -> None:
         "Move `ticket` out of flight at `now_ms`; `used_header` from its answer (None: no header came back)."
-        if ticket.settled: raise StateError(f"{ticket} was already settled")
+        if ticket.settled:
+            raise StateError(f"{ticket} was already settled")
         ticket.settled, self.in_flight = True, self.in_flight - ticket.cost
-        if answered and now_ms >= (self.minute + 1) * MINUTE_MS: self.late += ticket.cost
+        if answered and now_ms >= (self.minute + 1) * MINUTE_MS:
+            self.late += ticket.cost
         if used_header is None:
-            if answered: self.unconfirmed += ticket.cost
+            if answered:
+                self.unconfirmed += ticket.cost
         elif ticket.minute == self.minute or used_header <= self.bound:
             self.used = max(self.used, used_header)
 
     def __repr__(self):
-        return (f"WeightWindow(minute={self.minute}, used={self.used}, in_flight={self.in_flight}, "
-                f"unconfirmed={self.unconfirmed})")
+        return f"WeightWindow(minute={self.minute}, used={self.used}, in_flight={self.in_flight}, unconfirmed={self.unconfirmed})"
 
-# %% ../../nbs/exchange/04_governor.ipynb #3b7a4278
+# %% ../../nbs/exchange/04_governor.ipynb #17443bbb
 @dataclass(frozen=True, slots=True)
 class GovernorStats:
     "What the governor has done so far."
+
     requests: int
     weight_sent: int
     used_weight: int
@@ -111,167 +145,331 @@ class GovernorStats:
     cap: int
     limit: int
 
+# %% ../../nbs/exchange/04_governor.ipynb #37e06c15
+@dataclass(slots=True)
+class GovernorCounts:
+    "The running counters, shared by the governor's parts; `snapshot` freezes them into `GovernorStats`."
+
+    requests: int = 0
+    weight_sent: int = 0
+    max_used: int = 0
+    waits: int = 0
+    waited_ms: int = 0
+    rate_limited: int = 0
+    banned: int = 0
+    retries: int = 0
+    retry_wait_ms: int = 0
+
+    def snapshot(self, window: WeightWindow, queued: int, cap: int, limit: int) -> GovernorStats:
+        "The counters, with the window's weight, the queue and the cap as they are now."
+        return GovernorStats(
+            self.requests,
+            self.weight_sent,
+            window.used,
+            self.max_used,
+            window.in_flight,
+            queued,
+            self.waits,
+            self.waited_ms / 1000,
+            self.rate_limited,
+            self.banned,
+            self.retries,
+            self.retry_wait_ms / 1000,
+            cap,
+            limit,
+        )
+
+# %% ../../nbs/exchange/04_governor.ipynb #f24ab38e
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
     "Seconds to wait before retry `attempt` (0 for the first): equal-jitter exponential backoff."
-    step = min(max_s, base_s * 2.0 ** attempt)
+    step = min(max_s, base_s * 2.0**attempt)
     return step / 2 + rng.uniform(0, step / 2)
 
-# %% ../../nbs/exchange/04_governor.ipynb #9a510045
-def _header_number(headers: Mapping[str, str] | None, name: str) -> float | None:
-    if headers is None: return None
-    raw = headers.get(name)
-    try: return float(raw) if raw is not None else None
-    except ValueError: return None
+# %% ../../nbs/exchange/04_governor.ipynb #885e2809
+class Backoff:
+    "Jittered exponential waits on `clock` before retries, counted in `counts`."
 
-def _utc(ms: int) -> str: return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    def __init__(self, clock: Clock, base_s: float, max_s: float, counts: GovernorCounts, seed: int | None = None):
+        self.clock, self.base_s, self.max_s, self.counts = clock, base_s, max_s, counts
+        self._rng = random.Random(seed)
 
-# %% ../../nbs/exchange/04_governor.ipynb #fe144805
-class WeightGovernor:
-    "Holds requests so the exchange's weight header stays under `share` of `limit` per minute."
-
-    def __init__(self, clock: Clock, limit: int = 2400, share: float = 0.8, *, guard_ms: int = 200,
-                 slow_share: float = 0.5, slow_for_s: float = 300.0, backoff_base_s: float = 0.5,
-                 backoff_max_s: float = 30.0, seed: int | None = None):
-        if limit <= 0 or not 0 < share <= 1 or not 0 < slow_share <= 1:
-            raise ConfigError(f"weight governor needs limit > 0 and shares in (0, 1], got {limit}, {share}, {slow_share}")
-        self.clock, self.limit, self.share, self.slow_share = clock, limit, share, slow_share
-        self.slow_for_ms, self.backoff_base_s, self.backoff_max_s = int(slow_for_s * 1000), backoff_base_s, backoff_max_s
-        self.window, self._rng = WeightWindow(guard_ms), random.Random(seed)
-        self._queue: deque[tuple[int, asyncio.Future]] = deque()
-        self._changed, self._pacer, self._closed = asyncio.Event(), None, False
-        self._resume_ms = self._banned_until_ms = self._slow_until_ms = 0
-        self._n = dict.fromkeys(("requests", "weight_sent", "max_used", "waits", "waited_ms", "rate_limited",
-                                 "banned", "retries", "retry_wait_ms"), 0)
-
-    @classmethod
-    def from_settings(cls, exchange: ExchangeSettings, clock: Clock, **kw) -> WeightGovernor:
-        "A governor with the limits and backoff of the `exchange` settings."
-        return cls(clock, exchange.weight_limit, exchange.weight_share, backoff_base_s=exchange.backoff_base_s,
-                   backoff_max_s=exchange.backoff_max_s, **kw)
-
-    def cap(self, now_ms: int | None = None) -> int:
-        "Weight allowed this minute: `share` of `limit`, reduced for a while after a 429."
-        now = self.clock.now_ms() if now_ms is None else now_ms
-        share = self.share * (self.slow_share if now < self._slow_until_ms else 1.0)
-        return max(1, int(self.limit * share))
-
-    def _fits(self, cost: int, now: int) -> bool:
-        load = self.window.load()
-        return now >= self._resume_ms and (load + cost <= self.cap(now) or load == 0)
-
-    def _take(self, cost: int) -> Ticket:
-        self._n["requests"] += 1; self._n["weight_sent"] += cost
-        return self.window.reserve(cost)
-
-    async def acquire(self, cost: int) -> Ticket:
-        "Reserve `cost` weight, waiting on the clock until the budget and any pause allow it."
-        if self._closed: raise StateError("the weight governor is closed")
-        start = self.clock.now_ms(); self.window.roll(start)
-        if not self._queue and self._fits(cost, start): return self._take(cost)
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append((cost, fut)); self._ensure_pacer()
-        try: ticket = await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled(): self.window.settle(fut.result(), None, self.clock.now_ms(), False)
-            raise
-        self._n["waits"] += 1; self._n["waited_ms"] += self.clock.now_ms() - start
-        return ticket
-
-    def release(self, ticket: Ticket, status: int | None = None, headers: Mapping[str, str] | None = None) -> None:
-        "Settle `ticket` with its answer: the weight header, and a 429 or 418 if that is what came back."
-        now = self.clock.now_ms(); self.window.roll(now)
-        used = _header_number(headers, WEIGHT_HEADER)
-        self.window.settle(ticket, None if used is None else int(used), now)
-        if used is not None: self._n["max_used"] = max(self._n["max_used"], int(used))
-        retry_after = _header_number(headers, "Retry-After")
-        if status == 429: self._rate_limited(now, retry_after)
-        elif status == 418: self._banned(now, retry_after)
-        self._changed.set()
-
-    def _rate_limited(self, now: int, retry_after_s: float | None) -> None:
-        self._n["rate_limited"] += 1
-        wait_ms = self.window.next_roll_ms() - now if retry_after_s is None else int(retry_after_s * 1000)
-        if now >= self._slow_until_ms:
-            log.warning("exchange answered HTTP 429 (too much weight): pausing %.1f s, then using %.0f%% of the "
-                        "weight limit for %.0f s", wait_ms / 1000, 100 * self.share * self.slow_share, self.slow_for_ms / 1000)
-        self._resume_ms = max(self._resume_ms, now + wait_ms)
-        self._slow_until_ms = max(self._slow_until_ms, now + wait_ms + self.slow_for_ms)
-
-    def _banned(self, now: int, retry_after_s: float | None) -> None:
-        self._n["banned"] += 1
-        until = now + int((120.0 if retry_after_s is None else retry_after_s) * 1000)
-        if now >= self._banned_until_ms:
-            log.error("exchange banned this IP (HTTP 418): no request will be sent for %.0f s, until %s",
-                      (until - now) / 1000, _utc(until))
-        self._banned_until_ms = max(self._banned_until_ms, until)
-        self._resume_ms = max(self._resume_ms, until)
-        self._slow_until_ms = max(self._slow_until_ms, until + self.slow_for_ms)
-
-    def _grant(self) -> None:
-        now = self.clock.now_ms(); self.window.roll(now)
-        while self._queue:
-            cost, fut = self._queue[0]
-            if fut.done(): self._queue.popleft(); continue   # its caller gave up
-            if not self._fits(cost, now): return
-            self._queue.popleft(); fut.set_result(self._take(cost))
-
-    def _next_change_ms(self, now: int) -> int:
-        if now < self._resume_ms: return self._resume_ms
-        later = [t for t in (self.window.next_roll_ms(), self._slow_until_ms) if t > now]
-        return min(later) if later else now + 1
-
-    def _ensure_pacer(self) -> None:
-        if self._pacer is None or self._pacer.done():
-            self._pacer = asyncio.get_running_loop().create_task(self._pace(), name="weight-governor-pacer")
-
-    async def _pace(self) -> None:
-        try:
-            while True:
-                self._grant()
-                if not self._queue: return
-                self._changed.clear()
-                await self._wait_for_change(self._next_change_ms(self.clock.now_ms()))
-        except Exception as e:  # a bug here must not leave callers waiting forever
-            log.exception("weight governor pacer failed; failing %d queued request(s)", len(self._queue))
-            self._fail_queued(e)
-
-    async def _wait_for_change(self, until_ms: int) -> None:
-        loop = asyncio.get_running_loop()
-        sleeper = loop.create_task(sleep_until(self.clock, until_ms), name="weight-governor-pacer-sleep")
-        waker = loop.create_task(self._changed.wait(), name="weight-governor-pacer-wake")
-        try: await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
-        finally: sleeper.cancel(); waker.cancel()
-
-    def _fail_queued(self, exc: BaseException) -> None:
-        while self._queue:
-            _, fut = self._queue.popleft()
-            if not fut.done(): fut.set_exception(exc)
-
-    async def backoff(self, attempt: int) -> float:
-        "Wait the jittered backoff before retry `attempt` (0 for the first); the seconds waited."
-        delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng)
-        self._n["retries"] += 1; self._n["retry_wait_ms"] += int(delay * 1000)
+    async def wait(self, attempt: int) -> float:
+        "Wait before retry `attempt` (0 for the first); the seconds waited."
+        delay = backoff_delay(attempt, self.base_s, self.max_s, self._rng)
+        self.counts.retries += 1
+        self.counts.retry_wait_ms += int(delay * 1000)
         await self.clock.sleep(delay)
         return delay
 
-    @property
-    def banned_until_ms(self) -> int: return self._banned_until_ms
+# %% ../../nbs/exchange/04_governor.ipynb #9a510045
+def _header_number(headers: Mapping[str, str] | None, name: str) -> float | None:
+    if headers is None:
+        return None
+    raw = headers.get(name)
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
 
-    def stats(self) -> GovernorStats:
-        "A snapshot of the counters."
-        n, w = self._n, self.window
-        return GovernorStats(n["requests"], n["weight_sent"], w.used, n["max_used"], w.in_flight, len(self._queue),
-                             n["waits"], n["waited_ms"] / 1000, n["rate_limited"], n["banned"], n["retries"],
-                             n["retry_wait_ms"] / 1000, self.cap(), self.limit)
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+# %% ../../nbs/exchange/04_governor.ipynb #9b8a8c09
+class Throttle:
+    "The share of the limit in force, and the holds the exchange imposed with a 429 or a 418."
+
+    __slots__ = ("share", "slow_share", "slow_for_ms", "resume_ms", "banned_until_ms", "slow_until_ms")
+
+    def __init__(self, share: float, slow_share: float, slow_for_ms: int):
+        self.share, self.slow_share, self.slow_for_ms = share, slow_share, slow_for_ms
+        self.resume_ms = self.banned_until_ms = self.slow_until_ms = 0
+
+    def share_at(self, now_ms: int) -> float:
+        "`share`, times `slow_share` while slowed down after a 429 or a ban."
+        return self.share * (self.slow_share if now_ms < self.slow_until_ms else 1.0)
+
+    def rate_limited(self, now_ms: int, wait_ms: int) -> None:
+        "A 429: hold every request for `wait_ms`, then keep to the lower share for `slow_for_ms`."
+        if now_ms >= self.slow_until_ms:  # the first 429 of a burst is logged, not the ones after it
+            log.warning(
+                "exchange answered HTTP 429 (too much weight): pausing %.1f s, then using %.0f%% of the weight limit for %.0f s",
+                wait_ms / 1000,
+                100 * self.share * self.slow_share,
+                self.slow_for_ms / 1000,
+            )
+        self.resume_ms = max(self.resume_ms, now_ms + wait_ms)
+        self.slow_until_ms = max(self.slow_until_ms, now_ms + wait_ms + self.slow_for_ms)
+
+    def banned(self, now_ms: int, until_ms: int) -> None:
+        "A 418: hold every request until `until_ms`, then keep to the lower share for `slow_for_ms`."
+        if now_ms >= self.banned_until_ms:  # a new ban: the same ban answered to requests in flight is not logged again
+            log.error(
+                "exchange banned this IP (HTTP 418): no request will be sent for %.0f s, until %s",
+                (until_ms - now_ms) / 1000,
+                _utc(until_ms),
+            )
+        self.banned_until_ms = max(self.banned_until_ms, until_ms)
+        self.resume_ms = max(self.resume_ms, until_ms)
+        self.slow_until_ms = max(self.slow_until_ms, until_ms + self.slow_for_ms)
+
+# %% ../../nbs/exchange/04_governor.ipynb #c4b6e648
+class WeightBudget:
+    "Whether a request may go now, and what each answer changes: the window's load against the cap in force."
+
+    def __init__(self, limit: int, share: float, slow_share: float, slow_for_ms: int, guard_ms: int, counts: GovernorCounts):
+        if limit <= 0 or not 0 < share <= 1 or not 0 < slow_share <= 1:
+            raise ConfigError(f"weight governor needs limit > 0 and shares in (0, 1], got {limit}, {share}, {slow_share}")
+        self.limit, self.counts = limit, counts
+        self.window, self.throttle = WeightWindow(guard_ms), Throttle(share, slow_share, slow_for_ms)
+
+    def cap(self, now_ms: int) -> int:
+        "Weight allowed this minute: the share in force of `limit` (at least 1)."
+        return max(1, int(self.limit * self.throttle.share_at(now_ms)))
+
+    def fits(self, cost: int, now_ms: int) -> bool:
+        "No hold in force, and `cost` fits under the cap, or nothing is counted at all (a request above the cap goes alone)."
+        load = self.window.load()
+        return now_ms >= self.throttle.resume_ms and (load + cost <= self.cap(now_ms) or load == 0)
+
+    def take(self, cost: int) -> Ticket:
+        "Reserve `cost` for a request about to go."
+        self.counts.requests += 1
+        self.counts.weight_sent += cost
+        return self.window.reserve(cost)
+
+    def settle(self, ticket: Ticket, status: int | None, headers: Mapping[str, str] | None, now_ms: int) -> None:
+        "Apply the answer to `ticket` (`status` None: none came): its weight header, and a 429 or a 418."
+        self.window.roll(now_ms)
+        used = _header_number(headers, WEIGHT_HEADER)
+        self.window.settle(ticket, None if used is None else int(used), now_ms)
+        if used is not None:
+            self.counts.max_used = max(self.counts.max_used, int(used))
+        retry_after = _header_number(headers, "Retry-After")
+        if status == 429:
+            self.counts.rate_limited += 1
+            wait_ms = self.window.next_roll_ms() - now_ms if retry_after is None else int(retry_after * 1000)
+            self.throttle.rate_limited(now_ms, wait_ms)
+        elif status == 418:
+            self.counts.banned += 1
+            self.throttle.banned(now_ms, now_ms + int((120.0 if retry_after is None else retry_after) * 1000))
+
+    def next_change_ms(self, now_ms: int) -> int:
+        "When `fits` may change with no answer coming back: a hold ends, the minute rolls, or the slowdown ends."
+        if now_ms < self.throttle.resume_ms:
+            return self.throttle.resume_ms
+        later = [t for t in (self.window.next_roll_ms(), self.throttle.slow_until_ms) if t > now_ms]
+        return min(later) if later else now_ms + 1
+
+# %% ../../nbs/exchange/04_governor.ipynb #53be3639
+class WaitQueue:
+    "Requests waiting for weight, first in, first out: a heavy request is not starved by a stream of light ones."
+
+    def __init__(self) -> None:
+        self._waiting: deque[tuple[int, asyncio.Future[Ticket]]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, cost: int) -> asyncio.Future[Ticket]:
+        "A future that gets a ticket for `cost` once every request ahead has gone and `cost` fits."
+        fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
+        self._waiting.append((cost, fut))
+        return fut
+
+    def grant(self, budget: WeightBudget, now_ms: int) -> None:
+        "Give tickets in order while the first request waiting fits; drop those whose callers gave up."
+        while self._waiting:
+            cost, fut = self._waiting[0]
+            if fut.done():
+                self._waiting.popleft()
+                continue  # its caller gave up
+            if not budget.fits(cost, now_ms):
+                return
+            self._waiting.popleft()
+            fut.set_result(budget.take(cost))
+
+    def fail_all(self, exc: BaseException) -> None:
+        "Fail every waiting request with `exc`."
+        while self._waiting:
+            _, fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+# %% ../../nbs/exchange/04_governor.ipynb #1dd3220f
+async def wait_for_change(clock: Clock, until_ms: int, changed: asyncio.Event) -> None:
+    "Return when `clock` reaches `until_ms` or when `changed` is set, whichever comes first."
+    loop = asyncio.get_running_loop()
+    sleeper = loop.create_task(sleep_until(clock, until_ms), name="weight-governor-pacer-sleep")
+    waker = loop.create_task(changed.wait(), name="weight-governor-pacer-wake")
+    try:
+        await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        waker.cancel()
+
+# %% ../../nbs/exchange/04_governor.ipynb #aceab4ee
+async def pace(clock: Clock, budget: WeightBudget, queue: WaitQueue, changed: asyncio.Event) -> None:
+    "Grant waiting requests as the budget reopens, until none waits; if this fails, so do they (none waits forever)."
+    try:
+        while True:
+            now = clock.now_ms()
+            budget.window.roll(now)
+            queue.grant(budget, now)
+            if not queue:
+                return
+            changed.clear()
+            await wait_for_change(clock, budget.next_change_ms(clock.now_ms()), changed)
+    except Exception as e:  # a bug here must not leave callers waiting forever
+        log.exception("weight governor pacer failed; failing %d queued request(s)", len(queue))
+        queue.fail_all(e)
+
+# %% ../../nbs/exchange/04_governor.ipynb #4435c6f7
+class Gate:
+    "Where requests get their weight: at once when nobody waits and it fits, else in line, granted by the `pace` task."
+
+    def __init__(self, clock: Clock, budget: WeightBudget):
+        self.clock, self.budget, self.queue = clock, budget, WaitQueue()
+        self.closed, self._changed = False, asyncio.Event()
+        self._pacer: asyncio.Task[None] | None = None
+
+    async def acquire(self, cost: int) -> Ticket:
+        "A ticket for `cost`, once the budget, any hold and the requests ahead allow it."
+        if self.closed:
+            raise StateError("the weight governor is closed")
+        start = self.clock.now_ms()
+        self.budget.window.roll(start)
+        if not self.queue and self.budget.fits(cost, start):
+            return self.budget.take(cost)
+        return await self._wait(cost, start)
+
+    async def _wait(self, cost: int, start_ms: int) -> Ticket:
+        fut = self.queue.add(cost)
+        if self._pacer is None or self._pacer.done():
+            self._pacer = asyncio.get_running_loop().create_task(
+                pace(self.clock, self.budget, self.queue, self._changed), name="weight-governor-pacer"
+            )
+        try:
+            ticket = await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted as its caller gave up: never sent
+                self.budget.window.settle(fut.result(), None, self.clock.now_ms(), False)
+            raise
+        self.budget.counts.waits += 1
+        self.budget.counts.waited_ms += self.clock.now_ms() - start_ms
+        return ticket
+
+    def wake(self) -> None:
+        "An answer came back: the pacer looks again at once."
+        self._changed.set()
 
     async def aclose(self) -> None:
-        "Stop the pacer; queued requests fail with `StateError`."
-        self._closed = True
-        self._fail_queued(StateError("the weight governor was closed while this request waited"))
+        "Refuse new requests, fail the waiting ones with `StateError`, and stop the pacer."
+        self.closed = True
+        self.queue.fail_all(StateError("the weight governor was closed while this request waited"))
         if self._pacer is not None:
             self._pacer.cancel()
             await asyncio.gather(self._pacer, return_exceptions=True)
 
-    def __repr__(self):
-        return (f"WeightGovernor(cap {self.cap()} of {self.limit} per minute, used {self.window.used}, "
-                f"in flight {self.window.in_flight}, queued {len(self._queue)})")
+# %% ../../nbs/exchange/04_governor.ipynb #51feb3e2
+class WeightGovernor:
+    "Holds requests so the exchange's weight header stays under `share` of `limit` per minute."
+
+    def __init__(
+        self,
+        clock: Clock,
+        limit: int = 2400,
+        share: float = 0.8,
+        *,
+        guard_ms: int = 200,
+        slow_share: float = 0.5,
+        slow_for_s: float = 300.0,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        seed: int | None = None,
+    ):
+        self.clock, self.limit, self.counts = clock, limit, GovernorCounts()
+        self.budget = WeightBudget(limit, share, slow_share, int(slow_for_s * 1000), guard_ms, self.counts)
+        self._gate, self._backoff = Gate(clock, self.budget), Backoff(clock, backoff_base_s, backoff_max_s, self.counts, seed)
+
+    @classmethod
+    def from_settings(cls, exchange: ExchangeSettings, clock: Clock, **kw) -> WeightGovernor:
+        "A governor with the limits and backoff of the `exchange` settings."
+        e = exchange
+        return cls(clock, e.weight_limit, e.weight_share, backoff_base_s=e.backoff_base_s, backoff_max_s=e.backoff_max_s, **kw)
+
+    def cap(self, now_ms: int | None = None) -> int:
+        "Weight allowed this minute: `share` of `limit`, reduced for a while after a 429."
+        return self.budget.cap(self.clock.now_ms() if now_ms is None else now_ms)
+
+    async def acquire(self, cost: int) -> Ticket:
+        "Reserve `cost` weight, waiting on the clock until the budget and any pause allow it."
+        return await self._gate.acquire(cost)
+
+    def release(self, ticket: Ticket, status: int | None = None, headers: Mapping[str, str] | None = None) -> None:
+        "Settle `ticket` with its answer: the weight header, and a 429 or 418 if that is what came back."
+        self.budget.settle(ticket, status, headers, self.clock.now_ms())
+        self._gate.wake()
+
+    async def backoff(self, attempt: int) -> float:
+        "Wait the jittered backoff before retry `attempt` (0 for the first); the seconds waited."
+        return await self._backoff.wait(attempt)
+
+    @property
+    def banned_until_ms(self) -> int:
+        return self.budget.throttle.banned_until_ms
+
+    def stats(self) -> GovernorStats:
+        "A snapshot of the counters."
+        return self.counts.snapshot(self.budget.window, len(self._gate.queue), self.cap(), self.limit)
+
+    async def aclose(self) -> None:
+        "Stop the pacer; queued requests fail with `StateError`."
+        await self._gate.aclose()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"WeightGovernor(cap {s.cap} of {s.limit} per minute, used {s.used_weight}, "
+            f"in flight {s.in_flight}, queued {s.queued})"
+        )

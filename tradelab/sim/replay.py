@@ -13,20 +13,29 @@ from .source import MarketSource, Series
 # %% auto #0
 __all__ = ['encode_rows', 'base_state', 'kline_range', 'forming_bar', 'window_stats', 'Replay']
 
-# %% ../../nbs/sim/11a_replay.ipynb #0d2fc612
+# %% ../../nbs/sim/11a_replay.ipynb #a6e74882
 def _row_template(pdp: int, qdp: int) -> str:
     p, q, qq = f"{{:.{pdp}f}}", f"{{:.{qdp}f}}", f"{{:.{min(8, max(2, pdp + qdp))}f}}"
     return f'[{{}},"{p}","{p}","{p}","{p}","{q}",{{}},"{qq}",{{}},"{q}","{qq}","0"]'
 
+# %% ../../nbs/sim/11a_replay.ipynb #e0c8d779
 def encode_rows(s: Series, a: int, b: int, pdp: int, qdp: int) -> list[str]:
     "JSON text of bars `a:b` of `s`, one Binance kline row each."
     n, tmpl = b - a, _row_template(pdp, qdp)
     zeros = [0] * n
-    cols = (s.open_time[a:b].tolist(), s.open[a:b].tolist(), s.high[a:b].tolist(), s.low[a:b].tolist(),
-            s.close[a:b].tolist(), s.volume[a:b].tolist(), (s.open_time[a:b] + (s.step_ms - 1)).tolist(),
-            s.quote_volume[a:b].tolist(), zeros if s.trades is None else s.trades[a:b].tolist(),
-            zeros if s.taker_buy_base is None else s.taker_buy_base[a:b].tolist(),
-            zeros if s.taker_buy_quote is None else s.taker_buy_quote[a:b].tolist())
+    cols = (
+        s.open_time[a:b].tolist(),
+        s.open[a:b].tolist(),
+        s.high[a:b].tolist(),
+        s.low[a:b].tolist(),
+        s.close[a:b].tolist(),
+        s.volume[a:b].tolist(),
+        (s.open_time[a:b] + (s.step_ms - 1)).tolist(),
+        s.quote_volume[a:b].tolist(),
+        zeros if s.trades is None else s.trades[a:b].tolist(),
+        zeros if s.taker_buy_base is None else s.taker_buy_base[a:b].tolist(),
+        zeros if s.taker_buy_quote is None else s.taker_buy_quote[a:b].tolist(),
+    )
     return [tmpl.format(*r) for r in zip(*cols, strict=True)]
 
 # %% ../../nbs/sim/11a_replay.ipynb #4c07962c
@@ -35,11 +44,13 @@ def base_state(b: Series, now_ms: int) -> tuple[int, int]:
     closed = int(np.searchsorted(b.open_time, now_ms - b.step_ms, "right"))
     return closed, (closed if closed < len(b) and b.open_time[closed] <= now_ms else -1)
 
+
 def kline_range(open_time: np.ndarray, now_ms: int, start_ms: int | None, end_ms: int | None, limit: int) -> tuple[int, int]:
     "Bars `a:b` of a kline request, by Binance's rules, among the bars opened by `now_ms`."
     opened = int(np.searchsorted(open_time, now_ms, "right"))
     hi = opened if end_ms is None else min(opened, int(np.searchsorted(open_time, end_ms, "right")))
-    if start_ms is None: return max(0, hi - limit), hi
+    if start_ms is None:
+        return max(0, hi - limit), hi
     lo = int(np.searchsorted(open_time, start_ms, "left"))
     return min(lo, hi), min(hi, lo + limit)
 
@@ -48,14 +59,20 @@ def forming_bar(b: Series, open_ms: int, now_ms: int) -> tuple | None:
     "(open, high, low, close, volume, quote volume, trades, taker base, taker quote) so far."
     b0 = int(np.searchsorted(b.open_time, open_ms, "left"))
     closed, cur = base_state(b, now_ms)
-    if closed <= b0 and cur < 0: return None
+    if closed <= b0 and cur < 0:
+        return None
     if closed > b0:
         sl = slice(b0, closed)
         o, h, lo, c = b.open[b0], b.high[sl].max(), b.low[sl].min(), b.close[closed - 1]
-        sums = [float(a[sl].sum()) if a is not None else 0 for a in
-                (b.volume, b.quote_volume, b.trades, b.taker_buy_base, b.taker_buy_quote)]
-    else: o = h = lo = c = b.open[cur]; sums = [0.0, 0.0, 0, 0.0, 0.0]
-    if cur >= 0: h, lo, c = max(h, b.open[cur]), min(lo, b.open[cur]), b.open[cur]
+        sums = [
+            float(a[sl].sum()) if a is not None else 0
+            for a in (b.volume, b.quote_volume, b.trades, b.taker_buy_base, b.taker_buy_quote)
+        ]
+    else:
+        o = h = lo = c = b.open[cur]
+        sums = [0.0, 0.0, 0, 0.0, 0.0]
+    if cur >= 0:
+        h, lo, c = max(h, b.open[cur]), min(lo, b.open[cur]), b.open[cur]
     return (float(o), float(h), float(lo), float(c), *sums)
 
 # %% ../../nbs/sim/11a_replay.ipynb #d3ec3690
@@ -64,23 +81,38 @@ def window_stats(b: Series, now_ms: int, window_ms: int = 86_400_000) -> dict | 
     closed, cur = base_state(b, now_ms)
     a = int(np.searchsorted(b.open_time, now_ms - window_ms, "left"))
     last = cur if cur >= 0 else closed - 1
-    if last < a: return None
+    if last < a:
+        return None
     last_price = float(b.open[cur] if cur >= 0 else b.close[closed - 1])
     hi = max(float(b.high[a:closed].max()) if closed > a else last_price, last_price)
     lo = min(float(b.low[a:closed].min()) if closed > a else last_price, last_price)
     vol, qv = float(b.volume[a:closed].sum()), float(b.quote_volume[a:closed].sum())
     n = int(b.trades[a:closed].sum()) if b.trades is not None else 0
-    return dict(open=float(b.open[a]), high=hi, low=lo, last=last_price, volume=vol, quote_volume=qv, trades=n,
-                open_time=int(b.open_time[a]), last_time=int(b.open_time[last]) + (0 if cur >= 0 else b.step_ms - 1))
+    return dict(
+        open=float(b.open[a]),
+        high=hi,
+        low=lo,
+        last=last_price,
+        volume=vol,
+        quote_volume=qv,
+        trades=n,
+        open_time=int(b.open_time[a]),
+        last_time=int(b.open_time[last]) + (0 if cur >= 0 else b.step_ms - 1),
+    )
 
-# %% ../../nbs/sim/11a_replay.ipynb #a98a7d7c
+# %% ../../nbs/sim/11a_replay.ipynb #1ea39387
 class _RowCache:
     "Encoded rows of bars `lo:hi` of one closed series."
-    __slots__ = ("lo", "hi", "rows")
-    def __init__(self): self.lo, self.hi, self.rows = 0, 0, []
 
+    __slots__ = ("lo", "hi", "rows")
+
+    def __init__(self):
+        self.lo, self.hi, self.rows = 0, 0, []
+
+# %% ../../nbs/sim/11a_replay.ipynb #3076fa53
 class Replay:
     "A `MarketSource` as seen at a moment: klines with the forming bar, last prices, 24h statistics."
+
     def __init__(self, market: MarketSource):
         self.market, self.base_ms = market, interval_ms(market.base_interval)
         self._rows: dict[tuple[str, str], _RowCache] = {}
@@ -89,16 +121,21 @@ class Replay:
     def per_slot(self, name: str, now_ms: int, build):
         "`build()`, computed once per base bar: nothing visible changes inside one."
         slot, hit = now_ms // self.base_ms, self._slots.get(name)
-        if hit is None or hit[0] != slot: hit = self._slots[name] = (slot, build())
+        if hit is None or hit[0] != slot:
+            hit = self._slots[name] = (slot, build())
         return hit[1]
 
     def _closed_rows(self, symbol: str, s: Series, a: int, b: int) -> list[str]:
         c = self._rows.get((symbol, s.interval)) or self._rows.setdefault((symbol, s.interval), _RowCache())
         pdp, qdp = self.market.decimals(symbol)
-        if not c.rows: c.lo = c.hi = a
-        if a < c.lo: c.rows, c.lo = encode_rows(s, a, c.lo, pdp, qdp) + c.rows, a
-        if b > c.hi: c.rows.extend(encode_rows(s, c.hi, b, pdp, qdp)); c.hi = b
-        return c.rows[a - c.lo:b - c.lo]
+        if not c.rows:
+            c.lo = c.hi = a
+        if a < c.lo:
+            c.rows, c.lo = encode_rows(s, a, c.lo, pdp, qdp) + c.rows, a
+        if b > c.hi:
+            c.rows.extend(encode_rows(s, c.hi, b, pdp, qdp))
+            c.hi = b
+        return c.rows[a - c.lo : b - c.lo]
 
     def klines(self, symbol: str, interval: str, now_ms: int, start_ms=None, end_ms=None, limit: int = 500) -> list[str]:
         "JSON rows of a kline request as Binance would answer at `now_ms`, the forming bar last."
@@ -115,15 +152,22 @@ class Replay:
         "(last price, its time) of `symbol` at `now_ms`; None before its first bar."
         b = self.market.series(symbol)
         closed, cur = base_state(b, now_ms)
-        if cur >= 0: return float(b.open[cur]), int(b.open_time[cur])
+        if cur >= 0:
+            return float(b.open[cur]), int(b.open_time[cur])
         return (float(b.close[closed - 1]), int(b.open_time[closed - 1]) + b.step_ms - 1) if closed else None
 
     def last_prices(self, now_ms: int) -> dict[str, tuple[float, int]]:
         "Every listed symbol's (last price, time) at `now_ms`, cached per slot."
-        def build(): return {s: p for s in self.market.symbols if (p := self.last_price(s, now_ms)) is not None}
+
+        def build():
+            return {s: p for s in self.market.symbols if (p := self.last_price(s, now_ms)) is not None}
+
         return self.per_slot("prices", now_ms, build)
 
     def stats_24h(self, now_ms: int) -> dict[str, dict]:
         "Every listed symbol's rolling 24h statistics at `now_ms`, cached per slot."
-        def build(): return {s: st for s in self.market.symbols if (st := window_stats(self.market.series(s), now_ms))}
+
+        def build():
+            return {s: st for s in self.market.symbols if (st := window_stats(self.market.series(s), now_ms))}
+
         return self.per_slot("24h", now_ms, build)

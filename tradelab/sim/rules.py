@@ -15,41 +15,61 @@ from ..errors import ConfigError
 # %% auto #0
 __all__ = ['ALL_SYMBOL_WEIGHTS', 'kline_weight', 'request_weight', 'WeightLimiter', 'Faults', 'FaultDice', 'damage_rows']
 
-# %% ../../nbs/sim/11b_rules.ipynb #54408820
+# %% ../../nbs/sim/11b_rules.ipynb #617d9fec
 def kline_weight(limit: int) -> int:
     "Weight of a klines request asking for `limit` bars."
     return 1 if limit < 100 else 2 if limit < 500 else 5 if limit <= 1000 else 10
 
-ALL_SYMBOL_WEIGHTS = {"/fapi/v1/ticker/price": (1, 2), "/fapi/v2/ticker/price": (1, 2),
-                      "/fapi/v1/ticker/24hr": (1, 40), "/fapi/v1/premiumIndex": (1, 10)}
+# %% ../../nbs/sim/11b_rules.ipynb #2ac1933d
+ALL_SYMBOL_WEIGHTS = {
+    "/fapi/v1/ticker/price": (1, 2),
+    "/fapi/v2/ticker/price": (1, 2),
+    "/fapi/v1/ticker/24hr": (1, 40),
+    "/fapi/v1/premiumIndex": (1, 10),
+}
 "Path -> (weight with `symbol`, weight without)."
 
+# %% ../../nbs/sim/11b_rules.ipynb #22cc21bb
 def request_weight(path: str, query) -> int:
     "Weight of a request to `path` with query parameters `query` (a mapping)."
     if path == "/fapi/v1/klines":
         limit = query.get("limit", "500")
         return kline_weight(int(limit)) if limit.isdigit() else 1
-    if path in ALL_SYMBOL_WEIGHTS: return ALL_SYMBOL_WEIGHTS[path][0 if query.get("symbol") else 1]
+    if path in ALL_SYMBOL_WEIGHTS:
+        return ALL_SYMBOL_WEIGHTS[path][0 if query.get("symbol") else 1]
     return 1
 
 # %% ../../nbs/sim/11b_rules.ipynb #8bea2723
 class WeightLimiter:
     "Weight per simulated minute; 429 over the limit, a doubling 418 ban for ignoring it."
-    __slots__ = ("limit", "used", "minute", "backoff_until", "banned_until", "next_ban_s", "last_violation",
-                 "first_ban_s", "max_ban_s")
+
+    __slots__ = (
+        "limit",
+        "used",
+        "minute",
+        "backoff_until",
+        "banned_until",
+        "next_ban_s",
+        "last_violation",
+        "first_ban_s",
+        "max_ban_s",
+    )
 
     def __init__(self, limit: int = 2400, first_ban_s: float = 120, max_ban_s: float = 3 * 86_400):
-        if limit <= 0: raise ConfigError(f"weight limit must be > 0, got {limit}")
+        if limit <= 0:
+            raise ConfigError(f"weight limit must be > 0, got {limit}")
         self.limit, self.first_ban_s, self.max_ban_s = int(limit), first_ban_s, max_ban_s
         self.used, self.minute, self.backoff_until, self.banned_until = 0, -1, 0, 0
         self.next_ban_s, self.last_violation = first_ban_s, -math.inf
 
     def _window(self, now_ms: int) -> None:
-        if now_ms // 60_000 != self.minute: self.minute, self.used = now_ms // 60_000, 0
+        if now_ms // 60_000 != self.minute:
+            self.minute, self.used = now_ms // 60_000, 0
 
     def ban(self, now_ms: int) -> float:
         "Ban from `now_ms` for the next rung of the ladder; its length in seconds."
-        if now_ms - self.last_violation > 3_600_000: self.next_ban_s = self.first_ban_s
+        if now_ms - self.last_violation > 3_600_000:
+            self.next_ban_s = self.first_ban_s
         ban_s, self.last_violation = self.next_ban_s, now_ms
         self.banned_until, self.next_ban_s = now_ms + int(ban_s * 1000), min(self.max_ban_s, 2 * ban_s)
         return ban_s
@@ -63,17 +83,21 @@ class WeightLimiter:
     def admit(self, weight: int, now_ms: int) -> tuple[int, float]:
         "(HTTP status, Retry-After seconds): 200 and the weight counted, or 429 / 418."
         self._window(now_ms)
-        if now_ms < self.banned_until or now_ms < self.backoff_until: return 418, self.ban(now_ms)
-        if self.used + weight > self.limit: return 429, self.back_off(now_ms)
+        if now_ms < self.banned_until or now_ms < self.backoff_until:
+            return 418, self.ban(now_ms)
+        if self.used + weight > self.limit:
+            return 429, self.back_off(now_ms)
         self.used += weight
         return 200, 0.0
 
-# %% ../../nbs/sim/11b_rules.ipynb #21f08c3b
+# %% ../../nbs/sim/11b_rules.ipynb #ef57f4c3
 _RATES = ("error_rate", "timeout_rate", "malformed_rate", "duplicate_rate", "disorder_rate", "missing_rate")
 
+# %% ../../nbs/sim/11b_rules.ipynb #c3303f52
 @dataclass
 class Faults:
     "Injected faults of the simulated exchange (rates are probabilities per request)."
+
     latency_ms: float = 0.0
     error_rate: float = 0.0
     timeout_rate: float = 0.0
@@ -85,42 +109,57 @@ class Faults:
     force_status: int | None = None
     seed: int = 0
 
-    def __post_init__(self): self.validate()
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> None:
         "ConfigError naming the first field out of range."
         checks = [(n, 0 <= getattr(self, n) <= 1, "in [0, 1]") for n in _RATES] + [
             ("latency_ms", 0 <= self.latency_ms <= 60_000, "in [0, 60000]"),
             ("timeout_s", 0 < self.timeout_s <= 120, "in (0, 120]"),
-            ("force_status", self.force_status in (None, 429, 418), "429, 418 or null")]
+            ("force_status", self.force_status in (None, 429, 418), "429, 418 or null"),
+        ]
         for name, ok, allowed in checks:
-            if not ok: raise ConfigError(f"faults.{name} must be {allowed}, got {getattr(self, name)!r}")
+            if not ok:
+                raise ConfigError(f"faults.{name} must be {allowed}, got {getattr(self, name)!r}")
 
     def update(self, changes: dict) -> None:
         "Apply `changes` (field -> value) atomically: nothing changes if one is unknown or out of range."
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown: raise ConfigError(f"unknown fault setting(s) {unknown}; known: {[f.name for f in dataclasses.fields(self)]}")
-        try: candidate = dataclasses.replace(self, **changes)
-        except TypeError as e: raise ConfigError(f"fault settings: {e}") from e
-        for k in changes: setattr(self, k, getattr(candidate, k))
+        if unknown:
+            raise ConfigError(f"unknown fault setting(s) {unknown}; known: {[f.name for f in dataclasses.fields(self)]}")
+        try:
+            candidate = dataclasses.replace(self, **changes)
+        except TypeError as e:
+            raise ConfigError(f"fault settings: {e}") from e
+        for k in changes:
+            setattr(self, k, getattr(candidate, k))
 
-# %% ../../nbs/sim/11b_rules.ipynb #5db898f4
+# %% ../../nbs/sim/11b_rules.ipynb #82f5f5c6
 class FaultDice:
     "Deterministic fault decisions: each request rolls the same numbers from a seeded generator."
+
     __slots__ = ("_rng", "_seed")
-    def __init__(self, seed: int = 0): self._seed, self._rng = seed, random.Random(seed)
+
+    def __init__(self, seed: int = 0):
+        self._seed, self._rng = seed, random.Random(seed)
 
     def roll(self, faults: Faults) -> dict[str, float]:
         "The decisions for one request: which faults fire, and where in the rows they strike."
-        if faults.seed != self._seed: self._seed, self._rng = faults.seed, random.Random(faults.seed)
+        if faults.seed != self._seed:
+            self._seed, self._rng = faults.seed, random.Random(faults.seed)
         u = [self._rng.random() for _ in range(len(_RATES) + 1)]
         fired = {name.removesuffix("_rate"): u[i] < getattr(faults, name) for i, name in enumerate(_RATES)}
         return fired | {"position": u[-1]}
 
+# %% ../../nbs/sim/11b_rules.ipynb #939dde57
 def damage_rows(rows: list, fired: dict) -> list:
     "Kline rows with a row duplicated, two rows swapped or a row dropped, as `fired` says."
     rows, k = list(rows), int(fired["position"] * max(1, len(rows) - 1))
-    if fired["duplicate"] and rows: rows.insert(k, rows[k])
-    if fired["disorder"] and len(rows) > 1: rows[k], rows[k + 1] = rows[k + 1], rows[k]
-    if fired["missing"] and len(rows) > 2: del rows[max(1, min(k, len(rows) - 2))]  # an inner row: a gap, not a shorter answer
+    if fired["duplicate"] and rows:
+        rows.insert(k, rows[k])
+    if fired["disorder"] and len(rows) > 1:
+        rows[k], rows[k + 1] = rows[k + 1], rows[k]
+    if fired["missing"] and len(rows) > 2:
+        del rows[max(1, min(k, len(rows) - 2))]  # an inner row: a gap, not a shorter answer
     return rows

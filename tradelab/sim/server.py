@@ -8,132 +8,187 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import datetime
 import functools
 import json
 import logging
 import re
 import signal
-import time
 
-import aiohttp
 from aiohttp import web
 
 from ..clock import Clock, SimClock, TestClock
-from ..errors import ConfigError, ExchangeError
-from .source import MarketSource, load_parquet_market
+from ..errors import ConfigError
+from .source import MarketSource
 from .replay import Replay
 from .rules import FaultDice, Faults, WeightLimiter, damage_rows, request_weight
-from .synthetic import synthetic_market
 
 # %% auto #0
-__all__ = ['log', 'FUNDING_MS', 'ENDPOINTS', 'Rejected', 'param_symbol', 'param_int', 'SimServer', 'cli_sim_arguments',
-           'parse_start', 'serve_until_signal', 'cli_sim', 'measure_rate', 'bench_sim', 'bench_arguments', 'run_bench']
+__all__ = ['log', 'FUNDING_MS', 'ENDPOINTS', 'Rejected', 'param_symbol', 'param_int', 'SimServer', 'sim_clock',
+           'serve_until_signal']
 
-# %% ../../nbs/sim/12_server.ipynb #e2d6819b
+# %% ../../nbs/sim/12_server.ipynb #7a73634b
 log = logging.getLogger(__name__)
 
+# %% ../../nbs/sim/12_server.ipynb #9377d4cd
 class Rejected(Exception):
     "A request the exchange refuses: HTTP status and Binance error code and message."
+
     def __init__(self, status: int, code: int, msg: str):
         super().__init__(msg)
         self.status, self.code, self.msg = status, code, msg
-    def body(self) -> bytes: return json.dumps({"code": self.code, "msg": self.msg}).encode()
 
+    def body(self) -> bytes:
+        return json.dumps({"code": self.code, "msg": self.msg}).encode()
+
+# %% ../../nbs/sim/12_server.ipynb #df5ad0be
 _SYMBOL = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
 _INTEGER = re.compile(r"^-?[0-9]{1,20}$")
 
+# %% ../../nbs/sim/12_server.ipynb #f203c783
 def _missing(name: str) -> Rejected:
     return Rejected(400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
 
+# %% ../../nbs/sim/12_server.ipynb #89dd82a6
 def _illegal(name: str, legal: str) -> Rejected:
     return Rejected(400, -1100, f"Illegal characters found in parameter '{name}'; legal range is '{legal}'.")
 
+# %% ../../nbs/sim/12_server.ipynb #1c9a4e34
 def param_symbol(query, market: MarketSource, required: bool = True) -> str | None:
     "The `symbol` parameter, checked against the market."
     s = query.get("symbol")
     if not s:
-        if required: raise _missing("symbol")
+        if required:
+            raise _missing("symbol")
         return None
-    if s in market.entries: return s
-    if not _SYMBOL.match(s): raise _illegal("symbol", "^[A-Z0-9-_.]{1,20}$")
+    if s in market.entries:
+        return s
+    if not _SYMBOL.match(s):
+        raise _illegal("symbol", "^[A-Z0-9-_.]{1,20}$")
     raise Rejected(400, -1121, "Invalid symbol.")
 
+# %% ../../nbs/sim/12_server.ipynb #8a5a9098
 def param_int(query, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
     "An optional integer parameter within `[lo, hi]`."
     v = query.get(name)
-    if v is None or v == "": return None
-    if not _INTEGER.match(v): raise _illegal(name, "^[0-9]{1,20}$")
+    if v is None or v == "":
+        return None
+    if not _INTEGER.match(v):
+        raise _illegal(name, "^[0-9]{1,20}$")
     n = int(v)
     if (lo is not None and n < lo) or (hi is not None and n > hi):
         raise Rejected(400, -1130, f"Data sent for parameter '{name}' is not valid.")
     return n
 
-# %% ../../nbs/sim/12_server.ipynb #dd4a2e20
-def _dumps(obj) -> bytes: return json.dumps(obj, separators=(",", ":")).encode()
+# %% ../../nbs/sim/12_server.ipynb #65e6b395
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
+# %% ../../nbs/sim/12_server.ipynb #2272bb1d
 def _klines(sim: SimServer, q, now: int) -> list[str]:
     symbol = param_symbol(q, sim.market)
+    assert symbol is not None  # required=True raises instead of returning None
     interval = q.get("interval")
-    if not interval: raise _missing("interval")
-    if interval not in sim.market.intervals: raise Rejected(400, -1120, "Invalid interval.")
+    if not interval:
+        raise _missing("interval")
+    if interval not in sim.market.intervals:
+        raise Rejected(400, -1120, "Invalid interval.")
     start, end = param_int(q, "startTime"), param_int(q, "endTime")
     limit = param_int(q, "limit", 1, 1500) or 500
-    if start is not None and end is not None and start > end: raise Rejected(400, -1023, "Start time is greater than end time.")
+    if start is not None and end is not None and start > end:
+        raise Rejected(400, -1023, "Start time is greater than end time.")
     return sim.replay.klines(symbol, interval, now, start, end, limit)
 
+# %% ../../nbs/sim/12_server.ipynb #629ad5fe
 def _fmt_price(sim: SimServer, symbol: str, price: float) -> str:
     return f"{price:.{sim.market.decimals(symbol)[0]}f}"
 
+# %% ../../nbs/sim/12_server.ipynb #d1b417f0
 def _ticker_price(sim: SimServer, q, now: int) -> bytes:
     symbol, prices = param_symbol(q, sim.market, required=False), sim.replay.last_prices(now)
     row = lambda s: {"symbol": s, "price": _fmt_price(sim, s, prices[s][0]), "time": prices[s][1]}
-    if symbol is None: return sim.replay.per_slot("ticker_price", now, lambda: _dumps([row(s) for s in prices]))
-    if symbol not in prices: raise Rejected(400, -1121, "Invalid symbol.")
+    if symbol is None:
+        return sim.replay.per_slot("ticker_price", now, lambda: _dumps([row(s) for s in prices]))
+    if symbol not in prices:
+        raise Rejected(400, -1121, "Invalid symbol.")
     return _dumps(row(symbol))
 
-# %% ../../nbs/sim/12_server.ipynb #1ef9c230
+# %% ../../nbs/sim/12_server.ipynb #b9f9910f
 def _ticker_row(sim: SimServer, s: str, st: dict) -> dict:
     p = lambda x: _fmt_price(sim, s, x)
     change = st["last"] - st["open"]
-    return {"symbol": s, "priceChange": p(change), "priceChangePercent": f"{100 * change / st['open']:.3f}",
-            "weightedAvgPrice": p(st["quote_volume"] / st["volume"] if st["volume"] else st["last"]),
-            "lastPrice": p(st["last"]), "lastQty": "0", "openPrice": p(st["open"]), "highPrice": p(st["high"]),
-            "lowPrice": p(st["low"]), "volume": f"{st['volume']:.{sim.market.decimals(s)[1]}f}",
-            "quoteVolume": f"{st['quote_volume']:.2f}", "openTime": st["open_time"], "closeTime": st["last_time"],
-            "firstId": 0, "lastId": max(0, st["trades"] - 1), "count": st["trades"]}
+    return {
+        "symbol": s,
+        "priceChange": p(change),
+        "priceChangePercent": f"{100 * change / st['open']:.3f}",
+        "weightedAvgPrice": p(st["quote_volume"] / st["volume"] if st["volume"] else st["last"]),
+        "lastPrice": p(st["last"]),
+        "lastQty": "0",
+        "openPrice": p(st["open"]),
+        "highPrice": p(st["high"]),
+        "lowPrice": p(st["low"]),
+        "volume": f"{st['volume']:.{sim.market.decimals(s)[1]}f}",
+        "quoteVolume": f"{st['quote_volume']:.2f}",
+        "openTime": st["open_time"],
+        "closeTime": st["last_time"],
+        "firstId": 0,
+        "lastId": max(0, st["trades"] - 1),
+        "count": st["trades"],
+    }
 
+# %% ../../nbs/sim/12_server.ipynb #6aac25b4
 def _ticker_24h(sim: SimServer, q, now: int) -> bytes:
     symbol, stats = param_symbol(q, sim.market, required=False), sim.replay.stats_24h(now)
     if symbol is None:
         return sim.replay.per_slot("ticker_24h", now, lambda: _dumps([_ticker_row(sim, s, st) for s, st in stats.items()]))
-    if symbol not in stats: raise Rejected(400, -1121, "Invalid symbol.")
+    if symbol not in stats:
+        raise Rejected(400, -1121, "Invalid symbol.")
     return _dumps(_ticker_row(sim, symbol, stats[symbol]))
 
+# %% ../../nbs/sim/12_server.ipynb #9257a71d
 FUNDING_MS = 8 * 3_600_000
 
+# %% ../../nbs/sim/12_server.ipynb #2e9d3f20
 def _premium_index(sim: SimServer, q, now: int) -> bytes:
     symbol, prices = param_symbol(q, sim.market, required=False), sim.replay.last_prices(now)
     nxt = (now // FUNDING_MS + 1) * FUNDING_MS  # 00:00, 08:00, 16:00 UTC
+
     def row(s):
         px = f"{prices[s][0]:.8f}"
-        return {"symbol": s, "markPrice": px, "indexPrice": px, "estimatedSettlePrice": px, "lastFundingRate": "0.00010000",
-                "interestRate": "0.00010000", "nextFundingTime": nxt, "time": now}
-    if symbol is None: return _dumps([row(s) for s in prices])
-    if symbol not in prices: raise Rejected(400, -1121, "Invalid symbol.")
+        return {
+            "symbol": s,
+            "markPrice": px,
+            "indexPrice": px,
+            "estimatedSettlePrice": px,
+            "lastFundingRate": "0.00010000",
+            "interestRate": "0.00010000",
+            "nextFundingTime": nxt,
+            "time": now,
+        }
+
+    if symbol is None:
+        return _dumps([row(s) for s in prices])
+    if symbol not in prices:
+        raise Rejected(400, -1121, "Invalid symbol.")
     return _dumps(row(symbol))
 
-# %% ../../nbs/sim/12_server.ipynb #8a62ff23
+# %% ../../nbs/sim/12_server.ipynb #15bb22b7
 def _exchange_info_parts(market: MarketSource, weight_limit: int) -> tuple[bytes, bytes]:
     "`exchangeInfo` split around the server time, which changes with every answer."
-    limits = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": weight_limit},
-              {"rateLimitType": "ORDERS", "interval": "MINUTE", "intervalNum": 1, "limit": 1200},
-              {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 300}]
-    rest = {"futuresType": "U_MARGINED", "rateLimits": limits, "exchangeFilters": [],
-            "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
-            "symbols": list(market.entries.values())}
+    limits = [
+        {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": weight_limit},
+        {"rateLimitType": "ORDERS", "interval": "MINUTE", "intervalNum": 1, "limit": 1200},
+        {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 300},
+    ]
+    rest = {
+        "futuresType": "U_MARGINED",
+        "rateLimits": limits,
+        "exchangeFilters": [],
+        "assets": [{"asset": "USDT", "marginAvailable": True, "autoAssetExchange": "-10000"}],
+        "symbols": list(market.entries.values()),
+    }
     return b'{"timezone":"UTC","serverTime":', b"," + _dumps(rest)[1:]
 
+# %% ../../nbs/sim/12_server.ipynb #1cdeab1e
 ENDPOINTS = {
     "/fapi/v1/ping": lambda sim, q, now: b"{}",
     "/fapi/v1/time": lambda sim, q, now: b'{"serverTime":%d}' % now,
@@ -146,14 +201,23 @@ ENDPOINTS = {
 }
 "Path -> function `(server, query, now_ms)` returning the body (bytes, or kline rows)."
 
-# %% ../../nbs/sim/12_server.ipynb #f7a5722c
+# %% ../../nbs/sim/12_server.ipynb #1a2b0435
 _TIMEOUT_MSG = "Timeout waiting for response from backend server. Send status unknown; execution status unknown."
 _ERROR_MSG = "Internal error; unable to process your request. Please try again."
 
+# %% ../../nbs/sim/12_server.ipynb #43e82ade
 class SimServer:
     "A local Binance USDⓈ-M market-data server: `async with SimServer(market, clock) as sim: sim.url`."
-    def __init__(self, market: MarketSource, clock: Clock | None = None, host: str = "127.0.0.1", port: int = 0,
-                 faults: Faults | None = None, weight_limit: int = 2400):
+
+    def __init__(
+        self,
+        market: MarketSource,
+        clock: Clock | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        faults: Faults | None = None,
+        weight_limit: int = 2400,
+    ):
         self.market, self.host, self.port = market, host, port
         self.clock = clock if clock is not None else SimClock(market.default_start_ms())
         self.faults = faults if faults is not None else Faults()
@@ -163,96 +227,147 @@ class SimServer:
         self._runner: web.AppRunner | None = None
 
     @property
-    def url(self) -> str: return f"http://{self.host}:{self.port}"
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     def stats(self) -> dict:
         "Requests, weight and answers by status, per endpoint and in total."
         eps = {p: dict(sorted(c.items())) for p, c in sorted(self._stats.items())}
         total = lambda k: sum(c.get(k, 0) for c in self._stats.values())
-        return {"requests": total("requests"), "weight": total("weight"), "status_429": total("429"), "status_418": total("418"),
-                "used_weight_1m": self.limiter.used, "now_ms": self.clock.now_ms(), "endpoints": eps}
+        return {
+            "requests": total("requests"),
+            "weight": total("weight"),
+            "status_429": total("429"),
+            "status_418": total("418"),
+            "used_weight_1m": self.limiter.used,
+            "now_ms": self.clock.now_ms(),
+            "endpoints": eps,
+        }
 
     async def start(self) -> SimServer:
         "Listen on `host:port` (port 0: any free port, then `self.port` is the one chosen)."
         return await _start(self)
+
     async def stop(self) -> None:
         "Stop listening and close open connections."
         await _stop(self)
-    async def __aenter__(self) -> SimServer: return await self.start()
-    async def __aexit__(self, *exc) -> None: await self.stop()
-    def __repr__(self): return f"SimServer({self.market!r}, {self.clock!r}, {self.url if self._runner else 'stopped'})"
 
-# %% ../../nbs/sim/12_server.ipynb #fd6505e7
+    async def __aenter__(self) -> SimServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def __repr__(self):
+        return f"SimServer({self.market!r}, {self.clock!r}, {self.url if self._runner else 'stopped'})"
+
+# %% ../../nbs/sim/12_server.ipynb #ba20762f
 def _reply(sim: SimServer, st: collections.Counter, status: int, body: bytes, headers: dict | None = None) -> web.Response:
     st[str(status)] += 1
     h = {"X-MBX-USED-WEIGHT-1M": str(sim.limiter.used)} | (headers or {})
     return web.Response(body=body, status=status, content_type="application/json", headers=h)
 
+# %% ../../nbs/sim/12_server.ipynb #850bea34
 def _admission(sim: SimServer, path: str, q, now: int, st: collections.Counter) -> web.Response | None:
     "None if admitted (weight counted), else the 429 / 418 answer."
     forced, w = sim.faults.force_status, request_weight(path, q)
-    if forced: sim.faults.force_status = None
-    status, retry = ((429, sim.limiter.back_off(now)) if forced == 429 else (418, sim.limiter.ban(now)) if forced == 418
-                     else sim.limiter.admit(w, now))
-    if status == 200: st["weight"] += w; return None
-    msg = (f"Too much request weight used; current limit is {sim.limiter.limit} request weight per 1 MINUTE. "
-           "Please use WebSocket Streams for live updates to avoid polling the API." if status == 429 else
-           f"Way too much request weight used; IP banned until {sim.limiter.banned_until}. "
-           "Please use WebSocket Streams for live updates to avoid bans.")
+    if forced:
+        sim.faults.force_status = None
+    status, retry = (
+        (429, sim.limiter.back_off(now))
+        if forced == 429
+        else (418, sim.limiter.ban(now))
+        if forced == 418
+        else sim.limiter.admit(w, now)
+    )
+    if status == 200:
+        st["weight"] += w
+        return None
+    msg = (
+        f"Too much request weight used; current limit is {sim.limiter.limit} request weight per 1 MINUTE. "
+        "Please use WebSocket Streams for live updates to avoid polling the API."
+        if status == 429
+        else f"Way too much request weight used; IP banned until {sim.limiter.banned_until}. "
+        "Please use WebSocket Streams for live updates to avoid bans."
+    )
     return _reply(sim, st, status, Rejected(status, -1003, msg).body(), {"Retry-After": str(int(retry))})
 
+# %% ../../nbs/sim/12_server.ipynb #f8b18cd7
 def _body(sim: SimServer, path: str, q, now: int, fired: dict) -> tuple[int, bytes]:
     fn = ENDPOINTS.get(path)
-    if fn is None: return 404, Rejected(404, -5000, f"Path {path}, Method GET is invalid").body()
-    try: out = fn(sim, q, now)
-    except Rejected as r: return r.status, r.body()
+    if fn is None:
+        return 404, Rejected(404, -5000, f"Path {path}, Method GET is invalid").body()
+    try:
+        out = fn(sim, q, now)
+    except Rejected as r:
+        return r.status, r.body()
     if isinstance(out, list):
-        if fired["duplicate"] or fired["disorder"] or fired["missing"]: out = damage_rows(out, fired)
+        if fired["duplicate"] or fired["disorder"] or fired["missing"]:
+            out = damage_rows(out, fired)
         out = ("[" + ",".join(out) + "]").encode()
     return 200, (out[: len(out) // 2] if fired["malformed"] else out)
 
+# %% ../../nbs/sim/12_server.ipynb #e448e321
 async def _handle(sim: SimServer, request: web.Request) -> web.Response:
     path, q, now = request.path, request.query, sim.clock.now_ms()
     st = sim._stats[path]
     st["requests"] += 1
-    if (refused := _admission(sim, path, q, now, st)) is not None: return refused
+    if (refused := _admission(sim, path, q, now, st)) is not None:
+        return refused
     fired = sim._dice.roll(sim.faults)
-    if sim.faults.latency_ms: await asyncio.sleep(sim.faults.latency_ms / 1000)
+    if sim.faults.latency_ms:
+        await asyncio.sleep(sim.faults.latency_ms / 1000)
     if fired["timeout"]:
         await asyncio.sleep(sim.faults.timeout_s)
         return _reply(sim, st, 504, Rejected(504, -1007, _TIMEOUT_MSG).body())
-    if fired["error"]: return _reply(sim, st, 503, Rejected(503, -1001, _ERROR_MSG).body())
+    if fired["error"]:
+        return _reply(sim, st, 503, Rejected(503, -1001, _ERROR_MSG).body())
     return _reply(sim, st, *_body(sim, path, q, now, fired))
 
-# %% ../../nbs/sim/12_server.ipynb #790e218d
-def _json_error(status: int, msg: str) -> web.Response: return web.json_response({"error": msg}, status=status)
+# %% ../../nbs/sim/12_server.ipynb #5467a086
+def _json_error(status: int, msg: str) -> web.Response:
+    return web.json_response({"error": msg}, status=status)
 
+# %% ../../nbs/sim/12_server.ipynb #c6f723ad
 async def _clock(sim: SimServer, request: web.Request) -> web.Response:
     if request.method == "POST":
-        try: body = await request.json()
-        except ValueError: return _json_error(400, "the body must be a JSON object")
-        if not hasattr(sim.clock, "set_ms"):
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json_error(400, "the body must be a JSON object")
+        if not isinstance(sim.clock, TestClock):
             return _json_error(409, f"{sim.clock!r} is not stepped; start the simulator with a TestClock")
         try:
-            if "advance_s" in body: sim.clock.advance(float(body["advance_s"]))
-            elif "set_ms" in body: sim.clock.set_ms(int(body["set_ms"]))
-            else: return _json_error(400, "expected {'advance_s': seconds} or {'set_ms': milliseconds}")
-        except (TypeError, ValueError) as e: return _json_error(400, str(e))
-    stepped = hasattr(sim.clock, "set_ms")
+            if "advance_s" in body:
+                sim.clock.advance(float(body["advance_s"]))
+            elif "set_ms" in body:
+                sim.clock.set_ms(int(body["set_ms"]))
+            else:
+                return _json_error(400, "expected {'advance_s': seconds} or {'set_ms': milliseconds}")
+        except (TypeError, ValueError) as e:
+            return _json_error(400, str(e))
+    stepped = isinstance(sim.clock, TestClock)
     speed = None if stepped else getattr(sim.clock, "speed", 1.0)
     return web.json_response({"now_ms": sim.clock.now_ms(), "stepped": stepped, "speed": speed, "clock": repr(sim.clock)})
 
+# %% ../../nbs/sim/12_server.ipynb #e361f4eb
 async def _faults(sim: SimServer, request: web.Request) -> web.Response:
     if request.method == "POST":
-        try: body = await request.json()
-        except ValueError: return _json_error(400, "the body must be a JSON object")
-        if not isinstance(body, dict): return _json_error(400, "the body must be a JSON object")
-        try: sim.faults.update(body)
-        except ConfigError as e: return _json_error(400, str(e))
-        if "seed" in body: sim._dice = FaultDice(sim.faults.seed)  # setting a seed replays its sequence from the start
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json_error(400, "the body must be a JSON object")
+        if not isinstance(body, dict):
+            return _json_error(400, "the body must be a JSON object")
+        try:
+            sim.faults.update(body)
+        except ConfigError as e:
+            return _json_error(400, str(e))
+        if "seed" in body:
+            sim._dice = FaultDice(sim.faults.seed)  # setting a seed replays its sequence from the start
     return web.json_response(dataclasses.asdict(sim.faults))
 
-# %% ../../nbs/sim/12_server.ipynb #7f54d900
+# %% ../../nbs/sim/12_server.ipynb #640c3df6
 async def _start(sim: SimServer) -> SimServer:
     app = web.Application()
     app.router.add_route("GET", "/fapi/{tail:.*}", functools.partial(_handle, sim))
@@ -266,97 +381,34 @@ async def _start(sim: SimServer) -> SimServer:
     log.info("exchange simulator serving %r at %s", sim.market, sim.url)
     return sim
 
-async def _stats_response(sim: SimServer, request: web.Request) -> web.Response: return web.json_response(sim.stats())
+# %% ../../nbs/sim/12_server.ipynb #1ae28069
+async def _stats_response(sim: SimServer, request: web.Request) -> web.Response:
+    return web.json_response(sim.stats())
 
+# %% ../../nbs/sim/12_server.ipynb #bf2416e2
 async def _stop(sim: SimServer) -> None:
-    if sim._runner is not None: await sim._runner.cleanup(); sim._runner = None
+    if sim._runner is not None:
+        await sim._runner.cleanup()
+        sim._runner = None
 
-# %% ../../nbs/sim/12_server.ipynb #987d2340
-def cli_sim_arguments(p) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="PARQUET", help="a kline file in the shared schema to replay")
-    src.add_argument("--synthetic", type=int, metavar="N", help="serve N synthetic symbols")
-    p.add_argument("--days", type=float, default=30, help="days of synthetic 1m bars (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic market")
-    p.add_argument("--symbols", help="comma-separated symbols to load from --data (default: all)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0: any free port")
-    p.add_argument("--start", help="simulated start, UTC: ISO date/time or ms since the epoch")
-    p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
-    p.add_argument("--stepped", action="store_true", help="time moves only through POST /_sim/clock")
-    p.add_argument("--weight-limit", type=int, default=2400, help="request weight per simulated minute")
-    for f in dataclasses.fields(Faults):
-        if f.name not in ("force_status", "seed"): p.add_argument("--" + f.name.replace("_", "-"), type=float, default=f.default)
-    p.add_argument("--fault-seed", type=int, default=0, help="seed of the fault decisions")
+# %% ../../nbs/sim/12_server.ipynb #ec3266eb
+def sim_clock(source: MarketSource, start_ms: int | None = None, speed: float = 1.0, stepped: bool = False) -> Clock:
+    "The simulator's clock: from `start_ms` (default: the source's default start) at `speed`, or stepped."
+    if speed <= 0:
+        raise ConfigError(f"--speed: the clock speed must be > 0, got {speed:g}")
+    start = source.default_start_ms() if start_ms is None else start_ms
+    first, end = source.span_ms
+    if not first <= start < end:
+        log.warning("start %d is outside the market's bars (%d to %d): prices will not move", start, first, end)
+    return TestClock(start) if stepped else SimClock(start, speed)
 
-def parse_start(text: str) -> int:
-    "Milliseconds since the epoch from `1700000000000`, `2025-09-01` or `2025-09-01T12:00` (UTC unless an offset is given)."
-    if text.isdigit(): return int(text)
-    try: t = datetime.datetime.fromisoformat(text)
-    except ValueError as e: raise ConfigError(f"--start: {text!r} is neither ms since the epoch nor an ISO date/time") from e
-    if t.tzinfo is None: t = t.replace(tzinfo=datetime.UTC)
-    return int(t.timestamp() * 1000)
-
-# %% ../../nbs/sim/12_server.ipynb #770df163
-def _market_from(args) -> MarketSource:
-    if args.data:
-        symbols = [s.strip() for s in args.symbols.split(",") if s.strip()] if args.symbols else None
-        return load_parquet_market(args.data, symbols)
-    return synthetic_market(args.synthetic, args.days, args.seed)
-
+# %% ../../nbs/sim/12_server.ipynb #3ce419eb
 async def serve_until_signal(sim: SimServer) -> None:
     "Run `sim` until SIGINT or SIGTERM (the headless command's loop)."
     stop, loop = asyncio.Event(), asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM): loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     async with sim:
         print(f"tradelab sim: serving {sim.market!r} at {sim.url} with {sim.clock!r}", flush=True)
         await stop.wait()
     log.info("exchange simulator stopped after %d requests", sim.stats()["requests"])
-
-def cli_sim(args) -> int:
-    "`tradelab sim`: build the market, clock and faults the arguments ask for and serve until a signal."
-    start = parse_start(args.start) if args.start else None  # bad arguments fail before a large file loads
-    knobs = [f.name for f in dataclasses.fields(Faults) if f.name not in ("force_status", "seed")]
-    faults = Faults(**{k: getattr(args, k) for k in knobs}, seed=args.fault_seed)
-    if args.speed <= 0: raise ConfigError(f"--speed: the clock speed must be > 0, got {args.speed:g}")
-    market = _market_from(args)
-    start = market.default_start_ms() if start is None else start
-    first, end = market.span_ms
-    if not first <= start < end:
-        log.warning("start %d is outside the market's bars (%d to %d): prices will not move", start, first, end)
-    clock = TestClock(start) if args.stepped else SimClock(start, args.speed)
-    asyncio.run(serve_until_signal(SimServer(market, clock, args.host, args.port, faults, args.weight_limit)))
-    return 0
-
-# %% ../../nbs/sim/12_server.ipynb #2230ef37
-async def measure_rate(url: str, paths: list[str], requests: int, clients: int = 8) -> float:
-    "Requests per second answered for `requests` GETs of `paths` (round robin) by `clients` concurrent connections."
-    async with aiohttp.ClientSession() as http:
-        async def worker(k: int) -> None:
-            for i in range(k, requests, clients):
-                async with http.get(url + paths[i % len(paths)]) as r:
-                    if r.status != 200: raise ExchangeError(f"HTTP {r.status}", endpoint=paths[i % len(paths)], status=r.status)
-                    await r.read()
-        t = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(clients)))
-        return requests / (time.perf_counter() - t)
-
-async def bench_sim(n_symbols: int = 100, requests: int = 3000, clients: int = 8) -> dict:
-    "klines (limit=99) and ping throughput of a simulator serving `n_symbols` synthetic symbols."
-    market = synthetic_market(n_symbols, 20, seed=0)
-    async with SimServer(market, TestClock(market.default_start_ms()), weight_limit=10**9) as sim:
-        paths = [f"/fapi/v1/klines?symbol={s}&interval={iv}&limit=99" for s in market.symbols for iv in ("5m", "15m", "1h")]
-        ping = await measure_rate(sim.url, ["/fapi/v1/ping"], requests, clients)
-        await measure_rate(sim.url, paths, len(paths), clients)
-        klines = await measure_rate(sim.url, paths, requests, clients)
-    return {"symbols": n_symbols, "series": len(paths), "requests": requests, "clients": clients,
-            "ping_per_s": round(ping), "klines99_per_s": round(klines), "klines_to_ping": round(klines / ping, 3)}
-
-def bench_arguments(p) -> None:
-    p.add_argument("--symbols", type=int, default=100, help="synthetic symbols served (x 3 intervals)")
-    p.add_argument("--requests", type=int, default=3000, help="requests per measurement")
-    p.add_argument("--clients", type=int, default=8, help="concurrent connections")
-
-def run_bench(args) -> dict:
-    "`tradelab bench sim`: the simulator's request rate for klines against ping."
-    return asyncio.run(bench_sim(args.symbols, args.requests, args.clients))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,40 +21,65 @@ from ..records import Klines, SymbolInfo
 
 # %% auto #0
 __all__ = ['SERIES_COLUMNS', 'EXTRA_COLUMNS', 'interval_name', 'Series', 'aggregate', 'generated_filters', 'generated_entry',
-           'symbol_info', 'MarketSource', 'read_exchange_entries', 'load_parquet_market']
+           'symbol_info', 'bar_decimals', 'base_interval_of', 'start_with_history', 'MarketSource',
+           'read_exchange_entries', 'load_parquet_market']
 
-# %% ../../nbs/sim/10_source.ipynb #182d51ec
+# %% ../../nbs/sim/10_source.ipynb #58b3d387
 def interval_name(ms: int) -> str:
     "The Binance interval whose length is `ms` milliseconds."
     for name in INTERVALS:
-        if interval_ms(name) == ms: return name
+        if interval_ms(name) == ms:
+            return name
     raise DataError(f"bars {ms} ms apart are not a Binance interval; known: {list(INTERVALS)}")
 
+# %% ../../nbs/sim/10_source.ipynb #84ee14fc
 SERIES_COLUMNS = ("open", "high", "low", "close", "volume", "quote_volume")
 EXTRA_COLUMNS = ("trades", "taker_buy_base", "taker_buy_quote")
 
+# %% ../../nbs/sim/10_source.ipynb #af4b563e
 class Series:
     "One symbol's bars at one interval, ascending by open time."
+
     __slots__ = ("interval", "step_ms", "open_time", *SERIES_COLUMNS, *EXTRA_COLUMNS)
 
-    def __init__(self, interval: str, open_time, open, high, low, close, volume, quote_volume=None,
-                 trades=None, taker_buy_base=None, taker_buy_quote=None):
+    def __init__(
+        self,
+        interval: str,
+        open_time,
+        open,
+        high,
+        low,
+        close,
+        volume,
+        quote_volume=None,
+        trades=None,
+        taker_buy_base=None,
+        taker_buy_quote=None,
+    ):
         self.interval, self.step_ms = interval, interval_ms(interval)
         self.open_time = np.asarray(open_time, np.int64)
         self.open, self.high, self.low = (np.asarray(a, np.float64) for a in (open, high, low))
         self.close, self.volume = np.asarray(close, np.float64), np.asarray(volume, np.float64)
-        self.quote_volume = (self.volume * (self.high + self.low + self.close) / 3 if quote_volume is None
-                             else np.asarray(quote_volume, np.float64))
+        self.quote_volume = (
+            self.volume * (self.high + self.low + self.close) / 3
+            if quote_volume is None
+            else np.asarray(quote_volume, np.float64)
+        )
         self.trades = None if trades is None else np.asarray(trades, np.int64)
         self.taker_buy_base = None if taker_buy_base is None else np.asarray(taker_buy_base, np.float64)
         self.taker_buy_quote = None if taker_buy_quote is None else np.asarray(taker_buy_quote, np.float64)
 
-    def __len__(self): return len(self.open_time)
+    def __len__(self):
+        return len(self.open_time)
+
     @property
-    def close_time(self) -> np.ndarray: return self.open_time + (self.step_ms - 1)
+    def close_time(self) -> np.ndarray:
+        return self.open_time + (self.step_ms - 1)
+
     def klines(self) -> Klines:
         "The bars as `tradelab.records.Klines`."
         return Klines(self.open_time, self.open, self.high, self.low, self.close, self.volume, self.close_time)
+
     def __repr__(self):
         span = f"open_time {self.open_time[0]}..{self.open_time[-1]}" if len(self) else "empty"
         return f"Series({self.interval}, {len(self)} bars, {span})"
@@ -62,26 +88,50 @@ class Series:
 def aggregate(s: Series, interval: str) -> Series:
     "`s` resampled to `interval`, a multiple of its own, on the epoch grid."
     step = interval_ms(interval)
-    if step % s.step_ms: raise ConfigError(f"interval {interval} is not a multiple of the base interval {s.interval}")
-    if step == s.step_ms: return s
+    if step % s.step_ms:
+        raise ConfigError(f"interval {interval} is not a multiple of the base interval {s.interval}")
+    if step == s.step_ms:
+        return s
     key = s.open_time - s.open_time % step
-    if not len(key): return Series(interval, key, *(getattr(s, c) for c in SERIES_COLUMNS))
+    if not len(key):
+        return Series(interval, key, *(getattr(s, c) for c in SERIES_COLUMNS))
     first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     last = np.r_[first[1:], len(key)] - 1
-    def add(a): return None if a is None else np.add.reduceat(a, first)
-    return Series(interval, key[first], s.open[first], np.maximum.reduceat(s.high, first), np.minimum.reduceat(s.low, first),
-                  s.close[last], add(s.volume), add(s.quote_volume), add(s.trades), add(s.taker_buy_base), add(s.taker_buy_quote))
 
-# %% ../../nbs/sim/10_source.ipynb #80b0e5df
+    def add(a):
+        return None if a is None else np.add.reduceat(a, first)
+
+    return Series(
+        interval,
+        key[first],
+        s.open[first],
+        np.maximum.reduceat(s.high, first),
+        np.minimum.reduceat(s.low, first),
+        s.close[last],
+        add(s.volume),
+        add(s.quote_volume),
+        add(s.trades),
+        add(s.taker_buy_base),
+        add(s.taker_buy_quote),
+    )
+
+# %% ../../nbs/sim/10_source.ipynb #bc404c85
 def _decimals(x: float) -> int:
     "Digits after the point of a step like 0.001 or 0.25."
-    return max(0, -Decimal(repr(float(x))).normalize().as_tuple().exponent)
+    exponent = Decimal(repr(float(x))).normalize().as_tuple().exponent
+    if not isinstance(exponent, int):  # 'n', 'N' or 'F': NaN or infinity
+        raise DataError(f"not a finite step: {x!r}")
+    return max(0, -exponent)
 
-def _fmt(x: float, dp: int) -> str: return f"{x:.{dp}f}"
+# %% ../../nbs/sim/10_source.ipynb #9d7fabe6
+def _fmt(x: float, dp: int) -> str:
+    return f"{x:.{dp}f}"
 
+# %% ../../nbs/sim/10_source.ipynb #96846edd
 def generated_filters(price: float) -> tuple[float, float]:
     "(tick size, quantity step) Binance would plausibly give a contract trading at `price`."
-    if not price > 0 or not math.isfinite(price): raise DataError(f"cannot derive filters from price {price!r}")
+    if not price > 0 or not math.isfinite(price):
+        raise DataError(f"cannot derive filters from price {price!r}")
     mag = math.floor(math.log10(price))
     tick = 10.0 ** (mag - (5 if price >= 1000 else 4))
     step = min(1.0, max(0.001, 10.0 ** math.floor(math.log10(1.0 / price))))
@@ -95,19 +145,41 @@ def generated_entry(symbol: str, price: float, onboard_ms: int = 0, quote: str =
     max_qty = _fmt(10.0 ** math.floor(math.log10(5e6 / price)) if price < 5e6 else step, qp)
     lot = {"stepSize": _fmt(step, qp), "minQty": _fmt(step, qp), "maxQty": max_qty}
     return {
-        "symbol": symbol, "pair": symbol, "contractType": "PERPETUAL", "deliveryDate": 4133404800000,
-        "onboardDate": int(onboard_ms), "status": "TRADING", "maintMarginPercent": "2.5000", "requiredMarginPercent": "5.0000",
-        "baseAsset": symbol.removesuffix(quote), "quoteAsset": quote, "marginAsset": quote,
-        "pricePrecision": pp, "quantityPrecision": qp, "baseAssetPrecision": 8, "quotePrecision": 8,
-        "underlyingType": "COIN", "underlyingSubType": [], "triggerProtect": "0.0500", "liquidationFee": "0.012500",
-        "marketTakeBound": "0.05", "maxMoveOrderLimit": 10000,
+        "symbol": symbol,
+        "pair": symbol,
+        "contractType": "PERPETUAL",
+        "deliveryDate": 4133404800000,
+        "onboardDate": int(onboard_ms),
+        "status": "TRADING",
+        "maintMarginPercent": "2.5000",
+        "requiredMarginPercent": "5.0000",
+        "baseAsset": symbol.removesuffix(quote),
+        "quoteAsset": quote,
+        "marginAsset": quote,
+        "pricePrecision": pp,
+        "quantityPrecision": qp,
+        "baseAssetPrecision": 8,
+        "quotePrecision": 8,
+        "underlyingType": "COIN",
+        "underlyingSubType": [],
+        "triggerProtect": "0.0500",
+        "liquidationFee": "0.012500",
+        "marketTakeBound": "0.05",
+        "maxMoveOrderLimit": 10000,
         "filters": [
-            {"filterType": "PRICE_FILTER", "minPrice": _fmt(tick, pp), "maxPrice": _fmt(price * 1000, pp),
-             "tickSize": _fmt(tick, pp)},
-            {"filterType": "LOT_SIZE", **lot}, {"filterType": "MARKET_LOT_SIZE", **lot},
-            {"filterType": "MAX_NUM_ORDERS", "limit": 200}, {"filterType": "MAX_NUM_ALGO_ORDERS", "limit": 10},
+            {
+                "filterType": "PRICE_FILTER",
+                "minPrice": _fmt(tick, pp),
+                "maxPrice": _fmt(price * 1000, pp),
+                "tickSize": _fmt(tick, pp),
+            },
+            {"filterType": "LOT_SIZE", **lot},
+            {"filterType": "MARKET_LOT_SIZE", **lot},
+            {"filterType": "MAX_NUM_ORDERS", "limit": 200},
+            {"filterType": "MAX_NUM_ALGO_ORDERS", "limit": 10},
             {"filterType": "MIN_NOTIONAL", "notional": "5"},
-            {"filterType": "PERCENT_PRICE", "multiplierUp": "1.0500", "multiplierDown": "0.9500", "multiplierDecimal": "4"}],
+            {"filterType": "PERCENT_PRICE", "multiplierUp": "1.0500", "multiplierDown": "0.9500", "multiplierDecimal": "4"},
+        ],
         "orderTypes": ["LIMIT", "MARKET", "STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET", "TRAILING_STOP_MARKET"],
         "timeInForce": ["GTC", "IOC", "FOK", "GTX", "GTD"],
     }
@@ -119,10 +191,20 @@ def symbol_info(entry: dict) -> SymbolInfo:
     try:
         f = {x["filterType"]: x for x in entry["filters"]}
         price, lot, mlot = f["PRICE_FILTER"], f["LOT_SIZE"], f.get("MARKET_LOT_SIZE", f["LOT_SIZE"])
-        return SymbolInfo(sym, entry["baseAsset"], entry["quoteAsset"], entry["status"], entry["contractType"],
-                          tick_size=float(price["tickSize"]), step_size=float(lot["stepSize"]), min_qty=float(lot["minQty"]),
-                          market_step_size=float(mlot["stepSize"]), market_min_qty=float(mlot["minQty"]),
-                          market_max_qty=float(mlot["maxQty"]), min_notional=float(f.get("MIN_NOTIONAL", {}).get("notional", 0)))
+        return SymbolInfo(
+            sym,
+            entry["baseAsset"],
+            entry["quoteAsset"],
+            entry["status"],
+            entry["contractType"],
+            tick_size=float(price["tickSize"]),
+            step_size=float(lot["stepSize"]),
+            min_qty=float(lot["minQty"]),
+            market_step_size=float(mlot["stepSize"]),
+            market_min_qty=float(mlot["minQty"]),
+            market_max_qty=float(mlot["maxQty"]),
+            min_notional=float(f.get("MIN_NOTIONAL", {}).get("notional", 0)),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"exchangeInfo entry for {sym}: missing or malformed filter field {e}") from e
 
@@ -131,18 +213,44 @@ def _data_decimals(a: np.ndarray, floor: int, cap: int = 10) -> int:
     "Fewest decimals (at least `floor`) that print every value of `a` exactly."
     a = a[np.isfinite(a)]
     for dp in range(floor, cap):
-        if np.all(np.abs(np.round(a, dp) - a) <= 1e-9 * 10.0 ** -dp * np.maximum(1.0, np.abs(a))): return dp
+        if np.all(np.abs(np.round(a, dp) - a) <= 1e-9 * 10.0**-dp * np.maximum(1.0, np.abs(a))):
+            return dp
     return cap
+
+# %% ../../nbs/sim/10_source.ipynb #e2efc1ce
+def bar_decimals(entry: Mapping, s: Series) -> tuple[int, int]:
+    "(price, quantity) decimals that print the bars `s` of the contract `entry`: its precisions, or more if the data has more."
+    price = _data_decimals(s.close, int(entry.get("pricePrecision", 2)))
+    return price, _data_decimals(s.volume, int(entry.get("quantityPrecision", 0)))
+
+# %% ../../nbs/sim/10_source.ipynb #4e979b54
+def base_interval_of(base: Mapping[str, Series], entries: Mapping[str, dict], source: str) -> str:
+    "The one interval all `base` series share; `DataError` if they differ or a symbol has no entry."
+    intervals = {s.interval for s in base.values()}
+    if len(intervals) != 1:
+        raise DataError(f"{source}: series must share one base interval, got {sorted(intervals)}")
+    if missing := sorted(set(base) - set(entries)):
+        raise DataError(f"{source}: no exchangeInfo entry for {missing[:5]}")
+    return intervals.pop()
+
+# %% ../../nbs/sim/10_source.ipynb #6b20334c
+def start_with_history(start_ms: int, end_ms: int, intervals: Sequence[str], history_bars: int, ahead_share: float) -> int:
+    "The first boundary after `history_bars` bars of the coarsest of `intervals` (base first) that leaves `ahead_share` ahead."
+    room = (end_ms - start_ms) * (1 - ahead_share)
+    for iv in reversed(intervals):
+        step = interval_ms(iv)
+        t = -(-(start_ms + history_bars * step) // step) * step  # the next boundary of that interval
+        if t - start_ms <= room:
+            return t
+    base = interval_ms(intervals[0])
+    return start_ms + int(room) // base * base
 
 # %% ../../nbs/sim/10_source.ipynb #8a4c4da8
 class MarketSource:
     "Base-interval bars and `exchangeInfo` entries per symbol; coarser intervals aggregated lazily."
+
     def __init__(self, base: dict[str, Series], entries: dict[str, dict], source: str):
-        intervals = {s.interval for s in base.values()}
-        if len(intervals) != 1: raise DataError(f"{source}: series must share one base interval, got {sorted(intervals)}")
-        missing = sorted(set(base) - set(entries))
-        if missing: raise DataError(f"{source}: no exchangeInfo entry for {missing[:5]}")
-        self.source, self.base_interval = source, intervals.pop()
+        self.source, self.base_interval = source, base_interval_of(base, entries, source)
         self.symbols: tuple[str, ...] = tuple(base)
         self.entries = {s: entries[s] for s in self.symbols}
         self.infos = {s: symbol_info(e) for s, e in self.entries.items()}
@@ -155,56 +263,58 @@ class MarketSource:
     def series(self, symbol: str, interval: str | None = None) -> Series:
         "Bars of `symbol` at `interval` (default: the base interval), aggregated once and cached."
         key = (symbol, interval or self.base_interval)
-        if (s := self._series.get(key)) is not None: return s
-        if symbol not in self.entries: raise DataError(f"{self.source}: unknown symbol {symbol!r}")
+        if (s := self._series.get(key)) is not None:
+            return s
+        if symbol not in self.entries:
+            raise DataError(f"{self.source}: unknown symbol {symbol!r}")
         s = self._series[key] = aggregate(self._series[(symbol, self.base_interval)], key[1])
         return s
 
     def decimals(self, symbol: str) -> tuple[int, int]:
         "(price, quantity) decimals for printing this symbol's bars."
         if (d := self._decimals.get(symbol)) is None:
-            e, b = self.entries[symbol], self.series(symbol)
-            d = self._decimals[symbol] = (_data_decimals(b.close, int(e.get("pricePrecision", 2))),
-                                          _data_decimals(b.volume, int(e.get("quantityPrecision", 0))))
+            d = self._decimals[symbol] = bar_decimals(self.entries[symbol], self.series(symbol))
         return d
+
+    def _bases(self) -> list[Series]:
+        "The base series that hold bars; `DataError` if none does."
+        bases = [b for b in (self.series(x) for x in self.symbols) if len(b)]
+        if not bases:
+            raise DataError(f"{self.source}: the market holds no bars")
+        return bases
 
     @property
     def span_ms(self) -> tuple[int, int]:
         "(first open time, end of the last bar) over all symbols, ms."
-        bases = [b for b in (self.series(x) for x in self.symbols) if len(b)]
-        if not bases: raise DataError(f"{self.source}: the market holds no bars")
-        step = interval_ms(self.base_interval)
-        return int(min(b.open_time[0] for b in bases)), int(max(b.open_time[-1] for b in bases)) + step
+        bases = self._bases()
+        return int(min(b.open_time[0] for b in bases)), int(max(b.open_time[-1] for b in bases)) + interval_ms(self.base_interval)
 
     def default_start_ms(self, history_bars: int = 1500, ahead_share: float = 0.25) -> int:
         "Where a simulation starts unless told: `history_bars` of the coarsest interval that fits behind it."
-        bases = [b for b in (self.series(x) for x in self.symbols) if len(b)]
-        if not bases: raise DataError(f"{self.source}: the market holds no bars")
+        bases = self._bases()
         start = int(np.median([b.open_time[0] for b in bases]))
         end = int(np.median([b.open_time[-1] for b in bases])) + interval_ms(self.base_interval)
-        room = (end - start) * (1 - ahead_share)
-        for iv in reversed(self.intervals):
-            step = interval_ms(iv)
-            t = -(-(start + history_bars * step) // step) * step  # the next boundary of that interval
-            if t - start <= room: return t
-        base = interval_ms(self.base_interval)
-        return start + int(room) // base * base
+        return start_with_history(start, end, self.intervals, history_bars, ahead_share)
 
-    def __repr__(self): return f"MarketSource({self.source}: {len(self.symbols)} symbols, base {self.base_interval})"
+    def __repr__(self):
+        return f"MarketSource({self.source}: {len(self.symbols)} symbols, base {self.base_interval})"
 
-# %% ../../nbs/sim/10_source.ipynb #cecf6aa1
+# %% ../../nbs/sim/10_source.ipynb #578b60b3
 _REQUIRED = ("symbol", "open_time", "open", "high", "low", "close", "volume")
 
+# %% ../../nbs/sim/10_source.ipynb #2e310e86
 def _complete(pf: pq.ParquetFile, name: str) -> bool:
     "False when the file's statistics show nulls in column `name` (then it is not worth reading)."
     md, j = pf.metadata, pf.schema_arrow.names.index(name)
     stats = [md.row_group(i).column(j).statistics for i in range(md.num_row_groups)]
     return all(st is None or st.null_count == 0 for st in stats)
 
+# %% ../../nbs/sim/10_source.ipynb #c7d80d6a
 def _read_table(path: Path, symbols):
     pf = pq.ParquetFile(path)
     names = pf.schema_arrow.names
-    if missing := [c for c in _REQUIRED if c not in names]: raise DataError(f"{path}: missing column(s) {missing}")
+    if missing := [c for c in _REQUIRED if c not in names]:
+        raise DataError(f"{path}: missing column(s) {missing}")
     optional = [c for c in ("quote_volume", *EXTRA_COLUMNS) if c in names and _complete(pf, c)]
     filters = [("symbol", "in", sorted(symbols))] if symbols is not None else None
     t = pq.read_table(path, columns=[*_REQUIRED, *optional], filters=filters, read_dictionary=["symbol"])
@@ -216,19 +326,23 @@ def _read_table(path: Path, symbols):
     cols |= {c: t.column(c).to_numpy() for c in optional if t.column(c).null_count == 0}
     return np.sort(names), codes, cols
 
+# %% ../../nbs/sim/10_source.ipynb #4230ba97
 def _file_interval(path: Path, cols: dict, codes: np.ndarray) -> str:
     "The smallest gap between a symbol's open times or, for one bar per symbol, `close_time - open_time + 1`."
     gaps = np.diff(cols["open_time"])[codes[1:] == codes[:-1]]
-    if (gaps > 0).any(): return interval_name(int(gaps[gaps > 0].min()))
+    if (gaps > 0).any():
+        return interval_name(int(gaps[gaps > 0].min()))
     if len(codes) and "close_time" in pq.ParquetFile(path).schema_arrow.names:
         first = pq.ParquetFile(path).read_row_group(0, columns=["open_time", "close_time"]).slice(0, 1).to_pylist()[0]
         return interval_name(first["close_time"] - first["open_time"] + 1)
     raise DataError(f"{path}: cannot tell the bar interval (one bar per symbol and no close_time)")
 
+# %% ../../nbs/sim/10_source.ipynb #39830775
 def _sorted(codes: np.ndarray, cols: dict) -> tuple[np.ndarray, dict]:
     "Rows ordered by (symbol code, open time); a no-op for files already sorted that way."
     t = cols["open_time"]
-    if not (np.any(codes[1:] < codes[:-1]) or np.any((codes[1:] == codes[:-1]) & (t[1:] < t[:-1]))): return codes, cols
+    if not (np.any(codes[1:] < codes[:-1]) or np.any((codes[1:] == codes[:-1]) & (t[1:] < t[:-1]))):
+        return codes, cols
     order = np.lexsort((t, codes))
     return codes[order], {c: a[order] for c, a in cols.items()}
 
@@ -242,23 +356,30 @@ def _cut(path: Path, names, codes, cols, interval: str) -> dict[str, Series]:
         raise DataError(f"{path}: {names[codes[bad[0]]]} has a bar off the {interval} grid at {t[bad[0]]}")
     edges = np.r_[0, np.flatnonzero(~same) + 1, len(codes)]
     keep = [c for c in ("open", "high", "low", "close", "volume", "quote_volume", *EXTRA_COLUMNS) if c in cols]
-    return {str(names[codes[a]]): Series(interval, t[a:b], **{c: cols[c][a:b] for c in keep})
-            for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a}
+    return {
+        str(names[codes[a]]): Series(interval, t[a:b], **{c: cols[c][a:b] for c in keep})
+        for a, b in zip(edges[:-1], edges[1:], strict=True)
+        if b > a
+    }
 
-# %% ../../nbs/sim/10_source.ipynb #2d820c32
+# %% ../../nbs/sim/10_source.ipynb #cd16182d
 def read_exchange_entries(path: str | Path) -> dict[str, dict]:
     "Symbol -> entry of a saved `/fapi/v1/exchangeInfo` response."
     path = Path(path)
-    try: data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e: raise DataError(f"{path}: not a readable exchangeInfo file ({e})") from e
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable exchangeInfo file ({e})") from e
     if not isinstance(data, dict) or not isinstance(data.get("symbols"), list):
         raise DataError(f"{path}: an exchangeInfo response has a 'symbols' list")
     return {e["symbol"]: e for e in data["symbols"] if isinstance(e, dict) and "symbol" in e}
 
+# %% ../../nbs/sim/10_source.ipynb #5d0f5ba4
 def load_parquet_market(path: str | Path, symbols=None, exchange_info: str | Path | None = None) -> MarketSource:
     "A `MarketSource` from a kline Parquet file; entries from `exchange_info` (default: the snapshot beside the file)."
     path = Path(path)
-    if not path.is_file(): raise DataError(f"{path}: no such kline file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such kline file")
     names, codes, cols = _read_table(path, None if symbols is None else set(symbols))
     if symbols is not None and (absent := sorted(set(symbols) - set(names[np.unique(codes)]))):
         raise DataError(f"{path}: no bars for {absent}")

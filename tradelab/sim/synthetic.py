@@ -19,7 +19,8 @@ __all__ = ['MINUTE_MS', 'DAY_MS', 'DEFAULT_START_MS', 'REGIME_RANGE', 'REGIME_UP
 # %% ../../nbs/sim/11_synthetic.ipynb #df93b9bf
 def ar1(e: np.ndarray, phi: float) -> np.ndarray:
     "`x_t = phi * x_{t-1} + e_t` along the last axis, starting from 0."
-    if not 0 < phi < 1: raise ConfigError(f"AR(1) coefficient must be in (0, 1), got {phi}")
+    if not 0 < phi < 1:
+        raise ConfigError(f"AR(1) coefficient must be in (0, 1), got {phi}")
     n = e.shape[-1]
     block = max(1, min(n, int(30 / -math.log(phi))))
     pw = phi ** np.arange(block)
@@ -27,23 +28,26 @@ def ar1(e: np.ndarray, phi: float) -> np.ndarray:
     carry = np.zeros(e.shape[:-1])
     for a in range(0, n, block):
         m = min(block, n - a)
-        x = np.cumsum(e[..., a:a + m] / pw[:m], axis=-1) * pw[:m] + (carry * phi)[..., None] * pw[:m]
-        out[..., a:a + m], carry = x, x[..., -1]
+        x = np.cumsum(e[..., a : a + m] / pw[:m], axis=-1) * pw[:m] + (carry * phi)[..., None] * pw[:m]
+        out[..., a : a + m], carry = x, x[..., -1]
     return out
 
-# %% ../../nbs/sim/11_synthetic.ipynb #ed18f471
+# %% ../../nbs/sim/11_synthetic.ipynb #0a7f67e0
 MINUTE_MS, DAY_MS = 60_000, 86_400_000
 DEFAULT_START_MS = 1_704_067_200_000
 "2024-01-01 00:00 UTC, where synthetic markets start unless told."
 
+# %% ../../nbs/sim/11_synthetic.ipynb #f07d5868
 def _t_shocks(rng: np.random.Generator, df: float, n: int) -> np.ndarray:
     "Student-t draws scaled to unit variance."
     return rng.standard_t(df, n) * math.sqrt((df - 2) / df)
 
+# %% ../../nbs/sim/11_synthetic.ipynb #4ed4970d
 def _jumps(rng: np.random.Generator, n: int, rate: float, scale: float, cap: float) -> np.ndarray:
     "Rare jumps: with probability `rate` per minute, `scale` x a Student-t(3) draw clipped to +-`cap`, in minute volatilities."
     return np.where(rng.random(n) < rate, scale * np.clip(rng.standard_t(3.0, n), -cap, cap), 0.0)
 
+# %% ../../nbs/sim/11_synthetic.ipynb #4540600a
 def _log_vol(rng: np.random.Generator, n: int) -> np.ndarray:
     "Log-volatility: three AR(1) components remembering 30 minutes, 12 hours and 4 days."
     out = np.zeros(n)
@@ -52,6 +56,7 @@ def _log_vol(rng: np.random.Generator, n: int) -> np.ndarray:
         out += ar1(rng.standard_normal(n) * sd * math.sqrt(1 - phi * phi), phi)
     return out
 
+# %% ../../nbs/sim/11_synthetic.ipynb #b870bff7
 def season(open_time: np.ndarray) -> np.ndarray:
     "Activity multiplier by time of day (peak near 15:00 UTC) and weekday (weekends at 70%)."
     hour = (open_time % DAY_MS) / 3_600_000
@@ -60,6 +65,7 @@ def season(open_time: np.ndarray) -> np.ndarray:
 
 # %% ../../nbs/sim/11_synthetic.ipynb #3a8b532f
 REGIME_RANGE, REGIME_UP, REGIME_DOWN = 0, 1, -1
+
 
 def regimes(rng: np.random.Generator, n: int, mean_minutes: float = 36 * 60) -> np.ndarray:
     "Per-minute regime labels: range (0, half the time), up-trend (1) or down-trend (-1)."
@@ -70,10 +76,11 @@ def regimes(rng: np.random.Generator, n: int, mean_minutes: float = 36 * 60) -> 
         a = b
     return out
 
-# %% ../../nbs/sim/11_synthetic.ipynb #d8ca9aa4
+# %% ../../nbs/sim/11_synthetic.ipynb #2b97b00c
 def _rng(seed: int, key: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(key,))))
 
+# %% ../../nbs/sim/11_synthetic.ipynb #4c3f4117
 def _market_factor(seed: int, open_time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "(factor returns, factor log-volatility) per minute."
     rng, n = _rng(seed, 0), len(open_time)
@@ -81,6 +88,7 @@ def _market_factor(seed: int, open_time: np.ndarray) -> tuple[np.ndarray, np.nda
     sigma = 0.03 / math.sqrt(1440) * season(open_time) * np.exp(h - h.var())
     return sigma * (_t_shocks(rng, 4.0, n) + _jumps(rng, n, 1 / (2 * 1440), 5.0, 6.0)), h
 
+# %% ../../nbs/sim/11_synthetic.ipynb #bac2657b
 def _draw_symbol(seed: int, i: int, f: np.ndarray, hf: np.ndarray, sea: np.ndarray) -> dict:
     "One symbol's parameters, shocks, volatility path and regimes."
     rng, n = _rng(seed, i + 1), len(f)
@@ -92,8 +100,9 @@ def _draw_symbol(seed: int, i: int, f: np.ndarray, hf: np.ndarray, sea: np.ndarr
     shocks = _t_shocks(rng, df, n) + _jumps(rng, n, 1 / 1440, 6.0, 8.0)
     ret = beta * f + reg * (rng.uniform(0.5, 1.5) * daily / 1440) + sigma * shocks
     wicks = np.abs(rng.standard_normal((2, n)))
-    return dict(p0=p0, qv_day=qv_day, sigma=sigma, in_range=reg == REGIME_RANGE, ret=ret, wicks=wicks,
-                noise=rng.lognormal(0.0, 0.4, n))
+    return dict(
+        p0=p0, qv_day=qv_day, sigma=sigma, in_range=reg == REGIME_RANGE, ret=ret, wicks=wicks, noise=rng.lognormal(0.0, 0.4, n)
+    )
 
 # %% ../../nbs/sim/11_synthetic.ipynb #211a8cea
 def _mean_revert(ret: np.ndarray, in_range: np.ndarray, phi: float = 1 - 1 / 240) -> np.ndarray:

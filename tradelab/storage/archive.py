@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,43 +17,80 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import DataError
-from ..analysis.model import LABEL_COLUMN, META_FEATURE_NAMES, META_SCHEMA_VERSION, SYMBOL_COLUMN, TIME_COLUMN
+from tradelab.analysis.model import (
+    LABEL_COLUMN,
+    META_FEATURE_NAMES,
+    META_SCHEMA_VERSION,
+    SYMBOL_COLUMN,
+    TIME_COLUMN,
+    FeatureSchema,
+)
 from ..trading.positions import ExitReason, Kind, Position
 from .store import Database, PositionRepository, decode_features, stored_schemas
 
 # %% auto #0
-__all__ = ['log', 'OUTCOME_COLUMNS', 'label_of', 'training_schema', 'DataArchiver', 'read_outcomes']
+__all__ = ['log', 'OUTCOME_COLUMNS', 'label_of', 'training_schema', 'choose_schema', 'training_table', 'write_parquet',
+           'DataArchiver', 'read_outcomes']
 
-# %% ../../nbs/storage/33_archive.ipynb #07a22caa
+# %% ../../nbs/storage/33_archive.ipynb #219b00ad
 log = logging.getLogger(__name__)
 
+# %% ../../nbs/storage/33_archive.ipynb #dff767a8
 def label_of(exit_reason) -> np.ndarray:
     "1 where the exit reason is TARGET, else 0 (int8); reasons by name or as `ExitReason`."
     names = [getattr(r, "name", r) for r in np.atleast_1d(np.asarray(exit_reason, dtype=object))]
     return (np.asarray(names, dtype=object) == ExitReason.TARGET.name).astype(np.int8)
 
-_TAIL = (("r_multiple", pa.float64()), ("pnl", pa.float64()), ("exit_reason", pa.string()), ("kind", pa.string()),
-         ("direction", pa.int8()), ("closed_ms", pa.int64()), ("holding_ms", pa.int64()), ("confidence", pa.float64()),
-         ("model_version", pa.string()), ("position_id", pa.string()))
+# %% ../../nbs/storage/33_archive.ipynb #e7705a94
+_TAIL = (
+    ("r_multiple", pa.float64()),
+    ("pnl", pa.float64()),
+    ("exit_reason", pa.string()),
+    ("kind", pa.string()),
+    ("direction", pa.int8()),
+    ("closed_ms", pa.int64()),
+    ("holding_ms", pa.int64()),
+    ("confidence", pa.float64()),
+    ("model_version", pa.string()),
+    ("position_id", pa.string()),
+)
 
+# %% ../../nbs/storage/33_archive.ipynb #7f05466b
 def training_schema(names) -> pa.Schema:
     "The Arrow schema of a training file whose feature columns are `names`."
     clash = set(names) & {TIME_COLUMN, SYMBOL_COLUMN, LABEL_COLUMN, *(k for k, _ in _TAIL)}
-    if clash: raise DataError(f"feature name(s) {sorted(clash)} collide with training file columns")
-    return pa.schema([(TIME_COLUMN, pa.int64()), (SYMBOL_COLUMN, pa.string()), *((n, pa.float32()) for n in names),
-                      (LABEL_COLUMN, pa.int8()), *_TAIL])
+    if clash:
+        raise DataError(f"feature name(s) {sorted(clash)} collide with training file columns")
+    return pa.schema(
+        [
+            (TIME_COLUMN, pa.int64()),
+            (SYMBOL_COLUMN, pa.string()),
+            *((n, pa.float32()) for n in names),
+            (LABEL_COLUMN, pa.int8()),
+            *_TAIL,
+        ]
+    )
 
-# %% ../../nbs/storage/33_archive.ipynb #cba117d8
-_FRAME_SQL = ("SELECT opened_ms, symbol, features, r_multiple, pnl, exit_reason, kind, side, closed_ms, holding_ms, "
-              "confidence, model_version, position_id FROM archive WHERE {where} AND feature_schema = ? "
-              "ORDER BY opened_ms, position_id")
+# %% ../../nbs/storage/33_archive.ipynb #bcfefa22
+_FRAME_SQL = (
+    "SELECT opened_ms, symbol, features, r_multiple, pnl, exit_reason, kind, side, closed_ms, holding_ms, "
+    "confidence, model_version, position_id FROM archive WHERE {where} AND feature_schema = ? "
+    "ORDER BY opened_ms, position_id"
+)
 
-def _where(kind: Kind | None, since_ms: int | None) -> tuple[str, list]:
-    clauses, args = ["1"], []
-    if kind is not None: clauses.append("kind = ?"); args.append(Kind(kind).name)
-    if since_ms is not None: clauses.append("closed_ms >= ?"); args.append(int(since_ms))
+# %% ../../nbs/storage/33_archive.ipynb #8654bf4c
+def _where(kind: Kind | None, since_ms: int | None) -> tuple[str, list[str | int]]:
+    "The WHERE clause selecting archived trades of `kind` closed since `since_ms`, and its arguments."
+    clauses, args = ["1"], list[str | int]()
+    if kind is not None:
+        clauses.append("kind = ?")
+        args.append(Kind(kind).name)
+    if since_ms is not None:
+        clauses.append("closed_ms >= ?")
+        args.append(int(since_ms))
     return " AND ".join(clauses), args
 
+# %% ../../nbs/storage/33_archive.ipynb #c3d7b897
 def _columns(rows: list[tuple], names: tuple[str, ...]) -> dict[str, np.ndarray]:
     "The training columns of archive `rows` (in `_FRAME_SQL` order)."
     cols = list(zip(*rows, strict=True)) if rows else [()] * (3 + len(_TAIL))
@@ -60,13 +98,42 @@ def _columns(rows: list[tuple], names: tuple[str, ...]) -> dict[str, np.ndarray]
     out = {TIME_COLUMN: np.asarray(cols[0], np.int64), SYMBOL_COLUMN: np.asarray(cols[1], dtype=object)}
     out |= {n: X[:, j] for j, n in enumerate(names)}
     out[LABEL_COLUMN] = label_of(cols[5]) if rows else np.zeros(0, np.int8)
-    tail = dict(zip((k for k, _ in _TAIL), cols[3:], strict=True))
+    tail: dict[str, Sequence] = dict(zip((k for k, _ in _TAIL), cols[3:], strict=True))
     tail["direction"] = [1 if s == "LONG" else -1 for s in tail["direction"]]
     return out | {k: np.asarray(tail[k], dtype=t.to_pandas_dtype()) for k, t in _TAIL}
+
+# %% ../../nbs/storage/33_archive.ipynb #acae54e37e7d407bbb7b55eff062a284
+def choose_schema(
+    stored: Mapping[int, tuple[str, ...]], schema: FeatureSchema | None, schema_version: int | None, where: object
+) -> tuple[int, tuple[str, ...]]:
+    "The schema version and names to export: `schema_version`'s, else `schema`'s, else the newest in `stored`."
+    if schema_version is None and schema is not None:
+        return int(schema.version), tuple(schema.names)
+    version = max(stored, default=None) if schema_version is None else schema_version
+    if version is None or version not in stored:
+        raise DataError(f"database {where} holds no feature schema version {version} (stored: {sorted(stored)})")
+    return version, stored[version]
+
+# %% ../../nbs/storage/33_archive.ipynb #72eea5119410473aa328ad9291626812
+def training_table(frame: pd.DataFrame, version: int, names: Sequence[str]) -> pa.Table:
+    "The training file's table of `frame`, with the feature schema's version and names in its metadata."
+    table = pa.Table.from_pandas(frame, schema=training_schema(names), preserve_index=False)
+    return table.replace_schema_metadata({META_SCHEMA_VERSION: str(version), META_FEATURE_NAMES: json.dumps(list(names))})
+
+# %% ../../nbs/storage/33_archive.ipynb #8edb47106e1a46a883d545849b8ab81b
+def write_parquet(table: pa.Table, path: str | Path) -> Path:
+    "Write `table` to `path` (folders made) through a temporary file renamed into place; the path written."
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
 
 # %% ../../nbs/storage/33_archive.ipynb #a5d35531
 class DataArchiver:
     "Archive closed positions with their features; export the archive as a training file."
+
     __slots__ = ("db", "positions")
 
     def __init__(self, db: Database, schema=None):
@@ -74,10 +141,13 @@ class DataArchiver:
         self.db, self.positions = db, PositionRepository(db, schema)
 
     @property
-    def schema(self): return self.positions.schema
+    def schema(self):
+        return self.positions.schema
+
     def archive_position(self, pos: Position) -> bool:
         "Store the closed `pos` and its archive row atomically; `False` if it was archived before."
         return self.positions.close(pos)
+
     def archive_many(self, positions) -> int:
         "Archive many closed positions in one transaction; how many were new."
         return self.positions.close_many(positions)
@@ -89,13 +159,7 @@ class DataArchiver:
 
     def export_schema(self, schema_version: int | None = None) -> tuple[int, tuple[str, ...]]:
         "The schema version and names to export: the one asked for, else the archiver's, else the newest stored."
-        stored = stored_schemas(self.db)
-        if schema_version is None and self.schema is not None: return int(self.schema.version), tuple(self.schema.names)
-        if schema_version is None and stored: schema_version = max(stored)
-        if schema_version not in stored:
-            raise DataError(f"database {self.db.path} holds no feature schema version {schema_version} "
-                            f"(stored: {sorted(stored)})")
-        return schema_version, stored[schema_version]
+        return choose_schema(stored_schemas(self.db), self.schema, schema_version, self.db.path)
 
     def frame(self, kind: Kind | None = None, since_ms: int | None = None, schema_version: int | None = None) -> pd.DataFrame:
         "The training table of the selected archived trades (columns as in the table at the top)."
@@ -104,20 +168,17 @@ class DataArchiver:
         rows = self.db.query(_FRAME_SQL.format(where=where), [*args, version])
         other = f"SELECT COUNT(*) FROM archive WHERE {where} AND feature_schema IS NOT ?"
         left_out = self.db.query(other, [*args, version])[0][0]
-        if left_out: log.info("%d archived trade(s) left out: features of another schema than %d, or none", left_out, version)
+        if left_out:
+            log.info("%d archived trade(s) left out: features of another schema than %d, or none", left_out, version)
         return pd.DataFrame(_columns(rows, names))
 
-    def export_parquet(self, path: str | Path, kind: Kind | None = None, since_ms: int | None = None,
-                       schema_version: int | None = None) -> int:
+    def export_parquet(
+        self, path: str | Path, kind: Kind | None = None, since_ms: int | None = None, schema_version: int | None = None
+    ) -> int:
         "Write the training file (see the table at the top) to `path`, atomically; the number of rows."
         version, names = self.export_schema(schema_version)
-        table = pa.Table.from_pandas(self.frame(kind, since_ms, version), schema=training_schema(names), preserve_index=False)
-        table = table.replace_schema_metadata({META_SCHEMA_VERSION: str(version), META_FEATURE_NAMES: json.dumps(list(names))})
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        table = training_table(self.frame(kind, since_ms, version), version, names)
+        path = write_parquet(table, path)
         log.info("exported %d archived trade(s) of feature schema %d to %s", table.num_rows, version, path)
         return table.num_rows
 
@@ -125,14 +186,22 @@ class DataArchiver:
         "The outcome arrays of the archived trades (see `read_outcomes`)."
         return read_outcomes(self.db, kind)
 
-# %% ../../nbs/storage/33_archive.ipynb #0a3bcdfc
-OUTCOME_COLUMNS = (("position_id", object), ("kind", object), ("symbol", object), ("closed_ms", np.int64),
-                   ("pnl", np.float64), ("r_multiple", np.float64))
+# %% ../../nbs/storage/33_archive.ipynb #d78f1b24
+OUTCOME_COLUMNS = (
+    ("position_id", object),
+    ("kind", object),
+    ("symbol", object),
+    ("closed_ms", np.int64),
+    ("pnl", np.float64),
+    ("r_multiple", np.float64),
+)
 
+# %% ../../nbs/storage/33_archive.ipynb #6a61f17f
 def read_outcomes(db: Database, kind: Kind | None = None) -> dict[str, np.ndarray]:
     "`position_id`, `kind`, `symbol`, `closed_ms`, `pnl`, `r_multiple` of every archived trade, by close time then id."
     where, args = _where(kind, None)
-    rows = db.query(f"SELECT {', '.join(k for k, _ in OUTCOME_COLUMNS)} FROM archive WHERE {where} "
-                    "ORDER BY closed_ms, position_id", args)
+    rows = db.query(
+        f"SELECT {', '.join(k for k, _ in OUTCOME_COLUMNS)} FROM archive WHERE {where} ORDER BY closed_ms, position_id", args
+    )
     cols = list(zip(*rows, strict=True)) if rows else [()] * len(OUTCOME_COLUMNS)
     return {k: np.asarray(c, dtype=t) for (k, t), c in zip(OUTCOME_COLUMNS, cols, strict=True)}

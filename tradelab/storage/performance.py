@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -17,14 +18,16 @@ from ..trading.positions import ExitReason, Kind, Position, PositionState
 from .store import Database
 
 # %% auto #0
-__all__ = ['DAY_MS', 'PerformanceStats', 'trade_stats', 'PerformanceManager', 'differences']
+__all__ = ['DAY_MS', 'PerformanceStats', 'trade_stats', 'check_recordable', 'stats_frame', 'PerformanceManager', 'differences']
 
-# %% ../../nbs/storage/34_performance.ipynb #a1f89e27
+# %% ../../nbs/storage/34_performance.ipynb #a1cd2a6e
 DAY_MS = 86_400_000
 
+# %% ../../nbs/storage/34_performance.ipynb #6f4e46d9
 @dataclass(frozen=True, slots=True)
 class PerformanceStats:
     "Figures of one set of closed trades (definitions at the top of this page)."
+
     trades: int
     win_rate: float
     expectancy_r: float
@@ -41,40 +44,52 @@ class PerformanceStats:
 
     def same_as(self, other: PerformanceStats) -> list[str]:
         "Names of the fields that differ (NaN equals NaN)."
-        def eq(a, b): return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+        def eq(a, b):
+            return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
         return [f.name for f in fields(self) if not eq(getattr(self, f.name), getattr(other, f.name))]
 
-# %% ../../nbs/storage/34_performance.ipynb #b19c3fdb
-def _mean(a: np.ndarray) -> float: return float(a.mean()) if len(a) else math.nan
+# %% ../../nbs/storage/34_performance.ipynb #11a88b7d
+def _mean(a: np.ndarray) -> float:
+    return float(a.mean()) if len(a) else math.nan
 
+# %% ../../nbs/storage/34_performance.ipynb #9fe75d71
 def _ratio(a: np.ndarray) -> float:
     "mean / standard deviation (ddof 1), NaN when undefined."
-    if len(a) < 2: return math.nan
+    if len(a) < 2:
+        return math.nan
     sd = float(a.std(ddof=1))
     return float(a.mean()) / sd if sd > 0 else math.nan
 
+# %% ../../nbs/storage/34_performance.ipynb #13e2ce00
 def _profit_factor(pnl: np.ndarray) -> float:
     gains, losses = float(pnl[pnl > 0].sum()), float(-pnl[pnl < 0].sum())
-    if losses > 0: return gains / losses
+    if losses > 0:
+        return gains / losses
     return math.inf if gains > 0 else math.nan
 
+# %% ../../nbs/storage/34_performance.ipynb #015b1cae
 def _drawdown(equity: np.ndarray) -> tuple[float, float]:
     "Largest fall from a running peak of `equity`: in quote currency, and as a share of that peak."
     peak = np.maximum.accumulate(equity)
     dd = peak - equity
     return float(dd.max()), float((dd / peak).max())
 
-# %% ../../nbs/storage/34_performance.ipynb #4f62f337
+# %% ../../nbs/storage/34_performance.ipynb #054d60e6
 def _daily_sharpe(pnl: np.ndarray, closed_ms: np.ndarray, e0: float, min_days: int) -> tuple[float, int]:
     "Annualised Sharpe ratio of the daily returns and the number of calendar days spanned."
-    if not len(pnl): return math.nan, 0
+    if not len(pnl):
+        return math.nan, 0
     day = closed_ms // DAY_MS
     span = int(day.max() - day.min()) + 1
-    if span < min_days: return math.nan, span
+    if span < min_days:
+        return math.nan, span
     daily = np.bincount(day - day.min(), weights=pnl, minlength=span)
     start = e0 + np.concatenate([[0.0], np.cumsum(daily)[:-1]])
     return _ratio(daily / start) * math.sqrt(365.0), span
 
+# %% ../../nbs/storage/34_performance.ipynb #0652bfef
 def trade_stats(pnl, r_multiple, closed_ms, starting_equity: float, min_days: int = 30) -> PerformanceStats:
     "The figures of trades given as arrays in close order."
     pnl, r = np.asarray(pnl, np.float64), np.asarray(r_multiple, np.float64)
@@ -84,14 +99,25 @@ def trade_stats(pnl, r_multiple, closed_ms, starting_equity: float, min_days: in
     dd, dd_pct = _drawdown(equity)
     sharpe_d, days = _daily_sharpe(pnl, closed_ms, starting_equity, min_days)
     return PerformanceStats(
-        trades=len(pnl), win_rate=_mean(win.astype(np.float64)), expectancy_r=_mean(r), expectancy_pnl=_mean(pnl),
-        avg_win_r=_mean(r[win]), avg_loss_r=_mean(r[~win]), profit_factor=_profit_factor(pnl),
-        total_pnl=float(pnl.sum()), max_drawdown=dd, max_drawdown_pct=dd_pct,
-        sharpe_per_trade=_ratio(pnl / equity[:-1]), sharpe_annualised=sharpe_d, days=days)
+        trades=len(pnl),
+        win_rate=_mean(win.astype(np.float64)),
+        expectancy_r=_mean(r),
+        expectancy_pnl=_mean(pnl),
+        avg_win_r=_mean(r[win]),
+        avg_loss_r=_mean(r[~win]),
+        profit_factor=_profit_factor(pnl),
+        total_pnl=float(pnl.sum()),
+        max_drawdown=dd,
+        max_drawdown_pct=dd_pct,
+        sharpe_per_trade=_ratio(pnl / equity[:-1]),
+        sharpe_annualised=sharpe_d,
+        days=days,
+    )
 
 # %% ../../nbs/storage/34_performance.ipynb #9faf2396
 class _Trades:
     "Closed trades of one kind as growable parallel arrays, read in (close time, id) order."
+
     __slots__ = ("n", "closed_ms", "pnl", "r", "code", "ids", "symbols", "_codes", "_sorted")
 
     def __init__(self, capacity: int = 256):
@@ -115,43 +141,63 @@ class _Trades:
         sl = slice(self.n, self.n + k)
         self.closed_ms[sl], self.pnl[sl], self.r[sl], self.code[sl] = closed_ms, pnl, r, codes
         if k and self._sorted:
-            key = list(zip(self.closed_ms[max(self.n - 1, 0):self.n + k].tolist(), [*self.ids[-1:], *ids], strict=True))
+            key = list(zip(self.closed_ms[max(self.n - 1, 0) : self.n + k].tolist(), [*self.ids[-1:], *ids], strict=True))
             self._sorted = all(key[i] <= key[i + 1] for i in range(len(key) - 1))
         self.ids += list(ids)
         self.n += k
 
     def arrays(self, symbol: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         "(pnl, r, closed_ms) in close order, of one symbol or all."
-        if not self._sorted: self._sort()
+        if not self._sorted:
+            self._sort()
         n = self.n
-        if symbol is None: return self.pnl[:n], self.r[:n], self.closed_ms[:n]
+        if symbol is None:
+            return self.pnl[:n], self.r[:n], self.closed_ms[:n]
         mask = self.code[:n] == self._codes.get(symbol, -1)
         return self.pnl[:n][mask], self.r[:n][mask], self.closed_ms[:n][mask]
 
     def _sort(self) -> None:
         n = self.n
         order = np.lexsort((np.asarray(self.ids), self.closed_ms[:n]))
-        for a in (self.closed_ms, self.pnl, self.r, self.code): a[:n] = a[:n][order]
+        for a in (self.closed_ms, self.pnl, self.r, self.code):
+            a[:n] = a[:n][order]
         self.ids = [self.ids[i] for i in order.tolist()]
         self._sorted = True
+
+# %% ../../nbs/storage/34_performance.ipynb #5997fed2
+def check_recordable(pos: Position, kind: Kind) -> None:
+    "`StateError` unless `pos` is a closed position of `kind` (anything else is a bug upstream)."
+    if pos.kind is not kind:
+        method = "record_virtual_trade" if pos.kind is Kind.VIRTUAL else "record_trade"
+        raise StateError(f"{pos!r} is {pos.kind.name}: record it with {method}")
+    if pos.state is not PositionState.CLOSED:
+        raise StateError(f"{pos!r} is not CLOSED: only closed trades have figures")
+
+# %% ../../nbs/storage/34_performance.ipynb #09a928a7
+def stats_frame(rows: Mapping[tuple[str, str], PerformanceStats]) -> pd.DataFrame:
+    "One row per (kind, symbol) key of `rows`, one column per figure."
+    return pd.DataFrame(
+        [{f.name: getattr(v, f.name) for f in fields(v)} for v in rows.values()],
+        index=pd.MultiIndex.from_tuples(list(rows), names=["kind", "symbol"]),
+    )
 
 # %% ../../nbs/storage/34_performance.ipynb #623d5d9f
 class PerformanceManager:
     "Closed-trade figures for real and virtual trades, overall and per symbol; checkable against the archive."
+
     __slots__ = ("starting_equity", "min_days", "_trades", "_seen")
 
     def __init__(self, starting_equity: float, *, min_days: int = 30):
-        if not starting_equity > 0: raise ValueError(f"starting_equity must be > 0, got {starting_equity}")
+        if not starting_equity > 0:
+            raise ValueError(f"starting_equity must be > 0, got {starting_equity}")
         self.starting_equity, self.min_days = float(starting_equity), int(min_days)
         self._trades = {Kind.REAL: _Trades(), Kind.VIRTUAL: _Trades()}
         self._seen: set[str] = set()
 
     def _record(self, pos: Position, kind: Kind) -> bool:
-        if pos.kind is not kind:
-            method = "record_virtual_trade" if pos.kind is Kind.VIRTUAL else "record_trade"
-            raise StateError(f"{pos!r} is {pos.kind.name}: record it with {method}")
-        if pos.state is not PositionState.CLOSED: raise StateError(f"{pos!r} is not CLOSED: only closed trades have figures")
-        if pos.exit_reason is ExitReason.CANCELLED or pos.id in self._seen: return False
+        check_recordable(pos, kind)
+        if pos.exit_reason is ExitReason.CANCELLED or pos.id in self._seen:
+            return False
         self._seen.add(pos.id)
         self._trades[kind].extend([pos.id], [pos.symbol], [pos.closed_ms], [pos.realized_pnl], [pos.r_multiple])
         return True
@@ -190,14 +236,14 @@ class PerformanceManager:
     def reconcile(self, db: Database) -> int:
         "Rebuild from the archive in `db` and compare; the number of trades checked, `StateError` on any difference."
         problems = differences(self, PerformanceManager.from_archive(db, self.starting_equity, min_days=self.min_days))
-        if problems: raise StateError(f"performance figures disagree with the archive in {db.path}: " + "; ".join(problems[:10]))
+        if problems:
+            raise StateError(f"performance figures disagree with the archive in {db.path}: " + "; ".join(problems[:10]))
         return len(self._seen)
 
     def summary(self) -> pd.DataFrame:
         "One row per (kind, symbol), `ALL` first for each kind; one column per figure."
         rows = {(k.name, s or "ALL"): self.stats(k, s) for k in Kind for s in [None, *sorted(self.symbols(k))]}
-        return pd.DataFrame([{f.name: getattr(v, f.name) for f in fields(v)} for v in rows.values()],
-                            index=pd.MultiIndex.from_tuples(list(rows), names=["kind", "symbol"]))
+        return stats_frame(rows)
 
 # %% ../../nbs/storage/34_performance.ipynb #8df22967
 def differences(a: PerformanceManager, b: PerformanceManager) -> list[str]:
@@ -205,8 +251,10 @@ def differences(a: PerformanceManager, b: PerformanceManager) -> list[str]:
     out = []
     for kind in Kind:
         ta, tb = set(a._trades[kind].ids), set(b._trades[kind].ids)
-        if ta != tb: out.append(f"{kind.name}: {len(ta - tb)} trade(s) only in the first, {len(tb - ta)} only in the second")
+        if ta != tb:
+            out.append(f"{kind.name}: {len(ta - tb)} trade(s) only in the first, {len(tb - ta)} only in the second")
         for s in [None, *sorted(set(a.symbols(kind)) | set(b.symbols(kind)))]:
             diff = a.stats(kind, s).same_as(b.stats(kind, s))
-            if diff: out.append(f"{kind.name} {s or 'ALL'}: {', '.join(diff)}")
+            if diff:
+                out.append(f"{kind.name} {s or 'ALL'}: {', '.join(diff)}")
     return out

@@ -11,77 +11,93 @@ import operator
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, DataError, StateError
-from ..trading.positions import POSITION_FIELDS, ExitReason, Kind, Position, PositionBook, PositionState, random_positions
-from ..timing import OperationTimer
+from ..trading.risk import BreakerRow
+from ..trading.positions import POSITION_FIELDS, ExitReason, Kind, Position, PositionBook, PositionState, mark_pnl
+from ..analysis.model import FeatureSchema, current_schema
 
 # %% auto #0
 __all__ = ['log', 'SYNCHRONOUS', 'MIGRATIONS', 'SCHEMA_VERSION', 'Database', 'Migration', 'migrate', 'encode_features',
            'decode_features', 'register_schema', 'stored_schemas', 'default_schema', 'position_row',
-           'position_from_row', 'PositionReader', 'PositionRepository', 'BreakerRecord', 'BreakerRepository',
-           'RefusalRecord', 'RefusalRepository', 'bench_arguments', 'run_bench']
+           'position_from_row', 'PositionReader', 'PositionRepository', 'BreakerRepository', 'RefusalRecord',
+           'RefusalRepository']
 
-# %% ../../nbs/storage/32_store.ipynb #299309bf
+# %% ../../nbs/storage/32_store.ipynb #c6b6499e
 log = logging.getLogger(__name__)
 
 SYNCHRONOUS = ("NORMAL", "FULL")
 "The `PRAGMA synchronous` levels we allow with WAL (OFF would lose committed data on a crash)."
 
+# %% ../../nbs/storage/32_store.ipynb #f073c98a
 def _connect(path: Path, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:
     if synchronous not in SYNCHRONOUS:
         raise ConfigError(f"database synchronous must be one of {list(SYNCHRONOUS)}, got {synchronous!r}")
-    try: conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
-    except sqlite3.OperationalError as e: raise ConfigError(f"cannot open database {path}: {e}") from e
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
+    except sqlite3.OperationalError as e:
+        raise ConfigError(f"cannot open database {path}: {e}") from e
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal": raise StateError(f"database {path}: journal mode is {mode!r}, WAL needs a real file")
+        if mode.lower() != "wal":
+            raise StateError(f"database {path}: journal mode is {mode!r}, WAL needs a real file")
         conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
     except (sqlite3.DatabaseError, StateError) as e:
         conn.close()
-        if isinstance(e, StateError): raise
+        if isinstance(e, StateError):
+            raise
         raise StateError(f"database {path} cannot be used: {e}") from e
     return conn
+
+# %% ../../nbs/storage/32_store.ipynb #36a109dc
+@contextmanager
+def _immediate(conn: sqlite3.Connection, lock: threading.RLock) -> Iterator[sqlite3.Connection]:
+    "`BEGIN IMMEDIATE` ... `COMMIT` on `conn` under `lock`, `ROLLBACK` if the block raises; inside a transaction, join it."
+    with lock:
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
 # %% ../../nbs/storage/32_store.ipynb #2fae4119
 class Database:
     "One SQLite file in WAL mode, migrated when opened; explicit all-or-nothing transactions."
+
     __slots__ = ("path", "conn", "_lock")
 
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_s: float = 5.0,
-                 target_version: int | None = None):
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_s: float = 5.0, target_version: int | None = None
+    ):
         self.path = Path(path)
         self.conn = _connect(self.path, synchronous, busy_timeout_s)
         self._lock = threading.RLock()
-        try: migrate(self, target_version)
+        try:
+            migrate(self, target_version)
         except BaseException:
             self.conn.close()
             raise
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         "`BEGIN IMMEDIATE` ... `COMMIT`, `ROLLBACK` if the block raises; nested calls join the outer one."
-        with self._lock:
-            if self.conn.in_transaction:
-                yield self.conn
-                return
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-                self.conn.execute("COMMIT")
-            except BaseException:
-                if self.conn.in_transaction: self.conn.execute("ROLLBACK")
-                raise
+        return _immediate(self.conn, self._lock)
 
     def query(self, sql: str, args: Sequence = ()) -> list[tuple]:
         "Every row of a read, under the lock: a read never runs in the middle of another thread's transaction."
-        with self._lock: return self.conn.execute(sql, args).fetchall()
+        with self._lock:
+            return self.conn.execute(sql, args).fetchall()
 
     def query_one(self, sql: str, args: Sequence = ()) -> tuple | None:
         "The first row of a read, or `None`."
@@ -91,34 +107,64 @@ class Database:
     @property
     def version(self) -> int:
         "The schema version stored in the file (0 for an empty file)."
-        with self._lock: return _stored_version(self.conn)
+        with self._lock:
+            return _stored_version(self.conn)
 
     def integrity_check(self) -> str:
         "SQLite's own verdict on the file: 'ok' or the first problems it found."
         return "; ".join(r[0] for r in self.query("PRAGMA integrity_check"))
 
-    def close(self) -> None: self.conn.close()
-    def __enter__(self) -> Database: return self
-    def __exit__(self, *exc) -> None: self.close()
-    def __repr__(self): return f"Database({self.path.name!r}, version {self.version})"
+    def close(self) -> None:
+        "Close the connection; a committed transaction is already on disk."
+        self.conn.close()
 
-# %% ../../nbs/storage/32_store.ipynb #65ef3d5c
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self):
+        return f"Database({self.path.name!r}, version {self.version})"
+
+# %% ../../nbs/storage/32_store.ipynb #83417f11
 @dataclass(frozen=True, slots=True)
 class Migration:
     "One step of the schema: `statements` run in one transaction with the version bump."
+
     version: int
     description: str
     statements: tuple[str, ...]
 
+# %% ../../nbs/storage/32_store.ipynb #61ee9b0b
 def _stored_version(conn: sqlite3.Connection) -> int:
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'").fetchone(): return 0
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'").fetchone():
+        return 0
     return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
 
+# %% ../../nbs/storage/32_store.ipynb #0a230f98
 def _check_order(migrations: Sequence[Migration]) -> int:
     versions = [m.version for m in migrations]
     if versions != list(range(1, len(versions) + 1)):
         raise StateError(f"migrations must be numbered 1, 2, 3... in order, got {versions}")
     return len(versions)
+
+# %% ../../nbs/storage/32_store.ipynb #f37a918a
+def _apply(db: Database, m: Migration) -> bool:
+    "Run `m` and record its version in one transaction; False if another process applied it meanwhile."
+    try:
+        with db.transaction() as c:
+            if _stored_version(c) >= m.version:
+                return False
+            for statement in m.statements:
+                c.execute(statement)
+            c.execute("INSERT INTO schema_version (version, description) VALUES (?, ?)", (m.version, m.description))
+    except sqlite3.Error as e:
+        raise StateError(
+            f"database {db.path}: migration {m.version} ({m.description}) failed and was rolled back, "
+            f"the file stays at version {m.version - 1}: {e}"
+        ) from e
+    return True
 
 # %% ../../nbs/storage/32_store.ipynb #18bc69e1
 def migrate(db: Database, target: int | None = None, migrations: Sequence[Migration] | None = None) -> list[int]:
@@ -126,32 +172,37 @@ def migrate(db: Database, target: int | None = None, migrations: Sequence[Migrat
     migrations = MIGRATIONS if migrations is None else migrations
     known = _check_order(migrations)
     target = known if target is None else target
-    if not 0 <= target <= known: raise ConfigError(f"schema target version must be in 0..{known}, got {target}")
+    if not 0 <= target <= known:
+        raise ConfigError(f"schema target version must be in 0..{known}, got {target}")
     current = db.version
     if current > known:
-        raise StateError(f"database {db.path} has schema version {current} but this tradelab knows versions up to "
-                         f"{known}: upgrade tradelab or open another file")
+        raise StateError(
+            f"database {db.path} has schema version {current} but this tradelab knows versions up to "
+            f"{known}: upgrade tradelab or open another file"
+        )
     with db.transaction() as c:
         c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, description TEXT NOT NULL) STRICT")
     applied = []
     for m in migrations[current:target]:
-        try:
-            with db.transaction() as c:
-                if _stored_version(c) >= m.version: continue  # another process upgraded it meanwhile
-                for statement in m.statements: c.execute(statement)
-                c.execute("INSERT INTO schema_version (version, description) VALUES (?, ?)", (m.version, m.description))
-        except sqlite3.Error as e:
-            raise StateError(f"database {db.path}: migration {m.version} ({m.description}) failed and was rolled back, "
-                             f"the file stays at version {m.version - 1}: {e}") from e
+        if not _apply(db, m):
+            continue
         applied.append(m.version)
-        log.log(logging.DEBUG if current == 0 else logging.INFO, "database %s upgraded to schema version %d: %s",
-                db.path, m.version, m.description)
-    if applied and current == 0: log.info("database %s created at schema version %d", db.path, applied[-1])
+        log.log(
+            logging.DEBUG if current == 0 else logging.INFO,
+            "database %s upgraded to schema version %d: %s",
+            db.path,
+            m.version,
+            m.description,
+        )
+    if applied and current == 0:
+        log.info("database %s created at schema version %d", db.path, applied[-1])
     return applied
 
-# %% ../../nbs/storage/32_store.ipynb #0a57f242
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "breaker state, refusals and feature schemas", (
+# %% ../../nbs/storage/32_store.ipynb #f874e79d
+_V1_RISK = Migration(
+    1,
+    "breaker state, refusals and feature schemas",
+    (
         """CREATE TABLE breaker_state (
             id INTEGER PRIMARY KEY CHECK (id = 1), level TEXT NOT NULL, consecutive_losses INTEGER NOT NULL,
             drawdown REAL NOT NULL, win_rate REAL NOT NULL, peak_equity REAL NOT NULL, equity REAL NOT NULL,
@@ -161,8 +212,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             level TEXT NOT NULL, detail TEXT NOT NULL) STRICT""",
         "CREATE INDEX refusals_by_time ON refusals (time_ms)",
         "CREATE TABLE feature_schemas (version INTEGER PRIMARY KEY, names TEXT NOT NULL) STRICT",
-    )),
-    Migration(2, "positions, real and virtual, live and closed", (
+    ),
+)
+
+# %% ../../nbs/storage/32_store.ipynb #954b45be
+_V2_POSITIONS = Migration(
+    2,
+    "positions, real and virtual, live and closed",
+    (
         """CREATE TABLE positions (
             id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('REAL', 'VIRTUAL')), symbol TEXT NOT NULL,
             side TEXT NOT NULL CHECK (side IN ('LONG', 'SHORT')),
@@ -176,8 +233,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             feature_schema INTEGER REFERENCES feature_schemas (version),
             CHECK ((state = 'CLOSED') = (exit_reason IS NOT NULL AND closed_ms IS NOT NULL))) STRICT""",
         "CREATE INDEX positions_live ON positions (kind, opened_ms) WHERE state != 'CLOSED'",
-    )),
-    Migration(3, "archive of closed trades with their entry features", (
+    ),
+)
+
+# %% ../../nbs/storage/32_store.ipynb #0e4e0b26
+_V3_ARCHIVE = Migration(
+    3,
+    "archive of closed trades with their entry features",
+    (
         """CREATE TABLE archive (
             position_id TEXT PRIMARY KEY, kind TEXT NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL,
             entry REAL NOT NULL, stop REAL NOT NULL, target REAL NOT NULL, size REAL NOT NULL,
@@ -187,8 +250,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             confidence REAL NOT NULL, model_version TEXT, rank INTEGER NOT NULL,
             feature_schema INTEGER REFERENCES feature_schemas (version), features BLOB NOT NULL) STRICT""",
         "CREATE INDEX archive_by_close ON archive (closed_ms)",
-    )),
+    ),
 )
+
+# %% ../../nbs/storage/32_store.ipynb #daecebb7
+MIGRATIONS: tuple[Migration, ...] = (_V1_RISK, _V2_POSITIONS, _V3_ARCHIVE)
+"The schema, in order; the next change is a new entry at the end."
 SCHEMA_VERSION = MIGRATIONS[-1].version
 "The schema version this code writes; older files are upgraded to it when opened."
 
@@ -196,104 +263,153 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 def encode_features(x, n: int, what: str = "features") -> bytes:
     "A float32 vector of length `n` as a little-endian BLOB."
     a = np.asarray(x, dtype="<f4")
-    if a.shape != (n,): raise DataError(f"{what}: expected a vector of {n} features, got shape {a.shape}")
+    if a.shape != (n,):
+        raise DataError(f"{what}: expected a vector of {n} features, got shape {a.shape}")
     return a.tobytes()
+
 
 def decode_features(blobs: Sequence[bytes], n: int) -> np.ndarray:
     "Stack BLOBs of `n` float32 features into an `(len(blobs), n)` float32 array, in one pass."
-    if any(len(b) != 4 * n for b in blobs): raise DataError(f"feature BLOBs are not all {n} float32 values long")
+    if any(len(b) != 4 * n for b in blobs):
+        raise DataError(f"feature BLOBs are not all {n} float32 values long")
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), n).astype(np.float32)
 
-# %% ../../nbs/storage/32_store.ipynb #ac9a1745
+# %% ../../nbs/storage/32_store.ipynb #d63ef983
 def register_schema(db: Database, schema) -> None:
     "Store `schema` (`.version`, `.names`) once; `StateError` if that version is stored with other names."
     names = tuple(schema.names)
     with db.transaction() as c:
-        c.execute("INSERT INTO feature_schemas (version, names) VALUES (?, ?) ON CONFLICT (version) DO NOTHING",
-                  (int(schema.version), json.dumps(list(names))))
-        stored = tuple(json.loads(c.execute("SELECT names FROM feature_schemas WHERE version = ?",
-                                            (int(schema.version),)).fetchone()[0]))
+        c.execute(
+            "INSERT INTO feature_schemas (version, names) VALUES (?, ?) ON CONFLICT (version) DO NOTHING",
+            (int(schema.version), json.dumps(list(names))),
+        )
+        stored = tuple(
+            json.loads(c.execute("SELECT names FROM feature_schemas WHERE version = ?", (int(schema.version),)).fetchone()[0])
+        )
     if stored != names:
-        raise StateError(f"feature schema version {schema.version} is stored in {db.path} with other names "
-                         f"({len(stored)} features, first {list(stored[:3])}); a new feature list needs a new SCHEMA_VERSION")
+        raise StateError(
+            f"feature schema version {schema.version} is stored in {db.path} with other names "
+            f"({len(stored)} features, first {list(stored[:3])}); a new feature list needs a new SCHEMA_VERSION"
+        )
 
+# %% ../../nbs/storage/32_store.ipynb #c01348d2
 def stored_schemas(db: Database) -> dict[int, tuple[str, ...]]:
     "The feature names of every schema version stored in the file."
     rows = db.query("SELECT version, names FROM feature_schemas ORDER BY version")
     return {v: tuple(json.loads(n)) for v, n in rows}
 
-# %% ../../nbs/storage/32_store.ipynb #376d1050
+# %% ../../nbs/storage/32_store.ipynb #55bda18d
 _POSITION_COLUMNS = (
-    "id", "kind", "symbol", "side", "state", "entry", "stop", "target", "size", "leverage", "opened_ms",
-    "expiry_ms", "confidence", "model_version", "rank", "fee_rate", "features", "mark", "mark_ms",
-    "unrealized_pnl", "mfe", "mae", "funding", "last_funding_ms", "fees", "exit_price", "exit_reason",
-    "closed_ms", "realized_pnl")
+    *("id", "kind", "symbol", "side", "state", "entry", "stop", "target", "size", "leverage", "opened_ms", "expiry_ms"),
+    *("confidence", "model_version", "rank", "fee_rate", "features"),
+    *("mark", "mark_ms", "unrealized_pnl", "mfe", "mae", "funding", "last_funding_ms", "fees"),
+    *("exit_price", "exit_reason", "closed_ms", "realized_pnl"),
+)
 _ENUM_AT = tuple(_POSITION_COLUMNS.index(c) for c in ("kind", "side", "state", "exit_reason"))
 _FEATURES_AT = _POSITION_COLUMNS.index("features")
 _get_fields = operator.attrgetter(*_POSITION_COLUMNS)
+
+# %% ../../nbs/storage/32_store.ipynb #701a7f92
 _COLS = (*_POSITION_COLUMNS, "feature_schema")
-_UPSERT = (f"INSERT INTO positions ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))}) ON CONFLICT (id) DO UPDATE "
-           f"SET {', '.join(f'{c} = excluded.{c}' for c in _COLS[1:])} WHERE positions.state != 'CLOSED'")
+_UPSERT = (
+    f"INSERT INTO positions ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))}) ON CONFLICT (id) DO UPDATE "
+    f"SET {', '.join(f'{c} = excluded.{c}' for c in _COLS[1:])} WHERE positions.state != 'CLOSED'"
+)
 _MARKS = ("mark", "mark_ms", "unrealized_pnl", "mfe", "mae", "funding", "last_funding_ms", "fees")
 _UPDATE_MARKS = f"UPDATE positions SET {', '.join(f'{c} = ?' for c in _MARKS)} WHERE id = ? AND state != 'CLOSED'"
-_ARCHIVE = ("position_id", "kind", "symbol", "side", "entry", "stop", "target", "size", "leverage", "exit_price",
-            "exit_reason", "opened_ms", "closed_ms", "holding_ms", "pnl", "r_multiple", "fees", "funding", "mfe", "mae",
-            "confidence", "model_version", "rank", "feature_schema", "features")
-_INSERT_ARCHIVE = (f"INSERT INTO archive ({', '.join(_ARCHIVE)}) VALUES ({', '.join('?' * len(_ARCHIVE))}) "
-                   "ON CONFLICT (position_id) DO NOTHING")
 
+# %% ../../nbs/storage/32_store.ipynb #cced11bd
+_ARCHIVE = (
+    *("position_id", "kind", "symbol", "side", "entry", "stop", "target", "size", "leverage", "exit_price", "exit_reason"),
+    *("opened_ms", "closed_ms", "holding_ms", "pnl", "r_multiple", "fees", "funding", "mfe", "mae"),
+    *("confidence", "model_version", "rank", "feature_schema", "features"),
+)
+_INSERT_ARCHIVE = (
+    f"INSERT INTO archive ({', '.join(_ARCHIVE)}) VALUES ({', '.join('?' * len(_ARCHIVE))}) ON CONFLICT (position_id) DO NOTHING"
+)
+
+# %% ../../nbs/storage/32_store.ipynb #05e779ab
 def _check_fields() -> None:
     if set(POSITION_FIELDS) != set(_POSITION_COLUMNS):
         new, gone = sorted(set(POSITION_FIELDS) - set(_POSITION_COLUMNS)), sorted(set(_POSITION_COLUMNS) - set(POSITION_FIELDS))
         raise StateError(f"Position fields and the positions table differ (new: {new}, gone: {gone}): add a store migration")
 
-# %% ../../nbs/storage/32_store.ipynb #43500c47
-def default_schema():
-    "The feature schema `tradelab.analysis.features` computes today, or `None` where that module is not installed."
-    from tradelab.analysis.model import current_schema
-    try: return current_schema()
-    except ModuleNotFoundError as e:
-        if e.name != "tradelab.analysis.features": raise  # a broken install must be seen, not read as "no features"
-        return None
+# %% ../../nbs/storage/32_store.ipynb #1a30155f
+def default_schema() -> FeatureSchema:
+    "The feature schema `tradelab.analysis.features` computes today."
+    return current_schema()
 
+# %% ../../nbs/storage/32_store.ipynb #91d3c982
 def _features(pos: Position, schema) -> tuple[bytes, int | None]:
     f = pos.features
-    if f is None or len(f) == 0: return b"", None
+    if f is None or len(f) == 0:
+        return b"", None
     if schema is None:
         raise DataError(f"position {pos.id}: {len(f)} features but no feature schema to store them under")
     return encode_features(f, len(schema.names), f"position {pos.symbol} ({pos.id[:8]})"), int(schema.version)
 
+# %% ../../nbs/storage/32_store.ipynb #1b1ea711
 def position_row(pos: Position, schema) -> tuple:
     "The positions-table row of `pos`: its fields in column order, then the feature schema version."
     v = list(_get_fields(pos))
     for i in _ENUM_AT:
-        if v[i] is not None: v[i] = v[i].name
+        if v[i] is not None:
+            v[i] = v[i].name
     v[_FEATURES_AT], version = _features(pos, schema)
     return (*v, version)
 
+# %% ../../nbs/storage/32_store.ipynb #a5a0209b
 def position_from_row(row: Sequence) -> Position:
     "The `Position` a positions-table row (in `_POSITION_COLUMNS` order) describes."
     d = dict(zip(_POSITION_COLUMNS, row, strict=True))
     d["features"] = np.frombuffer(d["features"], dtype="<f4").astype(np.float32)
     return Position.from_dict(d)
 
+# %% ../../nbs/storage/32_store.ipynb #436b5e15
 def _archive_row(pos: Position, row: tuple) -> tuple:
     "The archive row of a closed `pos` whose positions row is `row`."
-    return (pos.id, pos.kind.name, pos.symbol, pos.side.name, pos.entry, pos.stop, pos.target, pos.size, pos.leverage,
-            pos.exit_price, pos.exit_reason.name, pos.opened_ms, pos.closed_ms, pos.closed_ms - pos.opened_ms,
-            pos.realized_pnl, pos.r_multiple, pos.fees, pos.funding, pos.mfe, pos.mae, pos.confidence,
-            pos.model_version, pos.rank, row[-1], row[_FEATURES_AT])
+    if pos.exit_reason is None or pos.closed_ms is None:
+        raise StateError(f"{pos!r} has no exit: it has no archive row")
+    return (
+        pos.id,
+        pos.kind.name,
+        pos.symbol,
+        pos.side.name,
+        pos.entry,
+        pos.stop,
+        pos.target,
+        pos.size,
+        pos.leverage,
+        pos.exit_price,
+        pos.exit_reason.name,
+        pos.opened_ms,
+        pos.closed_ms,
+        pos.closed_ms - pos.opened_ms,
+        pos.realized_pnl,
+        pos.r_multiple,
+        pos.fees,
+        pos.funding,
+        pos.mfe,
+        pos.mae,
+        pos.confidence,
+        pos.model_version,
+        pos.rank,
+        row[-1],
+        row[_FEATURES_AT],
+    )
 
 # %% ../../nbs/storage/32_store.ipynb #c04ed467
 def _as_list(positions) -> list[Position]:
     return [positions] if isinstance(positions, Position) else list(positions)
 
+
 def _book_rows(book: PositionBook) -> Iterable[tuple]:
     "Mark rows straight from a book's numpy columns."
     n, c = book.n, book.cols
-    upnl = c["side"][:n] * (c["mark"][:n] - c["entry"][:n]) * c["size"][:n]
+    upnl = mark_pnl(c, n)
     cols = [c[k][:n].tolist() if k != "unrealized_pnl" else upnl.tolist() for k in _MARKS]
     return zip(*cols, [p.id for p in book.positions], strict=True)
+
 
 def _mark_rows(positions: Iterable[Position]) -> list[tuple]:
     get = operator.attrgetter(*_MARKS, "id")
@@ -302,8 +418,11 @@ def _mark_rows(positions: Iterable[Position]) -> list[tuple]:
 # %% ../../nbs/storage/32_store.ipynb #8d1dbb37
 class PositionReader:
     "Read-only access to the stored positions."
+
     __slots__ = ("db",)
-    def __init__(self, db: Database): self.db = db
+
+    def __init__(self, db: Database):
+        self.db = db
 
     def load_open(self, kind: Kind | None = None) -> list[Position]:
         "Every position not CLOSED (of `kind`, or all), oldest first."
@@ -327,9 +446,21 @@ class PositionReader:
         rows = self.db.query("SELECT kind, state, COUNT(*) FROM positions GROUP BY kind, state ORDER BY kind, state")
         return {(k, st): n for k, st, n in rows}
 
+# %% ../../nbs/storage/32_store.ipynb #089f68c4
+def _write(db: Database, sql: str, rows: Iterable[Sequence]) -> int:
+    "Run `sql` over `rows` in one transaction; the number of rows it changed."
+    try:
+        with db.transaction() as c:
+            before = c.total_changes
+            c.executemany(sql, rows)
+            return c.total_changes - before
+    except sqlite3.IntegrityError as e:
+        raise DataError(f"database {db.path}: a position breaks a table constraint ({e})") from e
+
 # %% ../../nbs/storage/32_store.ipynb #b921863d
 class PositionRepository(PositionReader):
     "Real and virtual positions, live and closed; closing also writes the archive row, exactly once."
+
     __slots__ = ("schema",)
 
     def __init__(self, db: Database, schema=None):
@@ -337,26 +468,18 @@ class PositionRepository(PositionReader):
         _check_fields()
         super().__init__(db)
         self.schema = default_schema() if schema is None else schema
-        if self.schema is not None: register_schema(db, self.schema)
-
-    def _write(self, sql: str, rows) -> int:
-        "Run `sql` over `rows` in one transaction; the number of rows it changed."
-        try:
-            with self.db.transaction() as c:
-                before = c.total_changes
-                c.executemany(sql, rows)
-                return c.total_changes - before
-        except sqlite3.IntegrityError as e:
-            raise DataError(f"database {self.db.path}: a position breaks a table constraint ({e})") from e
+        if self.schema is not None:
+            register_schema(db, self.schema)
 
     def save_open(self, positions: Position | Iterable[Position]) -> int:
         "Insert or update live positions in one transaction; `StateError` if one is (or is stored) CLOSED."
         ps = _as_list(positions)
         for p in ps:
-            if p.state is PositionState.CLOSED: raise StateError(f"{p!r} is CLOSED: store it with close()")
+            if p.state is PositionState.CLOSED:
+                raise StateError(f"{p!r} is CLOSED: store it with close()")
         rows = [position_row(p, self.schema) for p in ps]
         with self.db.transaction():
-            changed = self._write(_UPSERT, rows)
+            changed = _write(self.db, _UPSERT, rows)
             if changed != len(rows):
                 closed = [r[0] for r in rows if self.state_of(r[0]) is PositionState.CLOSED]
                 raise StateError(f"{len(closed)} position(s) are already stored CLOSED and cannot be reopened: {closed[:3]}")
@@ -365,7 +488,7 @@ class PositionRepository(PositionReader):
     def update_marks(self, positions: PositionBook | Iterable[Position]) -> int:
         "Write the per-tick fields of many live positions (or a whole `PositionBook`) in one transaction."
         rows = _book_rows(positions) if isinstance(positions, PositionBook) else _mark_rows(positions)
-        return self._write(_UPDATE_MARKS, rows)
+        return _write(self.db, _UPDATE_MARKS, rows)
 
     def close(self, pos: Position) -> bool:
         "Store `pos` CLOSED with its archive row, atomically; `False` if it was already stored closed."
@@ -375,67 +498,73 @@ class PositionRepository(PositionReader):
         "Store closed positions and their archive rows in one transaction; how many were not already closed."
         ps = _as_list(positions)
         for p in ps:
-            if p.state is not PositionState.CLOSED: raise StateError(f"{p!r} is not CLOSED: close it before storing the close")
+            if p.state is not PositionState.CLOSED:
+                raise StateError(f"{p!r} is not CLOSED: close it before storing the close")
         rows = [position_row(p, self.schema) for p in ps]
         archive = [_archive_row(p, r) for p, r in zip(ps, rows, strict=True) if p.exit_reason is not ExitReason.CANCELLED]
         with self.db.transaction():
-            newly = self._write(_UPSERT, rows)
-            self._write(_INSERT_ARCHIVE, archive)
-        if newly < len(ps): log.info("%d of %d closes were already stored; nothing written for them", len(ps) - newly, len(ps))
+            newly = _write(self.db, _UPSERT, rows)
+            _write(self.db, _INSERT_ARCHIVE, archive)
+        if newly < len(ps):
+            log.info("%d of %d closes were already stored; nothing written for them", len(ps) - newly, len(ps))
         return newly
 
-# %% ../../nbs/storage/32_store.ipynb #a97570ef
-@dataclass(frozen=True, slots=True)
-class BreakerRecord:
-    "What the circuit breaker must remember across a restart."
-    level: str
-    consecutive_losses: int = 0
-    drawdown: float = 0.0
-    win_rate: float = 0.0
-    peak_equity: float = 0.0
-    equity: float = 0.0
-    updated_ms: int = 0
-
+# %% ../../nbs/storage/32_store.ipynb #e0859381
 _BREAKER_COLUMNS = ("level", "consecutive_losses", "drawdown", "win_rate", "peak_equity", "equity", "updated_ms")
 
+# %% ../../nbs/storage/32_store.ipynb #33e227ac
 class BreakerRepository:
     "Save and load the breaker's single state row."
-    __slots__ = ("db",)
-    def __init__(self, db: Database): self.db = db
 
-    def save(self, rec: BreakerRecord) -> None:
+    __slots__ = ("db",)
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def save(self, rec: BreakerRow) -> None:
         "Replace the stored state with `rec`."
         cols = ", ".join(_BREAKER_COLUMNS)
         with self.db.transaction() as c:
-            c.execute(f"INSERT OR REPLACE INTO breaker_state (id, {cols}) VALUES (1, {', '.join('?' * 7)})",
-                      tuple(getattr(rec, k) for k in _BREAKER_COLUMNS))
+            c.execute(
+                f"INSERT OR REPLACE INTO breaker_state (id, {cols}) VALUES (1, {', '.join('?' * 7)})",
+                tuple(getattr(rec, k) for k in _BREAKER_COLUMNS),
+            )
 
-    def load(self) -> BreakerRecord | None:
+    def load(self) -> BreakerRow | None:
         "The stored state, or `None` on a fresh database."
         row = self.db.query_one(f"SELECT {', '.join(_BREAKER_COLUMNS)} FROM breaker_state WHERE id = 1")
-        return None if row is None else BreakerRecord(*row)
+        return None if row is None else BreakerRow(*row)
 
-# %% ../../nbs/storage/32_store.ipynb #36b9bfed
+# %% ../../nbs/storage/32_store.ipynb #79c02787
 @dataclass(frozen=True, slots=True)
 class RefusalRecord:
     "A trade the system refused, and why."
+
     time_ms: int
     symbol: str
     reason: str
     level: str = ""
     detail: str = ""
 
-def _text(v) -> str: return v.name if hasattr(v, "name") and not isinstance(v, str) else str(v)
+# %% ../../nbs/storage/32_store.ipynb #f2fdf4a4
+def _text(v) -> str:
+    return v.name if hasattr(v, "name") and not isinstance(v, str) else str(v)
 
+# %% ../../nbs/storage/32_store.ipynb #2a3821ef
 class RefusalRepository:
     "Append refusals; read the most recent."
+
     __slots__ = ("db",)
-    def __init__(self, db: Database): self.db = db
+
+    def __init__(self, db: Database):
+        self.db = db
 
     def record(self, *refusals) -> None:
         "Append `refusals` in one transaction."
-        rows = [(int(r.time_ms), str(r.symbol), _text(r.reason), _text(getattr(r, "level", "")),
-                 str(getattr(r, "detail", ""))) for r in refusals]
+        rows = [
+            (int(r.time_ms), str(r.symbol), _text(r.reason), _text(getattr(r, "level", "")), str(getattr(r, "detail", "")))
+            for r in refusals
+        ]
         with self.db.transaction() as c:
             c.executemany("INSERT INTO refusals (time_ms, symbol, reason, level, detail) VALUES (?, ?, ?, ?, ?)", rows)
 
@@ -443,62 +572,10 @@ class RefusalRepository:
         "Up to `limit` refusals, newest first, optionally only those at or after `since_ms`."
         rows = self.db.query(
             "SELECT time_ms, symbol, reason, level, detail FROM refusals WHERE time_ms >= ? "
-            "ORDER BY time_ms DESC, id DESC LIMIT ?", (-(2**63) if since_ms is None else since_ms, limit))
+            "ORDER BY time_ms DESC, id DESC LIMIT ?",
+            (-(2**63) if since_ms is None else since_ms, limit),
+        )
         return [RefusalRecord(*r) for r in rows]
 
-    def count(self) -> int: return self.db.query("SELECT COUNT(*) FROM refusals")[0][0]
-
-# %% ../../nbs/storage/32_store.ipynb #cc5e58cf
-def _bench_book(n: int, schema, seed: int = 0) -> tuple[list[Position], PositionBook]:
-    rng = np.random.default_rng(seed)
-    symbols = [f"S{i:03d}USDT" for i in range(200)]
-    ps = random_positions(n, symbols, 1_700_000_000_000, seed=seed)
-    feats = rng.normal(size=(n, len(schema.names))).astype(np.float32)
-    book = PositionBook(n)
-    for p, f in zip(ps, feats, strict=True):
-        p.features = f
-        book.add(p)
-    book.update({s: 100.0 + rng.normal() * 0.1 for s in symbols}, 1_700_000_060_000)
-    book.sync()
-    return ps, book
-
-def _time_ms(fn) -> float:
-    with OperationTimer("bench") as t: fn()
-    return t.duration * 1000
-
-# %% ../../nbs/storage/32_store.ipynb #a89c3060
-def _bench_level(folder: Path, sync: str, ps: list[Position], book: PositionBook, schema, baseline: int) -> dict[str, float]:
-    "Timings of the write paths at one `synchronous` level, each on a fresh file."
-    k, n = sync.lower(), len(ps)
-    with Database(folder / f"bulk-{k}.sqlite", synchronous=sync) as db:
-        repo = PositionRepository(db, schema)
-        out = {f"{k}_save_bulk_ms": _time_ms(lambda: repo.save_open(ps))}
-        out[f"{k}_marks_book_ms"] = _time_ms(lambda: repo.update_marks(book))
-        out[f"{k}_marks_objects_ms"] = _time_ms(lambda: repo.update_marks(ps))
-        closed = [Position.from_dict(p.to_dict()).close(p.mark, ExitReason.EXPIRY, 1_700_000_120_000) for p in ps]
-        out[f"{k}_close_bulk_ms"] = _time_ms(lambda: repo.close_many(closed))
-    with Database(folder / f"rows-{k}.sqlite", synchronous=sync) as db:
-        repo = PositionRepository(db, schema)
-        per_row_ms = _time_ms(lambda: [repo.save_open(p) for p in ps[:baseline]])
-    out[f"{k}_save_bulk_us_per_row"] = out[f"{k}_save_bulk_ms"] * 1000 / n
-    out[f"{k}_save_per_row_us_per_row"] = per_row_ms * 1000 / min(baseline, n)
-    out[f"{k}_per_row_over_bulk"] = out[f"{k}_save_per_row_us_per_row"] / out[f"{k}_save_bulk_us_per_row"]
-    return out
-
-def bench_arguments(p) -> None:
-    p.add_argument("--rows", type=int, default=10_000, help="positions written in one transaction")
-    p.add_argument("--baseline-rows", type=int, default=1_000, help="positions written with a commit each (the baseline)")
-
-def run_bench(args) -> dict:
-    "One transaction for a batch against one commit per position, at synchronous FULL and NORMAL."
-    import collections
-    import tempfile
-    schema = default_schema() or collections.namedtuple("Schema", "version names")(0, tuple(f"f{i}" for i in range(64)))
-    ps, book = _bench_book(args.rows, schema)
-    out: dict = {"rows": args.rows, "baseline_rows": min(args.baseline_rows, args.rows), "features": len(schema.names),
-                 "sqlite": sqlite3.sqlite_version}
-    out["encode_rows_ms"] = _time_ms(lambda: [position_row(p, schema) for p in ps])
-    with tempfile.TemporaryDirectory(prefix="tradelab-bench-store-") as d:
-        for sync in ("FULL", "NORMAL"): out |= _bench_level(Path(d), sync, ps, book, schema, args.baseline_rows)
-    out["full_over_normal_bulk"] = out["full_save_bulk_ms"] / out["normal_save_bulk_ms"]
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+    def count(self) -> int:
+        return self.db.query("SELECT COUNT(*) FROM refusals")[0][0]

@@ -19,15 +19,19 @@ from ..config import TradingSettings
 from ..errors import StateError
 from .positions import BarExtremes, ExitReason, Kind, Position, PositionBook, PriceSource, leverage_for, risk_size
 from ..records import PriceSnapshot, Side, Signal, SymbolInfo, round_price, round_qty, round_step
+from .virtual import PositionStore
 
 # %% auto #0
-__all__ = ['log', 'RefusalReason', 'Refusal', 'EntryPlan', 'Account', 'plan_entry', 'ExecutionBackend', 'PaperExecution']
+__all__ = ['log', 'RefusalReason', 'Refusal', 'EntryPlan', 'Account', 'plan_entry', 'ExecutionBackend', 'own_limits',
+           'position_from_plan', 'exit_price', 'log_opened', 'log_closed', 'PaperAccount', 'PaperExecution']
 
-# %% ../../nbs/trading/36_execution.ipynb #b02608b4
+# %% ../../nbs/trading/36_execution.ipynb #b4c9a37e
 log = logging.getLogger(__name__)
 
+# %% ../../nbs/trading/36_execution.ipynb #103c3f5a
 class RefusalReason(enum.Enum):
     "Why a trade was not opened."
+
     UNKNOWN_SYMBOL = "the symbol is not among the exchange's markets"
     NOT_TRADABLE = "the contract is not a TRADING perpetual"
     NO_PRICE = "no last price for the symbol"
@@ -42,21 +46,25 @@ class RefusalReason(enum.Enum):
     BREAKER_PAUSED = "the circuit breaker allows no new entries"
     BREAKER_HALTED = "the circuit breaker has halted trading"
 
+# %% ../../nbs/trading/36_execution.ipynb #388000eb
 @dataclass(frozen=True, slots=True)
 class Refusal:
     "A trade that was not opened, and why (a value, not an exception)."
+
     time_ms: int
     symbol: str
     reason: RefusalReason
     detail: str = ""
     level: str = ""
 
-    def __repr__(self): return f"Refusal({self.symbol}: {self.reason.name}{', ' + self.detail if self.detail else ''})"
+    def __repr__(self):
+        return f"Refusal({self.symbol}: {self.reason.name}{', ' + self.detail if self.detail else ''})"
 
-# %% ../../nbs/trading/36_execution.ipynb #9ccbdb15
+# %% ../../nbs/trading/36_execution.ipynb #778cc63a
 @dataclass(frozen=True, slots=True)
 class EntryPlan:
     "An entry that passes every filter: fill price, levels on the tick grid, quantity, leverage."
+
     symbol: str
     side: Side
     fill: float
@@ -66,11 +74,14 @@ class EntryPlan:
     leverage: int
 
     @property
-    def notional(self) -> float: return self.fill * self.qty
+    def notional(self) -> float:
+        return self.fill * self.qty
 
+# %% ../../nbs/trading/36_execution.ipynb #60bbfd72
 @dataclass(frozen=True, slots=True)
 class Account:
     "What sizing needs to know of the account: equity, open notional and margin in use (quote units)."
+
     equity: float
     exposure: float = 0.0
     margin: float = 0.0
@@ -81,25 +92,40 @@ def _fill_price(info: SymbolInfo, side: Side, price: float, slippage_bps: float)
     raw = price * (1 + int(side) * slippage_bps / 10_000)
     return round_step(raw, info.tick_size, ROUND_UP if side is Side.LONG else ROUND_DOWN)
 
+
 def _capped_qty(risk_qty: float, fill: float, lev: int, acct: Account, t: TradingSettings) -> tuple[float, RefusalReason]:
     "The risk quantity under the exposure and margin caps, and the reason to give if it ends too small."
-    caps = [(risk_qty, RefusalReason.QTY_BELOW_MIN),
-            (max(t.max_exposure * acct.equity - acct.exposure, 0.0) / fill, RefusalReason.MAX_EXPOSURE),
-            (max(acct.equity - acct.margin, 0.0) * lev / fill, RefusalReason.INSUFFICIENT_MARGIN)]
+    caps = [
+        (risk_qty, RefusalReason.QTY_BELOW_MIN),
+        (max(t.max_exposure * acct.equity - acct.exposure, 0.0) / fill, RefusalReason.MAX_EXPOSURE),
+        (max(acct.equity - acct.margin, 0.0) * lev / fill, RefusalReason.INSUFFICIENT_MARGIN),
+    ]
     return min(caps, key=lambda c: c[0])
 
 # %% ../../nbs/trading/36_execution.ipynb #fd10d777
-def plan_entry(signal: Signal, info: SymbolInfo, price: float, acct: Account, t: TradingSettings, *,
-               size_factor: float = 1.0, now_ms: int = 0) -> EntryPlan | Refusal:
+def plan_entry(
+    signal: Signal,
+    info: SymbolInfo,
+    price: float,
+    acct: Account,
+    t: TradingSettings,
+    *,
+    size_factor: float = 1.0,
+    now_ms: int = 0,
+) -> EntryPlan | Refusal:
     "The order a live exchange would accept for `signal` at the next `price`, or why there is none."
     side, sym = signal.side, signal.symbol
     refuse = lambda reason, detail="": Refusal(now_ms, sym, reason, detail)
-    if not info.tradable: return refuse(RefusalReason.NOT_TRADABLE, f"status {info.status}, {info.contract_type}")
-    if not (math.isfinite(price) and price > 0): return refuse(RefusalReason.NO_PRICE, f"price {price}")
+    if not info.tradable:
+        return refuse(RefusalReason.NOT_TRADABLE, f"status {info.status}, {info.contract_type}")
+    if not (math.isfinite(price) and price > 0):
+        return refuse(RefusalReason.NO_PRICE, f"price {price}")
     fill = _fill_price(info, side, price, t.slippage_bps)
     stop, target = round_price(info, signal.stop), round_price(info, signal.target)
-    if int(side) * (fill - stop) <= 0: return refuse(RefusalReason.STOP_CROSSED, f"fill {fill:g}, stop {stop:g}")
-    if int(side) * (target - fill) <= 0: return refuse(RefusalReason.TARGET_CROSSED, f"fill {fill:g}, target {target:g}")
+    if int(side) * (fill - stop) <= 0:
+        return refuse(RefusalReason.STOP_CROSSED, f"fill {fill:g}, stop {stop:g}")
+    if int(side) * (target - fill) <= 0:
+        return refuse(RefusalReason.TARGET_CROSSED, f"fill {fill:g}, target {target:g}")
     lev = leverage_for(signal.confidence, t)
     risk_qty = risk_size(acct.equity, fill, stop, t, size_factor)
     capped, short_reason = _capped_qty(risk_qty, fill, lev, acct, t)
@@ -115,73 +141,193 @@ def plan_entry(signal: Signal, info: SymbolInfo, price: float, acct: Account, t:
 @runtime_checkable
 class ExecutionBackend(Protocol):
     "Where ranks 1..K are traded: paper here, live later; the bot never asks which."
+
     name: str
 
     @property
-    def positions(self) -> list[Position]: "The open positions."
-    def equity(self) -> float: "Balance plus unrealised PnL of the open positions (quote units)."
-    async def open(self, signal: Signal, *, rank: int = 1, size_factor: float = 1.0) -> Position | Refusal:
-        "Open `signal` (sized by risk x `size_factor`) or say why not."
-    async def close(self, position: Position, reason: ExitReason = ExitReason.COMMAND) -> Position:
-        "Close `position` at the market; always allowed."
-    async def update(self, prices: PriceSnapshot, *, bar_extremes: BarExtremes | None = None,
-                     funding_rates: Mapping[str, float] | None = None) -> list[Position]:
-        "Mark every open position to `prices`; close and return those that reached stop, target or expiry."
-
-# %% ../../nbs/trading/36_execution.ipynb #9487dd77
-class PaperExecution:
-    "An `ExecutionBackend` that fills at the next observed price, through the filters live orders meet."
-    name = "paper"
-
-    def __init__(self, trading: TradingSettings, clock: Clock, contracts: Mapping[str, SymbolInfo], prices: PriceSource,
-                 *, balance: float | None = None, store=None):
-        self.settings, self.clock, self.contracts, self.prices, self.store = trading, clock, contracts, prices, store
-        self.balance = trading.starting_equity if balance is None else float(balance)
-        self.book = PositionBook(capacity=max(8, trading.max_open_positions))
+    def positions(self) -> list[Position]:
+        "The open positions."
 
     @property
-    def positions(self) -> list[Position]: return list(self.book.positions)
-    def equity(self) -> float: return self.balance + self.book.unrealized_pnl()
+    def balance(self) -> float:
+        "Cash: the starting equity plus realised results, fees and funding included (quote units)."
+
+    def unrealized_pnl(self) -> float:
+        "Unrealised PnL of the open positions, funding received and fees paid so far included (quote units)."
+
+    def equity(self) -> float:
+        "Balance plus unrealised PnL of the open positions (quote units)."
+
+    def marked_positions(self) -> list[Position]:
+        "The open positions with mark, unrealised PnL, excursions and funding brought up to date: what a store keeps."
+
+    def restore(self, positions: Sequence[Position] | None = None) -> int:
+        "Put back the open positions after a restart (by default those its store holds); how many."
+
+    async def open(self, signal: Signal, *, rank: int = 1, size_factor: float = 1.0) -> Position | Refusal:
+        "Open `signal` (sized by risk x `size_factor`) or say why not."
+
+    async def close(self, position: Position, reason: ExitReason = ExitReason.COMMAND) -> Position:
+        "Close `position` at the market; always allowed."
+
+    async def update(
+        self, prices: PriceSnapshot, *, bar_extremes: BarExtremes | None = None, funding_rates: Mapping[str, float] | None = None
+    ) -> list[Position]:
+        "Mark every open position to `prices`; close and return those that reached stop, target or expiry."
+
+# %% ../../nbs/trading/36_execution.ipynb #acae54e37e7d407bbb7b55eff062a284
+def own_limits(sym: str, contracts: Mapping[str, SymbolInfo], book: PositionBook, max_open: int, now: int) -> Refusal | None:
+    "Our own limits, checked before a request is spent: a known symbol, one position per symbol (one-way mode), the count."
+    if sym not in contracts:
+        return Refusal(now, sym, RefusalReason.UNKNOWN_SYMBOL)
+    if (sym, Side.LONG) in book or (sym, Side.SHORT) in book:
+        return Refusal(now, sym, RefusalReason.ALREADY_OPEN)
+    if len(book) >= max_open:
+        return Refusal(now, sym, RefusalReason.MAX_POSITIONS, f"{len(book)} open, limit {max_open}")
+    return None
+
+# %% ../../nbs/trading/36_execution.ipynb #72eea5119410473aa328ad9291626812
+def position_from_plan(plan: EntryPlan, signal: Signal, now: int, t: TradingSettings, rank: int = 1) -> Position:
+    "The REAL position `plan` opens at `now`: planned fill, levels, size and leverage; the signal's features and model."
+    return Position(
+        kind=Kind.REAL,
+        symbol=plan.symbol,
+        side=plan.side,
+        entry=plan.fill,
+        stop=plan.stop,
+        target=plan.target,
+        size=plan.qty,
+        leverage=plan.leverage,
+        opened_ms=now,
+        expiry_ms=now + int(t.expiry_s * 1000),
+        features=signal.features,
+        confidence=signal.confidence,
+        model_version=signal.model_version,
+        rank=rank,
+        fee_rate=t.taker_fee,
+    )
+
+# %% ../../nbs/trading/36_execution.ipynb #8763a12b2bbd4a93a75aff182afb95dc
+def exit_price(price: float, side: Side, slippage_bps: float) -> float:
+    "The fill of a market exit at `price`, moved `slippage_bps` against a position of `side`."
+    return price * (1 - int(side) * slippage_bps / 10_000)
+
+# %% ../../nbs/trading/36_execution.ipynb #b118ea5561624da68c537baed56e602f
+def log_opened(pos: Position) -> None:
+    "The log line of a paper entry: side, symbol, size, fill, levels, leverage."
+    log.info(
+        "paper %s %s opened: %g at %g, stop %g, target %g, leverage %d",
+        pos.side.name.lower(),
+        pos.symbol,
+        pos.size,
+        pos.entry,
+        pos.stop,
+        pos.target,
+        pos.leverage,
+    )
+
+# %% ../../nbs/trading/36_execution.ipynb #938c804e27f84196a10c8828c723f798
+def log_closed(p: Position) -> None:
+    "The log line of a paper exit: side, symbol, why, at what price, the result in quote units and in R."
+    why = "an unknown reason" if p.exit_reason is None else p.exit_reason.name.lower()
+    log.info(
+        "paper %s %s closed by %s at %g: %+.2f (%+.2fR)",
+        p.side.name.lower(),
+        p.symbol,
+        why,
+        p.exit_price,
+        p.realized_pnl,
+        p.r_multiple,
+    )
+
+# %% ../../nbs/trading/36_execution.ipynb #59bbdb311c014d738909a11f9e486628
+class PaperAccount:
+    "The paper backend's account: open positions in a `PositionBook`, the cash balance, the store they are written to."
+
+    def __init__(self, balance: float, capacity: int = 8, store: PositionStore | None = None):
+        self.balance, self.store, self.book = float(balance), store, PositionBook(capacity=capacity)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({len(self.book)} open, balance {self.balance:.2f})"
+
+    @property
+    def positions(self) -> list[Position]:
+        return list(self.book.positions)
+
+    def unrealized_pnl(self) -> float:
+        "Unrealised PnL of the open positions, funding received and fees paid so far included."
+        return self.book.unrealized_pnl()
+
+    def equity(self) -> float:
+        return self.balance + self.unrealized_pnl()
+
+    def marked_positions(self) -> list[Position]:
+        "The open positions, their marks copied from the book's arrays into the objects."
+        self.book.sync()
+        return list(self.book.positions)
+
     def account(self) -> Account:
         "Equity, open notional and margin in use, for sizing."
         margin = sum(p.mark * p.size / p.leverage for p in self.book.positions)
         return Account(self.equity(), self.book.exposure(), margin)
-    def __repr__(self): return f"PaperExecution({len(self.book)} open, balance {self.balance:.2f})"
 
     def restore(self, positions: Sequence[Position] | None = None) -> int:
         "Put back the open REAL positions (by default the store's) after a restart; how many."
-        if positions is None: positions = [] if self.store is None else self.store.load_open(Kind.REAL)
+        if positions is None:
+            positions = [] if self.store is None else self.store.load_open(Kind.REAL)
         for p in positions:
-            if p.kind is not Kind.REAL: raise StateError(f"{p.symbol}: a {p.kind.name} position cannot be restored as real")
+            if p.kind is not Kind.REAL:
+                raise StateError(f"{p.symbol}: a {p.kind.name} position cannot be restored as real")
             self.book.add(p)
         return len(positions)
 
-    def _limits(self, sym: str, now: int) -> Refusal | None:
-        "Our own limits, checked before a request is spent: one position per symbol (one-way mode), the count."
-        if sym not in self.contracts: return Refusal(now, sym, RefusalReason.UNKNOWN_SYMBOL)
-        if (sym, Side.LONG) in self.book or (sym, Side.SHORT) in self.book: return Refusal(now, sym, RefusalReason.ALREADY_OPEN)
-        if len(self.book) >= self.settings.max_open_positions:
-            limit = self.settings.max_open_positions
-            return Refusal(now, sym, RefusalReason.MAX_POSITIONS, f"{len(self.book)} open, limit {limit}")
-        return None
+    async def _enter(self, pos: Position) -> None:
+        "Store `pos`, then put it in the book; its entry fee leaves the balance at once."
+        if self.store is not None:
+            await asyncio.to_thread(self.store.save_open, pos)
+        self.book.add(pos)
+        self.balance -= pos.fees
+        log_opened(pos)
+
+    async def _settle(self, closed: Sequence[Position]) -> None:
+        "Store the closes (one transaction), move their results, net of the entry fee already paid, into the balance."
+        if closed and self.store is not None:
+            await asyncio.to_thread(self.store.close_many, closed)
+        for p in closed:
+            self.balance += p.realized_pnl + p.fee_rate * p.entry * p.size
+            log_closed(p)
+
+# %% ../../nbs/trading/36_execution.ipynb #9487dd77
+class PaperExecution(PaperAccount):
+    "An `ExecutionBackend` that fills at the next observed price, through the filters live orders meet."
+
+    name = "paper"
+
+    def __init__(
+        self,
+        trading: TradingSettings,
+        clock: Clock,
+        contracts: Mapping[str, SymbolInfo],
+        prices: PriceSource,
+        *,
+        balance: float | None = None,
+        store: PositionStore | None = None,
+    ):
+        super().__init__(trading.starting_equity if balance is None else balance, max(8, trading.max_open_positions), store)
+        self.settings, self.clock, self.contracts, self.prices = trading, clock, contracts, prices
 
     async def open(self, signal: Signal, *, rank: int = 1, size_factor: float = 1.0) -> Position | Refusal:
         "Plan `signal` at the next price and open it, or return the `Refusal`."
         now, t, sym = self.clock.now_ms(), self.settings, signal.symbol
-        if (refusal := self._limits(sym, now)) is not None: return refusal
+        if (refusal := own_limits(sym, self.contracts, self.book, t.max_open_positions, now)) is not None:
+            return refusal
         snap = await self.prices.all_prices()
-        plan = plan_entry(signal, self.contracts[sym], snap.price(sym) if sym in snap else math.nan, self.account(), t,
-                          size_factor=size_factor, now_ms=now)
-        if isinstance(plan, Refusal): return plan
-        pos = Position(kind=Kind.REAL, symbol=sym, side=plan.side, entry=plan.fill, stop=plan.stop, target=plan.target,
-                       size=plan.qty, leverage=plan.leverage, opened_ms=now, expiry_ms=now + int(t.expiry_s * 1000),
-                       features=signal.features, confidence=signal.confidence, model_version=signal.model_version,
-                       rank=rank, fee_rate=t.taker_fee)
-        if self.store is not None: await asyncio.to_thread(self.store.save_open, pos)
-        self.book.add(pos)
-        self.balance -= pos.fees
-        log.info("paper %s %s opened: %g at %g, stop %g, target %g, leverage %d", pos.side.name.lower(), sym,
-                 pos.size, pos.entry, pos.stop, pos.target, pos.leverage)
+        price = snap.price(sym) if sym in snap else math.nan
+        plan = plan_entry(signal, self.contracts[sym], price, self.account(), t, size_factor=size_factor, now_ms=now)
+        if isinstance(plan, Refusal):
+            return plan
+        pos = position_from_plan(plan, signal, now, t, rank)
+        await self._enter(pos)
         return pos
 
     async def close(self, position: Position, reason: ExitReason = ExitReason.COMMAND) -> Position:
@@ -193,23 +339,17 @@ class PaperExecution:
         price = snap.price(position.symbol) if position.symbol in snap else float(self.book.col("mark")[rows[0]])
         self.book.sync(rows)
         self.book.remove_rows(rows)
-        position.close(price * (1 - int(position.side) * self.settings.slippage_bps / 10_000), reason, self.clock.now_ms())
+        position.close(exit_price(price, position.side, self.settings.slippage_bps), reason, self.clock.now_ms())
         await self._settle([position])
         return position
 
-    async def update(self, prices: PriceSnapshot, *, bar_extremes: BarExtremes | None = None,
-                     funding_rates: Mapping[str, float] | None = None) -> list[Position]:
+    async def update(
+        self, prices: PriceSnapshot, *, bar_extremes: BarExtremes | None = None, funding_rates: Mapping[str, float] | None = None
+    ) -> list[Position]:
         "Mark, charge funding, close what reached stop, target or expiry (market exits slip)."
-        closed = self.book.update(prices, self.clock.now_ms(), funding_rate=self.settings.funding_rate,
-                                  funding_rates=funding_rates, bar_extremes=bar_extremes,
-                                  slip=self.settings.slippage_bps / 10_000)
+        now, t, slip = self.clock.now_ms(), self.settings, self.settings.slippage_bps / 10_000
+        closed = self.book.update(
+            prices, now, funding_rate=t.funding_rate, funding_rates=funding_rates, bar_extremes=bar_extremes, slip=slip
+        )
         await self._settle(closed)
         return closed
-
-    async def _settle(self, closed: Sequence[Position]) -> None:
-        "Store the closes (one transaction), move their results, net of the entry fee already paid, into the balance."
-        if closed and self.store is not None: await asyncio.to_thread(self.store.close_many, closed)
-        for p in closed:
-            self.balance += p.realized_pnl + p.fee_rate * p.entry * p.size
-            log.info("paper %s %s closed by %s at %g: %+.2f (%+.2fR)", p.side.name.lower(), p.symbol,
-                     p.exit_reason.name.lower(), p.exit_price, p.realized_pnl, p.r_multiple)

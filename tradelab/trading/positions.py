@@ -8,9 +8,9 @@ from __future__ import annotations
 import enum
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 import numpy as np
 
@@ -20,37 +20,46 @@ from ..records import Klines, PriceSnapshot, Side, Signal
 
 # %% auto #0
 __all__ = ['TRANSITIONS', 'FUNDING_INTERVAL_MS', 'NO_EXIT', 'EXIT_STOP', 'EXIT_TARGET', 'EXIT_EXPIRY', 'EXIT_CODES',
-           'POSITION_FIELDS', 'PriceSource', 'Kind', 'PositionState', 'ExitReason', 'funding_times_between',
-           'funding_payment', 'exit_rules', 'Position', 'leverage_for', 'risk_size', 'BarExtremes', 'mark_columns',
-           'PositionBook', 'random_positions', 'summarize']
+           'POSITION_FIELDS', 'PriceSource', 'Kind', 'PositionState', 'ExitReason', 'check_transition',
+           'funding_times_between', 'funding_payment', 'funding_due', 'exit_rules', 'exit_one', 'PositionRecord',
+           'PositionFigures', 'PositionExit', 'Position', 'leverage_for', 'risk_size', 'BarExtremes', 'mark_pnl',
+           'mark_columns', 'gather_by_symbol', 'compact_columns', 'BookIndex', 'BookRows', 'PositionBook', 'summarize']
 
 # %% ../../nbs/trading/31_positions.ipynb #e2226114
 @runtime_checkable
 class PriceSource(Protocol):
     "Where last prices come from: `BinanceClient` or anything with the same coroutine."
-    async def all_prices(self) -> PriceSnapshot: "Every last price, in ONE request."
 
-# %% ../../nbs/trading/31_positions.ipynb #e4b31538
+    async def all_prices(self) -> PriceSnapshot:
+        "Every last price, in ONE request."
+
+# %% ../../nbs/trading/31_positions.ipynb #96f96267
 class Kind(enum.Enum):
     "A real position (paper or live, it has money behind it) or a virtual shadow trade."
+
     REAL = "real"
     VIRTUAL = "virtual"
 
+# %% ../../nbs/trading/31_positions.ipynb #4d80af87
 class PositionState(enum.Enum):
     "Where a position is in its life."
+
     PENDING = "pending"
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
 
+# %% ../../nbs/trading/31_positions.ipynb #00c271a4
 class ExitReason(enum.Enum):
     "Why a position was closed."
+
     STOP = "stop"
     TARGET = "target"
     EXPIRY = "expiry"
     COMMAND = "command"
     CANCELLED = "cancelled"
 
+# %% ../../nbs/trading/31_positions.ipynb #08e37e96
 TRANSITIONS: dict[PositionState, frozenset[PositionState]] = {
     PositionState.PENDING: frozenset({PositionState.OPEN, PositionState.CLOSED}),
     PositionState.OPEN: frozenset({PositionState.CLOSING, PositionState.CLOSED}),
@@ -59,29 +68,45 @@ TRANSITIONS: dict[PositionState, frozenset[PositionState]] = {
 }
 "The legal state transitions; anything else raises `StateError`."
 
+# %% ../../nbs/trading/31_positions.ipynb #d384239e
+def check_transition(current: PositionState, new: PositionState, what: str) -> None:
+    "`StateError` naming `what` unless `TRANSITIONS` allows `current` -> `new`."
+    if new not in TRANSITIONS[current]:
+        raise StateError(f"{what}: illegal transition {current.name} -> {new.name}")
+
 # %% ../../nbs/trading/31_positions.ipynb #01458a5f
 FUNDING_INTERVAL_MS = 8 * 3_600_000
 "Binance USDⓈ-M funding period: 00:00, 08:00 and 16:00 UTC."
+
 
 def funding_times_between(after_ms, until_ms):
     "How many funding instants lie in `(after_ms, until_ms]` (scalars or arrays)."
     return np.floor_divide(until_ms, FUNDING_INTERVAL_MS) - np.floor_divide(after_ms, FUNDING_INTERVAL_MS)
 
+
 def funding_payment(side, rate, mark, size, n_times):
     "Funding credited to a position (negative: paid) for `n_times` funding instants."
     return -np.asarray(side) * rate * mark * size * n_times
 
-# %% ../../nbs/trading/31_positions.ipynb #d0310a25
+# %% ../../nbs/trading/31_positions.ipynb #d11c04bb
+def funding_due(side: int, rate: float, mark: float, size: float, after_ms: int, until_ms: int) -> float:
+    "Funding credited to one position for the instants in `(after_ms, until_ms]`, at `mark` (0.0 when there are none)."
+    n = int(funding_times_between(after_ms, until_ms))
+    return float(funding_payment(side, rate, mark, size, n)) if n else 0.0
+
+# %% ../../nbs/trading/31_positions.ipynb #7db248c8
 NO_EXIT, EXIT_STOP, EXIT_TARGET, EXIT_EXPIRY = 0, 1, 2, 3
 EXIT_CODES = {EXIT_STOP: ExitReason.STOP, EXIT_TARGET: ExitReason.TARGET, EXIT_EXPIRY: ExitReason.EXPIRY}
 "Integer exit codes of the vectorised rules and the reasons they stand for."
 
+# %% ../../nbs/trading/31_positions.ipynb #a5217e84
 def _extremes(side, price, high, low):
     "Favourable and adverse extremes of the interval, the last price included."
     hi, lo = np.fmax(price, high), np.fmin(price, low)
     long = side > 0
     return np.where(long, hi, lo), np.where(long, lo, hi)
 
+# %% ../../nbs/trading/31_positions.ipynb #e6126f99
 def exit_rules(side, entry, stop, target, expiry_ms, price, high, low, now_ms, slip: float = 0.0):
     "(code, exit price, favourable, adverse excursion) per position; arrays in, arrays out."
     fav, adv = _extremes(side, price, high, low)
@@ -96,14 +121,35 @@ def exit_rules(side, entry, stop, target, expiry_ms, price, high, low, now_ms, s
     mae = np.minimum(side * (entry - adv), gap)
     return code.astype(np.int8), exit_price, mfe, mae
 
-# %% ../../nbs/trading/31_positions.ipynb #a2dbb899
-POSITION_FIELDS = (
-    "id", "kind", "symbol", "side", "state", "entry", "stop", "target", "size", "leverage", "opened_ms",
-    "expiry_ms", "confidence", "model_version", "rank", "fee_rate", "features", "mark", "mark_ms",
-    "unrealized_pnl", "mfe", "mae", "funding", "last_funding_ms", "fees", "exit_price", "exit_reason",
-    "closed_ms", "realized_pnl")
+# %% ../../nbs/trading/31_positions.ipynb #e3955477
+def exit_one(
+    side: int,
+    entry: float,
+    stop: float,
+    target: float,
+    expiry_ms: int,
+    price: float,
+    high: float,
+    low: float,
+    now_ms: int,
+    slip: float = 0.0,
+) -> tuple[float, float, float, float]:
+    "`exit_rules` for one position: (code, exit price, favourable, adverse excursion) as floats."
+    code, fill, fav, adv = exit_rules(
+        np.array([side]), entry, stop, target, expiry_ms, np.array([price]), np.array([high]), np.array([low]), now_ms, slip
+    )
+    return float(code[0]), float(fill[0]), float(fav[0]), float(adv[0])
+
+# %% ../../nbs/trading/31_positions.ipynb #08f0dd26
+POSITION_FIELDS: tuple[str, ...] = (
+    *("id", "kind", "symbol", "side", "state", "entry", "stop", "target", "size", "leverage", "opened_ms", "expiry_ms"),
+    *("confidence", "model_version", "rank", "fee_rate", "features"),
+    *("mark", "mark_ms", "unrealized_pnl", "mfe", "mae", "funding", "last_funding_ms", "fees"),
+    *("exit_price", "exit_reason", "closed_ms", "realized_pnl"),
+)
 "Every attribute of a `Position`, in the order `to_dict` writes them."
 
+# %% ../../nbs/trading/31_positions.ipynb #fb65d599
 def _check_levels(symbol: str, side: Side, entry: float, stop: float, target: float, size: float) -> None:
     s = int(side)
     if not all(map(math.isfinite, (entry, stop, target, size))) or entry <= 0 or size <= 0:
@@ -111,17 +157,38 @@ def _check_levels(symbol: str, side: Side, entry: float, stop: float, target: fl
     if not (s * (target - entry) > 0 and s * (entry - stop) > 0):
         raise DataError(f"{symbol}: stop {stop} / entry {entry} / target {target} are not ordered for a {side.name.lower()}")
 
-# %% ../../nbs/trading/31_positions.ipynb #3332a676
+# %% ../../nbs/trading/31_positions.ipynb #3fb4a945
 _ENUMS = {"kind": Kind, "side": Side, "state": PositionState, "exit_reason": ExitReason}
 
-class Position:
-    "One trade, real or virtual, from open to close."
-    __slots__ = POSITION_FIELDS
+# %% ../../nbs/trading/31_positions.ipynb #0a5a437a
+class PositionRecord:
+    "A position's fields, checked and set when it opens; `Position` keeps them in its slots."
 
-    def __init__(self, *, kind: Kind, symbol: str, side: Side, entry: float, stop: float, target: float,
-                 size: float, leverage: int, opened_ms: int, expiry_ms: int, features=None, confidence: float = 0.0,
-                 model_version: str | None = None, rank: int = 0, fee_rate: float = 0.0,
-                 state: PositionState = PositionState.OPEN, id: str | None = None):
+    if not TYPE_CHECKING:  # empty, as on every base of Position; hidden from mypy, which would read the fields set here as undeclared slots
+        __slots__ = ()
+
+    def __init__(
+        self,
+        *,
+        kind: Kind,
+        symbol: str,
+        side: Side,
+        entry: float,
+        stop: float,
+        target: float,
+        size: float,
+        leverage: int,
+        opened_ms: int,
+        expiry_ms: int,
+        features=None,
+        confidence: float = 0.0,
+        model_version: str | None = None,
+        rank: int = 0,
+        fee_rate: float = 0.0,
+        state: PositionState = PositionState.OPEN,
+        id: str | None = None,
+    ):
+        "Check the levels, then set every field: marked at the entry, nothing realised, the entry fee paid if OPEN."
         side = Side(side)
         _check_levels(symbol, side, entry, stop, target, size)
         self.id = uuid.uuid4().hex if id is None else id
@@ -133,44 +200,167 @@ class Position:
         self.fee_rate, self.fees = float(fee_rate), 0.0
         self.mark, self.mark_ms, self.unrealized_pnl, self.mfe, self.mae = self.entry, self.opened_ms, 0.0, 0.0, 0.0
         self.funding, self.last_funding_ms = 0.0, self.opened_ms
-        self.exit_price = self.exit_reason = self.closed_ms = None
+        self.exit_price: float | None = None
+        self.exit_reason: ExitReason | None = None
+        self.closed_ms: int | None = None
         self.realized_pnl = 0.0
-        if self.state is PositionState.OPEN: self.fees = self.fee_rate * self.entry * self.size
+        if self.state is PositionState.OPEN:
+            self.fees = self.fee_rate * self.entry * self.size
 
-    @classmethod
-    def from_signal(cls, signal: Signal, *, kind: Kind, size: float, leverage: int, opened_ms: int, expiry_ms: int,
-                    entry: float | None = None, fee_rate: float = 0.0, rank: int = 0,
-                    state: PositionState = PositionState.OPEN) -> Position:
-        "A position with `signal`'s levels, features, confidence and model version (`entry` overrides the fill)."
-        return cls(kind=kind, symbol=signal.symbol, side=signal.side, entry=signal.entry if entry is None else entry,
-                   stop=signal.stop, target=signal.target, size=size, leverage=leverage, opened_ms=opened_ms,
-                   expiry_ms=expiry_ms, features=signal.features, confidence=signal.confidence,
-                   model_version=signal.model_version, rank=rank, fee_rate=fee_rate, state=state)
+# %% ../../nbs/trading/31_positions.ipynb #312fcf78
+class PositionFigures(PositionRecord):
+    "What follows from a position's fields: exposure, risk, PnL and R; its plain-dict form and its repr."
+
+    __slots__ = ()
 
     @property
     def is_open(self) -> bool:
         "Exposed to the market: OPEN or CLOSING."
         return self.state in (PositionState.OPEN, PositionState.CLOSING)
+
     @property
     def risk(self) -> float:
         "Money lost at the stop, before costs: |entry - stop| x size (quote units)."
         return abs(self.entry - self.stop) * self.size
+
     @property
-    def notional(self) -> float: return self.entry * self.size
+    def notional(self) -> float:
+        "Entry price x size (quote units)."
+        return self.entry * self.size
+
     @property
     def net_pnl(self) -> float:
         "Realised PnL once closed; before that unrealised PnL + funding - fees paid so far."
         return self.realized_pnl if self.state is PositionState.CLOSED else self.unrealized_pnl + self.funding - self.fees
+
     @property
     def r_multiple(self) -> float:
         "Net PnL in units of the initial risk."
         return self.net_pnl / self.risk
 
+    def to_dict(self) -> dict:
+        "Every field as a plain value; enums by name, features a float32 array."
+        d = {k: getattr(self, k) for k in POSITION_FIELDS}
+        for k in _ENUMS:
+            d[k] = None if d[k] is None else d[k].name
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Self:
+        "Exactly the position `to_dict` described, state included (`DataError` on missing or unknown keys)."
+        if set(d) != set(POSITION_FIELDS):
+            raise DataError(
+                f"position record: missing {sorted(set(POSITION_FIELDS) - set(d))}, "
+                f"unknown {sorted(set(d) - set(POSITION_FIELDS))}"
+            )
+        p = cls.__new__(cls)
+        for k in POSITION_FIELDS:
+            setattr(p, k, _ENUMS[k][d[k]] if k in _ENUMS and d[k] is not None else d[k])
+        p.features = np.asarray(p.features, np.float32)
+        return p
+
+    def __repr__(self) -> str:
+        out = (
+            f"Position({self.kind.name} {self.side.name} {self.symbol} entry={self.entry:g} stop={self.stop:g} "
+            f"target={self.target:g} size={self.size:g} x{self.leverage} {self.state.name}"
+        )
+        if self.exit_price is not None and self.exit_reason is not None:
+            out += f" {self.exit_reason.name} at {self.exit_price:g}, {self.r_multiple:+.2f}R"
+        return out + ")"
+
+# %% ../../nbs/trading/31_positions.ipynb #2339dc3f
+class PositionExit(PositionFigures):
+    "The open part of a position's life: marked to each price until a stop, target, expiry or order closes it."
+
+    __slots__ = ()
+
     def _to(self, state: PositionState) -> None:
-        if state not in TRANSITIONS[self.state]:
-            raise StateError(f"position {self.symbol} {self.side.name} ({self.id[:8]}): illegal transition "
-                             f"{self.state.name} -> {state.name}")
+        check_transition(self.state, state, f"position {self.symbol} {self.side.name} ({self.id[:8]})")
         self.state = state
+
+    def begin_close(self) -> None:
+        "The exit order was sent: CLOSING."
+        self._to(PositionState.CLOSING)
+
+    def close_rejected(self) -> None:
+        "The exit order was rejected: OPEN again."
+        self._to(PositionState.OPEN)
+
+    def close(self, price: float, reason: ExitReason, now_ms: int) -> Self:
+        "Close at `price` for `reason`: exit fee paid, PnL realised. Returns the position."
+        if not math.isfinite(price) or price <= 0:
+            raise DataError(f"{self.symbol}: exit price {price} is not a positive number")
+        if self.state is PositionState.PENDING:
+            raise StateError(f"{self.symbol}: a PENDING position is cancelled, not closed")
+        self._to(PositionState.CLOSED)
+        self.exit_reason, self.closed_ms, self.exit_price = ExitReason(reason), int(now_ms), float(price)
+        self.fees += self.fee_rate * self.exit_price * self.size
+        self.mark, self.unrealized_pnl = self.exit_price, 0.0
+        self.realized_pnl = int(self.side) * (self.exit_price - self.entry) * self.size + self.funding - self.fees
+        return self
+
+    def update(
+        self,
+        price: float,
+        now_ms: int,
+        high: float = math.nan,
+        low: float = math.nan,
+        funding_rate: float = 0.0,
+        slip: float = 0.0,
+    ) -> ExitReason | None:
+        "Mark to `price` at `now_ms`; close and return the reason if the stop, target or expiry was reached."
+        if not self.is_open:
+            raise StateError(f"{self.symbol} {self.side.name}: cannot mark a {self.state.name} position")
+        s = int(self.side)
+        self.funding += funding_due(s, funding_rate, price, self.size, self.last_funding_ms, now_ms)
+        self.last_funding_ms = max(self.last_funding_ms, int(now_ms))
+        code, fill, fav, adv = exit_one(s, self.entry, self.stop, self.target, self.expiry_ms, price, high, low, now_ms, slip)
+        self.mfe, self.mae = max(self.mfe, fav), max(self.mae, adv)
+        self.mark, self.mark_ms, self.unrealized_pnl = float(price), int(now_ms), s * (price - self.entry) * self.size
+        if code == NO_EXIT:
+            return None
+        return self.close(fill, EXIT_CODES[int(code)], now_ms).exit_reason
+
+# %% ../../nbs/trading/31_positions.ipynb #ac8cdb42
+class Position(PositionExit):
+    "One trade, real or virtual, from open to close; opened from a signal, its entry filled or cancelled."
+
+    __slots__ = POSITION_FIELDS
+
+    @classmethod
+    def from_signal(
+        cls,
+        signal: Signal,
+        *,
+        kind: Kind,
+        size: float,
+        leverage: int,
+        opened_ms: int,
+        expiry_ms: int,
+        entry: float | None = None,
+        fee_rate: float = 0.0,
+        rank: int = 0,
+        state: PositionState = PositionState.OPEN,
+    ) -> Position:
+        "A position with `signal`'s levels, features, confidence and model version (`entry` overrides the fill)."
+        return cls(
+            kind=kind,
+            symbol=signal.symbol,
+            side=signal.side,
+            entry=signal.entry if entry is None else entry,
+            stop=signal.stop,
+            target=signal.target,
+            size=size,
+            leverage=leverage,
+            opened_ms=opened_ms,
+            expiry_ms=expiry_ms,
+            features=signal.features,
+            confidence=signal.confidence,
+            model_version=signal.model_version,
+            rank=rank,
+            fee_rate=fee_rate,
+            state=state,
+        )
 
     def fill(self, price: float, now_ms: int) -> None:
         "The PENDING entry filled at `price`: OPEN from `now_ms`, entry fee paid."
@@ -181,69 +371,17 @@ class Position:
 
     def cancel(self, now_ms: int) -> None:
         "The PENDING entry never filled: CLOSED with reason CANCELLED, no PnL."
-        if self.state is not PositionState.PENDING: raise StateError(f"{self.symbol}: only a PENDING position can be cancelled")
+        if self.state is not PositionState.PENDING:
+            raise StateError(f"{self.symbol}: only a PENDING position can be cancelled")
         self._to(PositionState.CLOSED)
         self.exit_reason, self.closed_ms = ExitReason.CANCELLED, int(now_ms)
-
-    def begin_close(self) -> None: self._to(PositionState.CLOSING)
-    def close_rejected(self) -> None: self._to(PositionState.OPEN)
-
-    def close(self, price: float, reason: ExitReason, now_ms: int) -> Position:
-        "Close at `price` for `reason`: exit fee paid, PnL realised. Returns the position."
-        if not math.isfinite(price) or price <= 0: raise DataError(f"{self.symbol}: exit price {price} is not a positive number")
-        if self.state is PositionState.PENDING: raise StateError(f"{self.symbol}: a PENDING position is cancelled, not closed")
-        self._to(PositionState.CLOSED)
-        self.exit_reason, self.closed_ms, self.exit_price = ExitReason(reason), int(now_ms), float(price)
-        self.fees += self.fee_rate * self.exit_price * self.size
-        self.mark, self.unrealized_pnl = self.exit_price, 0.0
-        self.realized_pnl = int(self.side) * (self.exit_price - self.entry) * self.size + self.funding - self.fees
-        return self
-
-    def update(self, price: float, now_ms: int, high: float = math.nan, low: float = math.nan,
-               funding_rate: float = 0.0, slip: float = 0.0) -> ExitReason | None:
-        "Mark to `price` at `now_ms`; close and return the reason if the stop, target or expiry was reached."
-        if not self.is_open: raise StateError(f"{self.symbol} {self.side.name}: cannot mark a {self.state.name} position")
-        s = int(self.side)
-        n = int(funding_times_between(self.last_funding_ms, now_ms))
-        if n: self.funding += float(funding_payment(s, funding_rate, price, self.size, n))
-        self.last_funding_ms = max(self.last_funding_ms, int(now_ms))
-        code, fill, fav, adv = (float(v[0]) for v in exit_rules(
-            np.array([s]), self.entry, self.stop, self.target, self.expiry_ms, np.array([price]), np.array([high]),
-            np.array([low]), now_ms, slip))
-        self.mfe, self.mae = max(self.mfe, fav), max(self.mae, adv)
-        self.mark, self.mark_ms, self.unrealized_pnl = float(price), int(now_ms), s * (price - self.entry) * self.size
-        if code == NO_EXIT: return None
-        self.close(fill, EXIT_CODES[int(code)], now_ms)
-        return self.exit_reason
-
-    def to_dict(self) -> dict:
-        "Every field as a plain value; enums by name, features a float32 array."
-        d = {k: getattr(self, k) for k in POSITION_FIELDS}
-        for k in _ENUMS: d[k] = None if d[k] is None else d[k].name
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> Position:
-        "Exactly the position `to_dict` described, state included (`DataError` on missing or unknown keys)."
-        if set(d) != set(POSITION_FIELDS):
-            raise DataError(f"position record: missing {sorted(set(POSITION_FIELDS) - set(d))}, "
-                            f"unknown {sorted(set(d) - set(POSITION_FIELDS))}")
-        p = cls.__new__(cls)
-        for k in POSITION_FIELDS: setattr(p, k, _ENUMS[k][d[k]] if k in _ENUMS and d[k] is not None else d[k])
-        p.features = np.asarray(p.features, np.float32)
-        return p
-
-    def __repr__(self) -> str:
-        out = (f"Position({self.kind.name} {self.side.name} {self.symbol} entry={self.entry:g} stop={self.stop:g} "
-               f"target={self.target:g} size={self.size:g} x{self.leverage} {self.state.name}")
-        if self.exit_price is not None: out += f" {self.exit_reason.name} at {self.exit_price:g}, {self.r_multiple:+.2f}R"
-        return out + ")"
 
 # %% ../../nbs/trading/31_positions.ipynb #988031ab
 def leverage_for(confidence: float, t: TradingSettings) -> int:
     "Whole leverage between `leverage_min` and `leverage_max`, linear in `confidence` in [0, 1]."
     c = min(max(float(confidence), 0.0), 1.0) if math.isfinite(confidence) else 0.0
     return t.leverage_min + int(math.floor((t.leverage_max - t.leverage_min) * c + 1e-9))
+
 
 def risk_size(equity: float, entry: float, stop: float, t: TradingSettings, size_factor: float = 1.0) -> float:
     "Quantity that loses `equity x risk_per_trade x size_factor` at the stop (before fees and rounding)."
@@ -253,6 +391,7 @@ def risk_size(equity: float, entry: float, stop: float, t: TradingSettings, size
 @dataclass(frozen=True, slots=True)
 class BarExtremes:
     "Per symbol `(highest high, lowest low)` of the bars that opened at or after `since_ms`."
+
     since_ms: int
     by_symbol: Mapping[str, tuple[float, float]]
 
@@ -262,23 +401,41 @@ class BarExtremes:
         out = {}
         for sym, k in klines.items():
             keep = k.open_time >= since_ms
-            if keep.any(): out[sym] = (float(k.high[keep].max()), float(k.low[keep].min()))
+            if keep.any():
+                out[sym] = (float(k.high[keep].max()), float(k.low[keep].min()))
         return cls(int(since_ms), out)
 
-    def __repr__(self): return f"BarExtremes({len(self.by_symbol)} symbols since {self.since_ms})"
+    def __repr__(self):
+        return f"BarExtremes({len(self.by_symbol)} symbols since {self.since_ms})"
 
-# %% ../../nbs/trading/31_positions.ipynb #7acace57
+# %% ../../nbs/trading/31_positions.ipynb #c0d02579
 _FLOAT_COLS = ("entry", "stop", "target", "size", "fee_rate", "mark", "mfe", "mae", "funding", "fees")
 _INT_COLS = ("side", "code", "opened_ms", "expiry_ms", "last_funding_ms", "mark_ms")
 
+# %% ../../nbs/trading/31_positions.ipynb #11dbf39e
+def mark_pnl(cols: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    "Price PnL of the first `n` rows at their marks: side x (mark - entry) x size (quote units)."
+    return cols["side"][:n] * (cols["mark"][:n] - cols["entry"][:n]) * cols["size"][:n]
+
+# %% ../../nbs/trading/31_positions.ipynb #7a81662e
 def mark_columns(c: dict[str, np.ndarray], n: int, price, high, low, now_ms: int, funding_rate, slip: float = 0.0):
     "Charge funding, update excursions and marks of the first `n` rows of columns `c` in place; (exit codes, fills)."
     side, known = c["side"][:n], ~np.isnan(price)
     px = np.where(known, price, c["mark"][:n])
     crossed = np.where(known, funding_times_between(c["last_funding_ms"][:n], now_ms), 0)
     c["funding"][:n] += funding_payment(side, funding_rate, px, c["size"][:n], crossed)
-    code, fill, fav, adv = exit_rules(side, c["entry"][:n], c["stop"][:n], c["target"][:n], c["expiry_ms"][:n],
-                                      px, np.where(known, high, np.nan), np.where(known, low, np.nan), now_ms, slip)
+    code, fill, fav, adv = exit_rules(
+        side,
+        c["entry"][:n],
+        c["stop"][:n],
+        c["target"][:n],
+        c["expiry_ms"][:n],
+        px,
+        np.where(known, high, np.nan),
+        np.where(known, low, np.nan),
+        now_ms,
+        slip,
+    )
     code = np.where(known | (code == EXIT_EXPIRY), code, NO_EXIT).astype(np.int8)
     np.maximum(c["mfe"][:n], np.where(known, fav, -np.inf), out=c["mfe"][:n])
     np.maximum(c["mae"][:n], np.where(known, adv, -np.inf), out=c["mae"][:n])
@@ -286,59 +443,106 @@ def mark_columns(c: dict[str, np.ndarray], n: int, price, high, low, now_ms: int
     c["mark"][:n], c["mark_ms"][:n] = px, np.where(known, now_ms, c["mark_ms"][:n])
     return code, fill
 
-# %% ../../nbs/trading/31_positions.ipynb #62eecaa5
-class PositionBook:
-    "Open positions as parallel numpy arrays, for one vectorised update per tick."
-    __slots__ = ("n", "positions", "cols", "_codes", "_symbols", "_keys")
+# %% ../../nbs/trading/31_positions.ipynb #ef89e1c2
+def gather_by_symbol(lookup: PriceSnapshot | Mapping[str, float], symbols: Sequence[str]) -> np.ndarray:
+    "One float64 value per symbol from a snapshot or a mapping; NaN where it has none."
+    if isinstance(lookup, PriceSnapshot):
+        return lookup.gather(symbols)
+    return np.array([lookup.get(s, math.nan) for s in symbols], np.float64)
 
-    def __init__(self, capacity: int = 64):
-        self.n, self.positions = 0, []
-        self.cols = {c: np.zeros(capacity, np.float64) for c in _FLOAT_COLS}
-        self.cols |= {c: np.zeros(capacity, np.int64) for c in _INT_COLS}
-        self._codes: dict[str, int] = {}
-        self._symbols: list[str] = []
-        self._keys: dict[tuple[str, Side], int] = {}
+# %% ../../nbs/trading/31_positions.ipynb #10fb353f
+def compact_columns(cols: Mapping[str, np.ndarray], n: int, keep: np.ndarray) -> int:
+    "Move the rows among the first `n` that `keep` marks to the front of every column, in order; how many they are."
+    m = int(keep.sum())
+    for a in cols.values():
+        a[:m] = a[:n][keep]
+    return m
 
-    def __len__(self) -> int: return self.n
-    def __iter__(self): return iter(self.positions)
-    def __contains__(self, key: tuple[str, Side]) -> bool: return key in self._keys
-    def __repr__(self) -> str: return f"PositionBook({self.n} open, {len(self._symbols)} symbols)"
+# %% ../../nbs/trading/31_positions.ipynb #8890a869
+class BookIndex:
+    "A book's symbols as small integer codes, its open positions counted per (symbol, side), per-row lookups."
+
+    __slots__ = ()
+    n: int
+    cols: dict[str, np.ndarray]
+    _codes: dict[str, int]
+    _symbols: list[str]
+    _keys: dict[tuple[str, Side], int]
+
+    def __contains__(self, key: tuple[str, Side]) -> bool:
+        return key in self._keys
+
     def col(self, name: str) -> np.ndarray:
         "The live view of column `name` over the open rows."
         return self.cols[name][: self.n]
 
-    def add(self, pos: Position) -> None:
-        "Append an OPEN position (`StateError` otherwise)."
-        if pos.state is not PositionState.OPEN:
-            raise StateError(f"position {pos.symbol} {pos.side.name}: only OPEN positions enter the book, not {pos.state.name}")
-        if self.n == len(self.cols["entry"]):
-            self.cols = {k: np.concatenate([a, np.zeros(max(len(a), 1), a.dtype)]) for k, a in self.cols.items()}
-        i, c = self.n, self.cols
-        for k in _FLOAT_COLS + _INT_COLS[2:]: c[k][i] = getattr(pos, k)
-        c["side"][i], c["code"][i] = int(pos.side), self._codes.setdefault(pos.symbol, len(self._codes))
-        if c["code"][i] == len(self._symbols): self._symbols.append(pos.symbol)
-        self.positions.append(pos)
-        self._keys[(pos.symbol, pos.side)] = self._keys.get((pos.symbol, pos.side), 0) + 1
-        self.n += 1
+    def find(self, symbol: str, side: Side) -> list[int]:
+        "Rows holding `symbol` on `side`."
+        code = self._codes.get(symbol)
+        if code is None:
+            return []
+        return np.flatnonzero((self.col("code") == code) & (self.col("side") == int(side))).tolist()
 
-    def remove_rows(self, rows) -> list[Position]:
-        "Take the positions at `rows` out of the book (one compaction); returns them."
-        rows = np.unique(np.asarray(rows, np.int64))
-        if not len(rows): return []
-        if rows[0] < 0 or rows[-1] >= self.n: raise StateError(f"rows {rows.tolist()} are not all in a book of {self.n}")
-        keep = np.ones(self.n, bool); keep[rows] = False
-        m = int(keep.sum())
-        for a in self.cols.values(): a[:m] = a[: self.n][keep]
-        gone = [self.positions[i] for i in rows.tolist()]
-        if len(rows) * 64 < self.n:                      # a few: delete in place, from the end
-            for i in reversed(rows.tolist()): del self.positions[i]
-        else: self.positions = [p for p, k in zip(self.positions, keep.tolist(), strict=True) if k]
+    def _index(self, pos: Position) -> int:
+        "Count `pos` under its (symbol, side); the code of its symbol (a new symbol gets the next one)."
+        key = (pos.symbol, pos.side)
+        self._keys[key] = self._keys.get(key, 0) + 1
+        code = self._codes.setdefault(pos.symbol, len(self._codes))
+        if code == len(self._symbols):
+            self._symbols.append(pos.symbol)
+        return code
+
+    def _unindex(self, gone: Sequence[Position]) -> None:
+        "Stop counting positions that left the book."
         for p in gone:
             key = (p.symbol, p.side)
             self._keys[key] -= 1
-            if not self._keys[key]: del self._keys[key]
-        self.n = m
-        return gone
+            if not self._keys[key]:
+                del self._keys[key]
+
+    def row_values(self, lookup: PriceSnapshot | Mapping[str, float] | None, default: float = math.nan) -> np.ndarray:
+        "Per-row values from a symbol-keyed `lookup` (a `PriceSnapshot` or a mapping), `default` where absent."
+        if lookup is None or not self.n:
+            return np.full(self.n, default)
+        v = gather_by_symbol(lookup, self._symbols)[self.col("code")]
+        return v if math.isnan(default) else np.where(np.isnan(v), default, v)
+
+    def _extremes(self, bx: BarExtremes | None) -> tuple[np.ndarray, np.ndarray]:
+        "Per-row high and low of the bars since `bx.since_ms`; NaN for rows opened after it."
+        if bx is None or not bx.by_symbol:
+            return np.full(self.n, np.nan), np.full(self.n, np.nan)
+        late = self.col("opened_ms") > bx.since_ms
+        high, low = (np.where(late, np.nan, self.row_values({s: v[j] for s, v in bx.by_symbol.items()})) for j in (0, 1))
+        return high, low
+
+# %% ../../nbs/trading/31_positions.ipynb #aaf29364
+class BookRows(BookIndex):
+    "The `Position` objects of a book, in row order: iterate, take rows out, copy the columns into them, totals."
+
+    __slots__ = ()
+    positions: list[Position]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Position]:
+        return iter(self.positions)
+
+    def __repr__(self) -> str:
+        return f"PositionBook({self.n} open, {len(self._symbols)} symbols)"
+
+    def _take(self, rows: np.ndarray) -> tuple[list[Position], int]:
+        "Take `rows` (sorted, unique, all in the book) out of the objects and the columns; (positions taken, rows left)."
+        keep = np.ones(self.n, bool)
+        keep[rows] = False
+        gone = [self.positions[i] for i in rows.tolist()]
+        if len(rows) * 64 < self.n:  # a few: delete in place, from the end
+            for i in reversed(rows.tolist()):
+                del self.positions[i]
+        else:
+            self.positions[:] = [p for p, k in zip(self.positions, keep.tolist(), strict=True) if k]
+        self._unindex(gone)
+        return gone, compact_columns(self.cols, self.n, keep)
 
     def sync(self, rows=None) -> None:
         "Copy mark, unrealised PnL, excursions, funding and times from the arrays into the `Position` objects."
@@ -349,69 +553,85 @@ class PositionBook:
             p.mark_ms, p.last_funding_ms = int(c["mark_ms"][i]), int(c["last_funding_ms"][i])
             p.unrealized_pnl = int(p.side) * (p.mark - p.entry) * p.size
 
-    def row_values(self, lookup, default: float = math.nan) -> np.ndarray:
-        "Per-row values from a symbol-keyed `lookup` (a `PriceSnapshot` or a mapping), `default` where absent."
-        if lookup is None or not self.n: return np.full(self.n, default)
-        per_symbol = (lookup.gather(self._symbols) if hasattr(lookup, "gather")
-                      else np.array([lookup.get(s, math.nan) for s in self._symbols], np.float64))
-        v = per_symbol[self.col("code")]
-        return v if math.isnan(default) else np.where(np.isnan(v), default, v)
-
-    def _extremes(self, bx: BarExtremes | None) -> tuple[np.ndarray, np.ndarray]:
-        "Per-row high and low of the bars since `bx.since_ms`; NaN for rows opened after it."
-        if bx is None or not bx.by_symbol: return np.full(self.n, np.nan), np.full(self.n, np.nan)
-        late = self.col("opened_ms") > bx.since_ms
-        high, low = (np.where(late, np.nan, self.row_values({s: v[j] for s, v in bx.by_symbol.items()})) for j in (0, 1))
-        return high, low
-
-    def update(self, prices, now_ms: int, *, funding_rate: float = 0.0, funding_rates: Mapping[str, float] | None = None,
-               bar_extremes: BarExtremes | None = None, slip: float = 0.0) -> list[Position]:
-        "Mark every open position in one pass; close, remove and return those that hit stop, target or expiry."
-        if not self.n: return []
-        price = self.row_values(prices)
-        high, low = self._extremes(bar_extremes)
-        rate = self.row_values(funding_rates, funding_rate) if funding_rates else funding_rate
-        code, fill = mark_columns(self.cols, self.n, price, high, low, now_ms, rate, slip)
-        rows = np.flatnonzero(code)
-        if not len(rows): return []
-        self.sync(rows)
-        for i, r in zip(rows.tolist(), code[rows].tolist(), strict=True):
-            self.positions[i].close(float(fill[i]), EXIT_CODES[r], now_ms)
-        return self.remove_rows(rows)
-
     def unrealized_pnl(self) -> float:
         "Sum over open rows of price PnL at the mark + funding - fees paid so far (quote units)."
         c, n = self.cols, self.n
-        return float((c["side"][:n] * (c["mark"][:n] - c["entry"][:n]) * c["size"][:n]).sum()
-                     + c["funding"][:n].sum() - c["fees"][:n].sum())
+        return float(mark_pnl(c, n).sum() + c["funding"][:n].sum() - c["fees"][:n].sum())
 
     def exposure(self) -> float:
         "Total notional of the open rows at their marks (quote units)."
         return float((self.col("mark") * self.col("size")).sum())
 
-    def find(self, symbol: str, side: Side) -> list[int]:
-        "Rows holding `symbol` on `side`."
-        code = self._codes.get(symbol)
-        if code is None: return []
-        return np.flatnonzero((self.col("code") == code) & (self.col("side") == int(side))).tolist()
+# %% ../../nbs/trading/31_positions.ipynb #d6b05b18
+class PositionBook(BookRows):
+    "Open positions as parallel numpy arrays, for one vectorised update per tick."
 
-# %% ../../nbs/trading/31_positions.ipynb #5afa3d73
-def random_positions(n: int, symbols: Sequence[str], now_ms: int, seed: int = 0, kind: Kind = Kind.VIRTUAL,
-                     expiry_s: float = 3600.0) -> list[Position]:
-    "`n` positions on random symbols and sides, 1-3 % stops and 2R targets around a price of 100 (tests, benchmarks)."
-    rng = np.random.default_rng(seed)
-    sides, dist = rng.choice([1, -1], n), rng.uniform(1.0, 3.0, n)
-    expiry = now_ms + (rng.uniform(0.5, 1.5, n) * expiry_s * 1000).astype(np.int64)
-    return [Position(kind=kind, symbol=symbols[i % len(symbols)], side=Side(int(s)), entry=100.0, stop=100.0 - s * d,
-                     target=100.0 + 2 * s * d, size=1.0, leverage=1, opened_ms=now_ms, expiry_ms=int(e), fee_rate=0.0005)
-            for i, (s, d, e) in enumerate(zip(sides.tolist(), dist.tolist(), expiry.tolist(), strict=True))]
+    __slots__ = ("n", "positions", "cols", "_codes", "_symbols", "_keys")
+
+    def __init__(self, capacity: int = 64):
+        self.n, self.positions = 0, []
+        self.cols = {c: np.zeros(capacity, np.float64) for c in _FLOAT_COLS}
+        self.cols |= {c: np.zeros(capacity, np.int64) for c in _INT_COLS}
+        self._codes, self._symbols, self._keys = {}, [], {}
+
+    def add(self, pos: Position) -> None:
+        "Append an OPEN position (`StateError` otherwise)."
+        if pos.state is not PositionState.OPEN:
+            raise StateError(f"position {pos.symbol} {pos.side.name}: only OPEN positions enter the book, not {pos.state.name}")
+        if self.n == len(self.cols["entry"]):
+            self.cols = {k: np.concatenate([a, np.zeros(max(len(a), 1), a.dtype)]) for k, a in self.cols.items()}
+        i, c = self.n, self.cols
+        for k in _FLOAT_COLS + _INT_COLS[2:]:
+            c[k][i] = getattr(pos, k)
+        c["side"][i], c["code"][i] = int(pos.side), self._index(pos)
+        self.positions.append(pos)
+        self.n += 1
+
+    def remove_rows(self, rows) -> list[Position]:
+        "Take the positions at `rows` out of the book (one compaction); returns them."
+        rows = np.unique(np.asarray(rows, np.int64))
+        if not len(rows):
+            return []
+        if rows[0] < 0 or rows[-1] >= self.n:
+            raise StateError(f"rows {rows.tolist()} are not all in a book of {self.n}")
+        gone, self.n = self._take(rows)
+        return gone
+
+    def update(
+        self,
+        prices: PriceSnapshot | Mapping[str, float] | None,
+        now_ms: int,
+        *,
+        funding_rate: float = 0.0,
+        funding_rates: Mapping[str, float] | None = None,
+        bar_extremes: BarExtremes | None = None,
+        slip: float = 0.0,
+    ) -> list[Position]:
+        "Mark every open position in one pass; close, remove and return those that hit stop, target or expiry."
+        if not self.n:
+            return []
+        price = self.row_values(prices)
+        high, low = self._extremes(bar_extremes)
+        rate = self.row_values(funding_rates, funding_rate) if funding_rates else funding_rate
+        code, fill = mark_columns(self.cols, self.n, price, high, low, now_ms, rate, slip)
+        rows = np.flatnonzero(code)
+        self.sync(rows)
+        for i, r in zip(rows.tolist(), code[rows].tolist(), strict=True):
+            self.positions[i].close(float(fill[i]), EXIT_CODES[r], now_ms)
+        return self.remove_rows(rows)
 
 # %% ../../nbs/trading/31_positions.ipynb #64346295
 def summarize(positions: Sequence[Position]) -> dict:
     "Count, wins, win rate, total and mean R, net PnL, fees and funding of closed positions."
     closed = [p for p in positions if p.state is PositionState.CLOSED and p.exit_price is not None]
     r = np.array([p.r_multiple for p in closed])
-    return {"trades": len(closed), "wins": int((r > 0).sum()), "win_rate": float((r > 0).mean()) if len(r) else 0.0,
-            "total_r": float(r.sum()), "mean_r": float(r.mean()) if len(r) else 0.0,
-            "net_pnl": float(sum(p.realized_pnl for p in closed)), "fees": float(sum(p.fees for p in closed)),
-            "funding": float(sum(p.funding for p in closed))}
+    return {
+        "trades": len(closed),
+        "wins": int((r > 0).sum()),
+        "win_rate": float((r > 0).mean()) if len(r) else 0.0,
+        "total_r": float(r.sum()),
+        "mean_r": float(r.mean()) if len(r) else 0.0,
+        "net_pnl": float(sum(p.realized_pnl for p in closed)),
+        "fees": float(sum(p.fees for p in closed)),
+        "funding": float(sum(p.funding for p in closed)),
+    }

@@ -11,6 +11,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol, Self, runtime_checkable
 
 from ..clock import Clock
 from ..config import RiskSettings
@@ -19,57 +20,87 @@ from .execution import Refusal, RefusalReason
 
 # %% auto #0
 __all__ = ['log', 'WIN_RATE_ALPHA', 'BREAKER_FIELDS', 'Level', 'StateConfig', 'Decision', 'level_for', 'entry_decision',
-           'BreakerStore', 'CircuitBreaker']
+           'BreakerRow', 'StateRepository', 'RefusalLog', 'BreakerStore', 'after_close', 'log_level_change',
+           'check_state', 'breaker_row', 'state_of_row', 'BreakerLevels', 'CircuitBreaker']
 
-# %% ../../nbs/trading/37_risk.ipynb #89d03e10
+# %% ../../nbs/trading/37_risk.ipynb #9533e323
 log = logging.getLogger(__name__)
 
+# %% ../../nbs/trading/37_risk.ipynb #1553e0de
 class Level(enum.IntEnum):
     "Circuit breaker levels, ordered by severity."
+
     NORMAL = 0
     REDUCED = 1
     NO_NEW_ENTRIES = 2
     HALTED = 3
 
+# %% ../../nbs/trading/37_risk.ipynb #f4718dd6
 class StateConfig:
     "The breaker's measured state: loss streak, drawdown (share of peak), level and win rate."
-    __slots__ = ('consecutive_losses', 'drawdown', 'circuit_breaker_level', 'win_rate')
 
-    def __init__(self, consecutive_losses: int = 0, drawdown: float = 0.0, circuit_breaker_level: Level = Level.NORMAL,
-                 win_rate: float = 0.5):
+    __slots__ = ("consecutive_losses", "drawdown", "circuit_breaker_level", "win_rate")
+
+    def __init__(
+        self,
+        consecutive_losses: int = 0,
+        drawdown: float = 0.0,
+        circuit_breaker_level: Level = Level.NORMAL,
+        win_rate: float = 0.5,
+    ):
         self.consecutive_losses, self.drawdown = int(consecutive_losses), float(drawdown)
         self.circuit_breaker_level, self.win_rate = Level(circuit_breaker_level), float(win_rate)
 
     def __repr__(self):
-        return (f"StateConfig({self.circuit_breaker_level.name}, {self.consecutive_losses} consecutive losses, "
-                f"drawdown {self.drawdown:.2%}, win rate {self.win_rate:.2f})")
+        return (
+            f"StateConfig({self.circuit_breaker_level.name}, {self.consecutive_losses} consecutive losses, "
+            f"drawdown {self.drawdown:.2%}, win rate {self.win_rate:.2f})"
+        )
 
+# %% ../../nbs/trading/37_risk.ipynb #287a8495
 @dataclass(frozen=True, slots=True)
 class Decision:
     "The breaker's answer: allowed or not, the size factor to apply, and why."
+
     allowed: bool
     size_factor: float
     reason: str
 
-# %% ../../nbs/trading/37_risk.ipynb #cca603c9
+# %% ../../nbs/trading/37_risk.ipynb #3ada58c6
 WIN_RATE_ALPHA = 0.1
 "Weight of the newest trade in the breaker's win rate."
 
+# %% ../../nbs/trading/37_risk.ipynb #4bffd6c2
 def level_for(consecutive_losses: int, drawdown: float, r: RiskSettings) -> Level:
     "The level the measures call for (the worse of loss streak and drawdown)."
-    by_losses = (Level.HALTED if consecutive_losses >= r.losses_halt else Level.NO_NEW_ENTRIES
-                 if consecutive_losses >= r.losses_pause else Level.REDUCED if consecutive_losses >= r.losses_reduce
-                 else Level.NORMAL)
-    by_drawdown = (Level.HALTED if drawdown >= r.drawdown_halt else Level.NO_NEW_ENTRIES if drawdown >= r.drawdown_pause
-                   else Level.REDUCED if drawdown >= r.drawdown_reduce else Level.NORMAL)
+    by_losses = (
+        Level.HALTED
+        if consecutive_losses >= r.losses_halt
+        else Level.NO_NEW_ENTRIES
+        if consecutive_losses >= r.losses_pause
+        else Level.REDUCED
+        if consecutive_losses >= r.losses_reduce
+        else Level.NORMAL
+    )
+    by_drawdown = (
+        Level.HALTED
+        if drawdown >= r.drawdown_halt
+        else Level.NO_NEW_ENTRIES
+        if drawdown >= r.drawdown_pause
+        else Level.REDUCED
+        if drawdown >= r.drawdown_reduce
+        else Level.NORMAL
+    )
     return max(by_losses, by_drawdown)
 
 # %% ../../nbs/trading/37_risk.ipynb #8cf55bb3
 def entry_decision(state: StateConfig, r: RiskSettings, on_probation: bool = False) -> tuple[Decision, RefusalReason | None]:
     "The decision for a new entry and, when refused, the reason to record."
     lvl = state.circuit_breaker_level
-    if lvl is Level.NORMAL: return Decision(True, 1.0, "normal"), None
-    if lvl is Level.REDUCED: return Decision(True, r.reduced_size, "reduced size"), None
+    if lvl is Level.NORMAL:
+        return Decision(True, 1.0, "normal"), None
+    if lvl is Level.REDUCED:
+        return Decision(True, r.reduced_size, "reduced size"), None
     if lvl is Level.NO_NEW_ENTRIES and on_probation:
         return Decision(True, r.reduced_size, f"probation after a {r.cooldown_s:g} s pause, reduced size"), None
     why = f"{lvl.name}: {state.consecutive_losses} consecutive losses, drawdown {100 * state.drawdown:.2f} %"
@@ -77,55 +108,121 @@ def entry_decision(state: StateConfig, r: RiskSettings, on_probation: bool = Fal
 
 # %% ../../nbs/trading/37_risk.ipynb #f583add9
 @dataclass(frozen=True, slots=True)
-class BreakerStore:
-    "The two repositories the breaker writes to (`tradelab.storage.store.BreakerRepository`, `RefusalRepository`)."
-    breakers: object
-    refusals: object
+class BreakerRow:
+    "The breaker's state as one stored row; `updated_ms` is when the current level began."
 
-    @classmethod
-    def open(cls, db) -> BreakerStore:
-        "Both repositories on one `tradelab.storage.store.Database`."
-        from tradelab.storage.store import BreakerRepository, RefusalRepository
-        return cls(BreakerRepository(db), RefusalRepository(db))
+    level: str
+    consecutive_losses: int
+    drawdown: float
+    win_rate: float
+    peak_equity: float
+    equity: float
+    updated_ms: int
+
 
 BREAKER_FIELDS = ("level", "consecutive_losses", "drawdown", "win_rate", "peak_equity", "equity", "level_since_ms")
 "The breaker's state as `to_dict` writes it."
 
-# %% ../../nbs/trading/37_risk.ipynb #75862871
-class CircuitBreaker:
-    "Levels from loss streak and drawdown; entries decided as values; closing always allowed."
+# %% ../../nbs/trading/37_risk.ipynb #baf9eed2
+@runtime_checkable
+class StateRepository(Protocol):
+    "Keeps the breaker's one state row (`tradelab.storage.store.BreakerRepository` in the bot)."
 
-    def __init__(self, settings: RiskSettings, clock: Clock, starting_equity: float, store: BreakerStore | None = None,
-                 *, keep_refusals: int = 200):
+    def save(self, rec: BreakerRow) -> None:
+        "Replace the stored state with `rec`."
+
+    def load(self) -> BreakerRow | None:
+        "The stored state (a record with `BreakerRow`'s fields), or `None` when there is none yet."
+
+# %% ../../nbs/trading/37_risk.ipynb #06560a0d
+@runtime_checkable
+class RefusalLog(Protocol):
+    "Appends refusals (`tradelab.storage.store.RefusalRepository` in the bot)."
+
+    def record(self, *refusals: Refusal) -> None:
+        "Append `refusals` in one transaction."
+
+# %% ../../nbs/trading/37_risk.ipynb #8ff556f0
+@dataclass(frozen=True, slots=True)
+class BreakerStore:
+    "Where the breaker keeps its state and its refusals; the composition root builds both and hands them in."
+
+    breakers: StateRepository
+    refusals: RefusalLog
+
+# %% ../../nbs/trading/37_risk.ipynb #b4e3d9cd
+def after_close(consecutive_losses: int, win_rate: float, pnl: float) -> tuple[int, float]:
+    "The loss streak and win rate after a close with net `pnl`."
+    losses = consecutive_losses + 1 if pnl < 0 else 0 if pnl > 0 else consecutive_losses
+    return losses, win_rate + WIN_RATE_ALPHA * (float(pnl > 0) - win_rate)
+
+# %% ../../nbs/trading/37_risk.ipynb #53825368
+def log_level_change(old: Level, new: Level, s: StateConfig, equity: float, peak: float) -> None:
+    "The log line of a change of level, with the measures that caused it."
+    log.log(
+        logging.WARNING if new > old else logging.INFO,
+        "circuit breaker %s -> %s: %d consecutive losses, drawdown %.2f %% (equity %.2f, peak %.2f)",
+        old.name,
+        new.name,
+        s.consecutive_losses,
+        100 * s.drawdown,
+        equity,
+        peak,
+    )
+
+# %% ../../nbs/trading/37_risk.ipynb #f6d6fba3
+def check_state(d: Mapping) -> None:
+    "`DataError` naming what is missing, unknown or wrong in a breaker state."
+    if set(d) != set(BREAKER_FIELDS):
+        raise DataError(f"breaker state: expected keys {list(BREAKER_FIELDS)}, got {sorted(d)}")
+    if d["level"] not in Level.__members__:
+        raise DataError(f"breaker state: unknown level {d['level']!r}")
+
+# %% ../../nbs/trading/37_risk.ipynb #54fecc54
+def breaker_row(d: Mapping) -> BreakerRow:
+    "The stored row of a state as `to_dict` gives it."
+    return BreakerRow(**{k: d[k] for k in BREAKER_FIELDS if k != "level_since_ms"}, updated_ms=d["level_since_ms"])
+
+# %% ../../nbs/trading/37_risk.ipynb #7dc6a5ad
+def state_of_row(rec: BreakerRow) -> dict:
+    "The state, as `to_dict` gives it, of a stored row."
+    return {k: getattr(rec, k) for k in BREAKER_FIELDS if k != "level_since_ms"} | {"level_since_ms": rec.updated_ms}
+
+# %% ../../nbs/trading/37_risk.ipynb #ef251452
+class BreakerLevels:
+    "The breaker's measures and level: loss streak and marked drawdown in, level out; no store, no refusals."
+
+    def __init__(self, settings: RiskSettings, clock: Clock, starting_equity: float):
         if not (math.isfinite(starting_equity) and starting_equity > 0):
             raise DataError(f"starting equity must be a positive number, got {starting_equity}")
-        self.settings, self.clock, self.store, self.state = settings, clock, store, StateConfig()
+        self.settings, self.clock, self.state = settings, clock, StateConfig()
         self.equity = self.peak_equity = float(starting_equity)
         self.level_since_ms = clock.now_ms()
-        self.refusals: deque[Refusal] = deque(maxlen=keep_refusals)
 
     @property
-    def level(self) -> Level: return self.state.circuit_breaker_level
+    def level(self) -> Level:
+        return self.state.circuit_breaker_level
+
     @property
     def on_probation(self) -> bool:
         "Paused for at least `cooldown_s`: entries allowed again at reduced size."
         return self.level is Level.NO_NEW_ENTRIES and self.clock.now_ms() - self.level_since_ms >= self.settings.cooldown_s * 1000
-    def __repr__(self): return f"CircuitBreaker({self.state!r}, equity {self.equity:.2f}, peak {self.peak_equity:.2f})"
 
     def on_equity(self, balance: float, unrealized_pnl: float = 0.0) -> Level:
         "Mark equity (balance + unrealised PnL of the open real positions); update drawdown and level."
         self.equity = float(balance) + float(unrealized_pnl)
-        if self.equity > self.peak_equity: self.peak_equity = self.equity; self._save()
+        if self.equity > self.peak_equity:
+            self.peak_equity = self.equity
+            self._save()
         self.state.drawdown = max(0.0, 1.0 - self.equity / self.peak_equity)
         return self._evaluate()
 
     def on_trade_closed(self, pnl: float, balance: float, unrealized_pnl: float = 0.0) -> Level:
         "A real trade closed with net `pnl`: loss streak, win rate, equity and level; the state is stored."
         s = self.state
-        if pnl < 0: s.consecutive_losses += 1
-        elif pnl > 0: s.consecutive_losses = 0
-        s.win_rate += WIN_RATE_ALPHA * (float(pnl > 0) - s.win_rate)
-        if pnl < 0 and self.level is Level.NO_NEW_ENTRIES: self.level_since_ms = self.clock.now_ms()  # a new pause
+        s.consecutive_losses, s.win_rate = after_close(s.consecutive_losses, s.win_rate, pnl)
+        if pnl < 0 and self.level is Level.NO_NEW_ENTRIES:
+            self.level_since_ms = self.clock.now_ms()  # a new pause
         self.on_equity(balance, unrealized_pnl)
         self._save()
         return self.level
@@ -133,18 +230,54 @@ class CircuitBreaker:
     def _evaluate(self) -> Level:
         s, old = self.state, self.level
         new = Level.HALTED if old is Level.HALTED else level_for(s.consecutive_losses, s.drawdown, self.settings)
-        if new is old: return new
+        if new is old:
+            return new
         s.circuit_breaker_level, self.level_since_ms = new, self.clock.now_ms()
-        log.log(logging.WARNING if new > old else logging.INFO,
-                "circuit breaker %s -> %s: %d consecutive losses, drawdown %.2f %% (equity %.2f, peak %.2f)",
-                old.name, new.name, s.consecutive_losses, 100 * s.drawdown, self.equity, self.peak_equity)
+        log_level_change(old, new, s, self.equity, self.peak_equity)
         self._save()
         return new
+
+    def to_dict(self) -> dict:
+        "The whole state as plain values (level by name)."
+        s = self.state
+        values = (s.circuit_breaker_level.name, s.consecutive_losses, s.drawdown, s.win_rate)
+        return dict(zip(BREAKER_FIELDS, (*values, self.peak_equity, self.equity, self.level_since_ms), strict=True))
+
+    def load_dict(self, d: Mapping) -> Self:
+        "Take the state `to_dict` wrote (`DataError` naming what is missing, unknown or wrong)."
+        check_state(d)
+        self.state = StateConfig(d["consecutive_losses"], d["drawdown"], Level[d["level"]], d["win_rate"])
+        self.peak_equity, self.equity, self.level_since_ms = float(d["peak_equity"]), float(d["equity"]), int(d["level_since_ms"])
+        return self
+
+    def _save(self) -> None:
+        "A change worth keeping: nothing keeps it here (`CircuitBreaker` writes it to its store)."
+
+# %% ../../nbs/trading/37_risk.ipynb #75862871
+class CircuitBreaker(BreakerLevels):
+    "Levels from loss streak and drawdown; entries decided as values; closing always allowed."
+
+    def __init__(
+        self,
+        settings: RiskSettings,
+        clock: Clock,
+        starting_equity: float,
+        store: BreakerStore | None = None,
+        *,
+        keep_refusals: int = 200,
+    ):
+        super().__init__(settings, clock, starting_equity)
+        self.store = store
+        self.refusals: deque[Refusal] = deque(maxlen=keep_refusals)
+
+    def __repr__(self):
+        return f"CircuitBreaker({self.state!r}, equity {self.equity:.2f}, peak {self.peak_equity:.2f})"
 
     def check_entry(self, symbol: str) -> Decision:
         "May a new position open on `symbol`, at what size factor? A refusal is recorded with its reason."
         decision, reason = entry_decision(self.state, self.settings, self.on_probation)
-        if reason is not None: self.record(Refusal(self.clock.now_ms(), symbol, reason, decision.reason, self.level.name))
+        if reason is not None:
+            self.record(Refusal(self.clock.now_ms(), symbol, reason, decision.reason, self.level.name))
         return decision
 
     def check_exit(self, symbol: str) -> Decision:
@@ -154,45 +287,31 @@ class CircuitBreaker:
     def record(self, *refusals: Refusal) -> None:
         "Keep `refusals` (the breaker's or execution's) in memory and in the store."
         self.refusals.extend(refusals)
-        if self.store is not None and refusals: self.store.refusals.record(*refusals)
-        for x in refusals: log.info("entry refused on %s: %s (%s)", x.symbol, x.reason.value, x.detail)
+        if self.store is not None and refusals:
+            self.store.refusals.record(*refusals)
+        for x in refusals:
+            log.info("entry refused on %s: %s (%s)", x.symbol, x.reason.value, x.detail)
 
     def reset(self, equity: float | None = None) -> None:
         "The operator's command: back to NORMAL from any level; the streak forgiven, the peak re-based at equity."
         old = self.level
-        if equity is not None: self.equity = float(equity)
+        if equity is not None:
+            self.equity = float(equity)
         self.state.consecutive_losses, self.peak_equity, self.state.drawdown = 0, self.equity, 0.0
         self.state.circuit_breaker_level, self.level_since_ms = Level.NORMAL, self.clock.now_ms()
         log.warning("circuit breaker reset by command from %s to NORMAL at equity %.2f", old.name, self.equity)
         self._save()
 
-    def to_dict(self) -> dict:
-        "The whole state as plain values (level by name)."
-        s = self.state
-        return {"level": s.circuit_breaker_level.name, "consecutive_losses": s.consecutive_losses, "drawdown": s.drawdown,
-                "win_rate": s.win_rate, "peak_equity": self.peak_equity, "equity": self.equity,
-                "level_since_ms": self.level_since_ms}
-
-    def load_dict(self, d: Mapping) -> CircuitBreaker:
-        "Take the state `to_dict` wrote (`DataError` naming what is missing, unknown or wrong)."
-        if set(d) != set(BREAKER_FIELDS): raise DataError(f"breaker state: expected keys {list(BREAKER_FIELDS)}, got {sorted(d)}")
-        if d["level"] not in Level.__members__: raise DataError(f"breaker state: unknown level {d['level']!r}")
-        self.state = StateConfig(d["consecutive_losses"], d["drawdown"], Level[d["level"]], d["win_rate"])
-        self.peak_equity, self.equity, self.level_since_ms = float(d["peak_equity"]), float(d["equity"]), int(d["level_since_ms"])
-        return self
-
     def restore(self) -> bool:
         "Take the stored state, if the store has one (after a restart); whether it did."
         rec = None if self.store is None else self.store.breakers.load()
-        if rec is None: return False
-        d = {k: getattr(rec, k) for k in BREAKER_FIELDS if k != "level_since_ms"}
-        self.load_dict(d | {"level_since_ms": rec.updated_ms})
+        if rec is None:
+            return False
+        self.load_dict(state_of_row(rec))
         log.info("circuit breaker restored at %s", self.state)
         return True
 
     def _save(self) -> None:
-        if self.store is None: return
-        from tradelab.storage.store import BreakerRecord
-        d = self.to_dict()
-        since = d.pop("level_since_ms")
-        self.store.breakers.save(BreakerRecord(**d, updated_ms=since))
+        "Write the state row to the store, when there is one."
+        if self.store is not None:
+            self.store.breakers.save(breaker_row(self.to_dict()))

@@ -8,133 +8,234 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Container, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from ..clock import Clock, bar_open_ms
-from ..config import Settings
+from ..config import Settings, TradingSettings
 from ..errors import StateError
-from .positions import (BarExtremes, ExitReason, Kind, Position, PositionBook, PositionState, PriceSource, leverage_for,
-                                risk_size)
+from tradelab.trading.positions import (
+    BarExtremes,
+    ExitReason,
+    Kind,
+    Position,
+    PositionBook,
+    PositionState,
+    PriceSource,
+    leverage_for,
+    risk_size,
+)
 from ..records import Side, Signal
 
 # %% auto #0
-__all__ = ['log', 'virtual_ranks', 'virtual_candidates', 'fetch_bar_extremes', 'UpdateStats', 'VirtualPositionManager']
+__all__ = ['log', 'virtual_ranks', 'OpenKeys', 'virtual_candidates', 'fetch_bar_extremes', 'Transactional', 'PositionStore',
+           'UpdateStats', 'virtual_position', 'write_tick', 'persist_tick', 'take_from_book', 'VirtualBook',
+           'VirtualPositionManager']
 
-# %% ../../nbs/trading/35_virtual.ipynb #01e088ab
+# %% ../../nbs/trading/35_virtual.ipynb #48860b9c
 log = logging.getLogger(__name__)
 
+# %% ../../nbs/trading/35_virtual.ipynb #94c55ad0
 def virtual_ranks(t) -> range:
     "The ranks followed virtually: `max_trades + 1 .. virtual_until` (empty when `virtual_until` is 0)."
     return range(t.max_trades + 1, t.virtual_until + 1)
 
-def virtual_candidates(signals: Sequence[Signal], t, open_keys: Container[tuple[str, Side]] = (),
-                       refused: Collection[int] = ()) -> list[tuple[int, Signal]]:
+# %% ../../nbs/trading/35_virtual.ipynb #7fb27b941602401d91542211134fc71a
+class OpenKeys(Protocol):
+    "What `virtual_candidates` asks of the open positions: is a (symbol, side) among them? A `PositionBook` answers."
+
+    def __contains__(self, key: tuple[str, Side], /) -> bool: ...
+
+# %% ../../nbs/trading/35_virtual.ipynb #165e3998
+def virtual_candidates(
+    signals: Sequence[Signal], t, open_keys: OpenKeys = (), refused: Collection[int] = ()
+) -> list[tuple[int, Signal]]:
     "(rank, signal) of the ranked `signals` to follow virtually: in `virtual_ranks` or `refused`, one per symbol and side."
     ranks, taken, out = virtual_ranks(t), set(), []
     follow = {r for r in refused if r <= t.max_trades} if t.follow_refused and t.virtual_until else set()
     for rank, sig in enumerate(signals, start=1):
         key = (sig.symbol, sig.side)
-        if (rank not in ranks and rank not in follow) or key in taken or key in open_keys: continue
+        if (rank not in ranks and rank not in follow) or key in taken or key in open_keys:
+            continue
         taken.add(key)
         out.append((rank, sig))
     return out
 
 # %% ../../nbs/trading/35_virtual.ipynb #40f9de1f
-async def fetch_bar_extremes(client, symbols: Iterable[str], since_ms: int, interval: str = "1m",
-                             concurrency: int = 8) -> BarExtremes:
+async def fetch_bar_extremes(
+    client, symbols: Iterable[str], since_ms: int, interval: str = "1m", concurrency: int = 8
+) -> BarExtremes:
     "Extremes of the closed `interval` bars since the bar containing `since_ms`, one request per symbol."
     start, gate = bar_open_ms(since_ms, interval), asyncio.Semaphore(concurrency)
+
     async def one(sym: str):
-        async with gate: return sym, await client.get_klines_since(sym, interval, start)
+        async with gate:
+            return sym, await client.get_klines_since(sym, interval, start)
+
     got = await asyncio.gather(*(one(s) for s in sorted(set(symbols))))
     return BarExtremes.from_klines(dict(got), start)
+
+# %% ../../nbs/trading/35_virtual.ipynb #4a9b72a8
+class Transactional(Protocol):
+    "A database whose `transaction()` block commits all its writes or none, joining an enclosing one."
+
+    def transaction(self) -> AbstractContextManager:
+        "A block whose writes commit together."
+
+# %% ../../nbs/trading/35_virtual.ipynb #efed8f89
+@runtime_checkable
+class PositionStore(Protocol):
+    "What the books ask of a position store (`tradelab.storage.store.PositionRepository` in the bot)."
+
+    @property
+    def db(self) -> Transactional:
+        "The database, for one transaction over several writes."
+
+    def load_open(self, kind: Kind | None = None) -> list[Position]:
+        "The stored positions not closed (of `kind`, or all), oldest first."
+
+    def save_open(self, positions: Position | Iterable[Position]) -> int:
+        "Insert or update live positions."
+
+    def update_marks(self, positions: PositionBook | Iterable[Position]) -> int:
+        "Write the per-tick fields (mark, PnL, excursions, funding) of open positions."
+
+    def close_many(self, positions: Iterable[Position]) -> int:
+        "Store closed positions with their archive rows, in one transaction."
 
 # %% ../../nbs/trading/35_virtual.ipynb #ac6645c8
 @dataclass(slots=True)
 class UpdateStats:
     "Counters of the monitor ticks, for the heartbeat and the benchmark."
+
     updates: int = 0
     price_requests: int = 0
     closed: int = 0
     last_update_s: float = 0.0
     last_checkpoint_ms: int = 0
 
+    def count(self, closed: int, seconds: float) -> None:
+        "One tick done: one price request, `closed` positions closed, in `seconds`."
+        self.updates, self.price_requests, self.closed = self.updates + 1, self.price_requests + 1, self.closed + closed
+        self.last_update_s = seconds
+
+# %% ../../nbs/trading/35_virtual.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
+def virtual_position(rank: int, sig: Signal, now: int, t: TradingSettings) -> Position:
+    "The VIRTUAL position for the signal of `rank`, opened at `now`, sized as a real one at `starting_equity`."
+    return Position.from_signal(
+        sig,
+        kind=Kind.VIRTUAL,
+        size=risk_size(t.starting_equity, sig.entry, sig.stop, t),
+        leverage=leverage_for(sig.confidence, t),
+        opened_ms=now,
+        expiry_ms=now + int(t.expiry_s * 1000),
+        fee_rate=t.taker_fee,
+        rank=rank,
+    )
+
+# %% ../../nbs/trading/35_virtual.ipynb #8edb47106e1a46a883d545849b8ab81b
+def write_tick(store: PositionStore, closed: Sequence[Position], book: PositionBook, marks: bool) -> None:
+    "The closes, and the marks of `book`'s open positions when `marks`, in one transaction."
+    with store.db.transaction():
+        if closed:
+            store.close_many(closed)
+        if marks:
+            store.update_marks(book)
+
+# %% ../../nbs/trading/35_virtual.ipynb #10185d26023b46108eb7d9f57d49d2b3
+async def persist_tick(
+    store: PositionStore | None, closed: Sequence[Position], book: PositionBook, stats: UpdateStats, now: int, checkpoint_s: float
+) -> None:
+    "Closes every tick; marks of the open ones every `checkpoint_s` (noted in `stats`); nothing without a store."
+    marks = now - stats.last_checkpoint_ms >= checkpoint_s * 1000
+    if store is None or not (closed or marks):
+        return
+    await asyncio.to_thread(write_tick, store, closed, book, marks)
+    if marks:
+        stats.last_checkpoint_ms = now
+
+# %% ../../nbs/trading/35_virtual.ipynb #7cdc8c89c7104fffa095e18ddfef8986
+def take_from_book(book: PositionBook, position: Position) -> None:
+    "Remove `position` (this object) from `book`, its marks synced first; `StateError` if the book does not hold it."
+    rows = [r for r in book.find(position.symbol, position.side) if book.positions[r] is position]
+    if not rows:
+        raise StateError(f"{position.symbol} {position.side.name}: not an open virtual position of this manager")
+    book.sync(rows)
+    book.remove_rows(rows)
+
+# %% ../../nbs/trading/35_virtual.ipynb #c10c7069
+class VirtualBook:
+    "The open virtual positions, their counters and their store; `restore` reads them back after a restart."
+
+    def __init__(self, store: PositionStore | None = None):
+        self.store, self.book, self.stats = store, PositionBook(), UpdateStats()
+
+    def __len__(self) -> int:
+        return len(self.book)
+
+    @property
+    def positions(self) -> list[Position]:
+        return list(self.book.positions)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({len(self.book)} open, {self.stats.closed} closed)"
+
+    def restore(self) -> int:
+        "Load the open virtual positions from the store into an empty book (after a restart); how many."
+        if self.store is None:
+            return 0
+        if len(self.book):
+            raise StateError("restore() needs an empty book; it runs once, at start-up")
+        for p in self.store.load_open(Kind.VIRTUAL):
+            if p.state is PositionState.OPEN:
+                self.book.add(p)
+        return len(self.book)
+
 # %% ../../nbs/trading/35_virtual.ipynb #c567825e
-class VirtualPositionManager:
+class VirtualPositionManager(VirtualBook):
     "Virtual positions for ranks `max_trades + 1 .. virtual_until`, updated with one request per tick."
 
-    def __init__(self, settings: Settings, clock: Clock, store=None, *, checkpoint_s: float = 60.0):
-        self.trading, self.clock, self.store, self.checkpoint_s = settings.trading, clock, store, checkpoint_s
-        self.book, self.stats, self._lock = PositionBook(), UpdateStats(), asyncio.Lock()
-
-    def __len__(self) -> int: return len(self.book)
-    @property
-    def positions(self) -> list[Position]: return list(self.book.positions)
-    def __repr__(self): return f"VirtualPositionManager({len(self.book)} open, {self.stats.closed} closed)"
-
-    def _position(self, rank: int, sig: Signal, now: int) -> Position:
-        t = self.trading
-        return Position.from_signal(sig, kind=Kind.VIRTUAL, size=risk_size(t.starting_equity, sig.entry, sig.stop, t),
-                                    leverage=leverage_for(sig.confidence, t), opened_ms=now,
-                                    expiry_ms=now + int(t.expiry_s * 1000), fee_rate=t.taker_fee, rank=rank)
+    def __init__(self, settings: Settings, clock: Clock, store: PositionStore | None = None, *, checkpoint_s: float = 60.0):
+        super().__init__(store)
+        self.trading, self.clock, self.checkpoint_s, self._lock = settings.trading, clock, checkpoint_s, asyncio.Lock()
 
     async def open_signals(self, signals: Sequence[Signal], refused: Collection[int] = ()) -> list[Position]:
         "Open virtual positions for the ranked `signals` in the virtual ranks and the `refused` ones; the ones opened."
         async with self._lock:
-            now = self.clock.now_ms()
-            opened = [self._position(r, s, now) for r, s in virtual_candidates(signals, self.trading, self.book, refused)]
-            if opened and self.store is not None: await asyncio.to_thread(self.store.save_open, opened)
-            for p in opened: self.book.add(p)
-        if opened: log.info("%d virtual position(s) opened, %d open", len(opened), len(self.book))
+            now, chosen = self.clock.now_ms(), virtual_candidates(signals, self.trading, self.book, refused)
+            opened = [virtual_position(rank, sig, now, self.trading) for rank, sig in chosen]
+            if opened and self.store is not None:
+                await asyncio.to_thread(self.store.save_open, opened)
+            for p in opened:
+                self.book.add(p)
+        if opened:
+            log.info("%d virtual position(s) opened, %d open", len(opened), len(self.book))
         return opened
 
-    async def update_all_prices_async(self, client: PriceSource, bar_extremes: BarExtremes | None = None, *,
-                                      funding_rates: Mapping[str, float] | None = None) -> list[Position]:
+    async def update_all_prices_async(
+        self, client: PriceSource, bar_extremes: BarExtremes | None = None, *, funding_rates: Mapping[str, float] | None = None
+    ) -> list[Position]:
         "ONE all-prices request, ONE vectorised pass; closes what reached stop, target or expiry and returns it."
         snap = await client.all_prices()
         async with self._lock:
-            t0 = time.perf_counter()
-            now = self.clock.now_ms()
-            closed = self.book.update(snap, now, funding_rate=self.trading.funding_rate, funding_rates=funding_rates,
-                                      bar_extremes=bar_extremes)
-            if self.store is not None: await self._persist(closed, now)
-            self._count(closed, time.perf_counter() - t0)
+            t0, now, t = time.perf_counter(), self.clock.now_ms(), self.trading
+            closed = self.book.update(
+                snap, now, funding_rate=t.funding_rate, funding_rates=funding_rates, bar_extremes=bar_extremes
+            )
+            await persist_tick(self.store, closed, self.book, self.stats, now, self.checkpoint_s)
+            self.stats.count(len(closed), time.perf_counter() - t0)
+        if closed:
+            log.info("%d virtual position(s) closed, %d open", len(closed), len(self.book))
         return closed
 
     async def close(self, position: Position, reason: ExitReason = ExitReason.COMMAND) -> Position:
         "Close an open virtual position by command, at its last mark; stored at once."
         async with self._lock:
-            rows = [r for r in self.book.find(position.symbol, position.side) if self.book.positions[r] is position]
-            if not rows: raise StateError(f"{position.symbol} {position.side.name}: not an open virtual position of this manager")
-            self.book.sync(rows)
-            self.book.remove_rows(rows)
+            take_from_book(self.book, position)
             position.close(position.mark, reason, self.clock.now_ms())
-            if self.store is not None: await asyncio.to_thread(self.store.close_many, [position])
+            if self.store is not None:
+                await asyncio.to_thread(self.store.close_many, [position])
         self.stats.closed += 1
         return position
-
-    def _count(self, closed: list[Position], seconds: float) -> None:
-        s = self.stats
-        s.updates, s.price_requests, s.closed = s.updates + 1, s.price_requests + 1, s.closed + len(closed)
-        s.last_update_s = seconds
-        if closed: log.info("%d virtual position(s) closed, %d open", len(closed), len(self.book))
-
-    async def _persist(self, closed: list[Position], now: int) -> None:
-        "Closes every tick; marks of the open ones every `checkpoint_s`; one transaction."
-        marks = now - self.stats.last_checkpoint_ms >= self.checkpoint_s * 1000
-        if not (closed or marks): return
-        def write():
-            with self.store.db.transaction():
-                if closed: self.store.close_many(closed)
-                if marks: self.store.update_marks(self.book)
-        await asyncio.to_thread(write)
-        if marks: self.stats.last_checkpoint_ms = now
-
-    def restore(self) -> int:
-        "Load the open virtual positions from the store into an empty book (after a restart); how many."
-        if self.store is None: return 0
-        if len(self.book): raise StateError("restore() needs an empty book; it runs once, at start-up")
-        for p in self.store.load_open(Kind.VIRTUAL):
-            if p.state is PositionState.OPEN: self.book.add(p)
-        return len(self.book)
