@@ -164,7 +164,7 @@ _ENUMS = {"kind": Kind, "side": Side, "state": PositionState, "exit_reason": Exi
 class PositionRecord:
     "A position's fields, checked and set when it opens; `Position` keeps them in its slots."
 
-    if not TYPE_CHECKING:  # empty, as on every base of Position; hidden from mypy, which would read the fields set here as undeclared slots
+    if not TYPE_CHECKING:  # empty on every base; hidden from mypy, which reads fields set here as undeclared
         __slots__ = ()
 
     def __init__(
