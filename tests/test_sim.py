@@ -35,7 +35,7 @@ async def _ccxt_scenario():
     market = synthetic_market(4, 2, seed=5)
     async with SimServer(market, TestClock(market.default_start_ms())) as sim:
         ex = ccxt_client(sim.url)
-        contracts = await asyncio.to_thread(ex.load_markets)
+        markets = await asyncio.to_thread(ex.load_markets)
         ohlcv = await asyncio.to_thread(ex.fetch_ohlcv, "SYN001/USDT:USDT", "15m", None, 50)
         tickers = await asyncio.to_thread(ex.fetch_tickers)
         errors = []
@@ -46,11 +46,11 @@ async def _ccxt_scenario():
         sim.faults.force_status = 429
         try: await asyncio.to_thread(ex.fetch_ticker, "SYN000/USDT:USDT")
         except ccxt.BaseError as e: errors.append(e)
-        return market, sim.clock.now_ms(), contracts, ohlcv, tickers, errors, sim.stats()
+        return market, sim.clock.now_ms(), markets, ohlcv, tickers, errors, sim.stats()
 
 
 def test_ccxt_reads_markets_ohlcv_and_tickers():
-    market, now, contracts, ohlcv, tickers, errors, stats = asyncio.run(_ccxt_scenario())
+    market, now, markets, ohlcv, tickers, errors, stats = asyncio.run(_ccxt_scenario())
     swaps = {m["id"]: m for m in markets.values() if m["swap"]}
     assert set(swaps) == set(market.symbols)
     m = swaps["SYN001USDT"]
