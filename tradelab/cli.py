@@ -67,7 +67,7 @@ COMMON = (
     opt("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
 )
 
-# %% ../nbs/90_cli.ipynb #b5df09ac
+
 def parser(prog: str, options: Sequence[Option], description: str = "") -> argparse.ArgumentParser:
     "An `ArgumentParser` with the common options and `options`."
     p = argparse.ArgumentParser(prog=prog, description=description)

@@ -118,7 +118,7 @@ class TestClock:
 # %% ../nbs/02_clock.ipynb #b906a2db
 _UNIT_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
-# %% ../nbs/02_clock.ipynb #80cfe3a3
+
 def interval_ms(interval: str) -> int:
     "Length of a Binance kline interval in milliseconds: `interval_ms('15m') == 900_000`."
     if interval not in INTERVALS:

@@ -45,7 +45,7 @@ class ModelError(TradelabError):
 
     policy = Policy.STOP
 
-# %% ../nbs/00_errors.ipynb #68ce2418
+
 class SchemaMismatch(ModelError):
     "A model built for another feature schema version."
 
@@ -90,11 +90,11 @@ class ExchangeRejected(ExchangeError):
 
     policy = Policy.SKIP
 
-# %% ../nbs/00_errors.ipynb #0423cc0c
+
 class UnknownSymbol(ExchangeRejected):
     "Binance -1121: the symbol does not exist."
 
-# %% ../nbs/00_errors.ipynb #ca6fb14b
+
 class OrderRejected(ExchangeRejected):
     "The exchange refused an order (filters, margin, reduce-only...)."
 

@@ -117,7 +117,7 @@ def stage_series(cycles: Sequence[CycleRecord], loop: str) -> dict[str, tuple[li
 BREAKER_COLORS = {"NORMAL": "#2e7d32", "REDUCED": "#f9a825", "NO_NEW_ENTRIES": "#ef6c00", "HALTED": "#c62828"}
 "Colour of each circuit breaker level in the panel."
 
-# %% ../nbs/60_panel.ipynb #8dd0d8092fe74a7c96281538738b07e2
+
 def breaker_html(level: str) -> str:
     "The breaker's level in its colour."
     return f"<b style='color:{BREAKER_COLORS.get(level, '#000')}'>breaker {level}</b>"

@@ -53,7 +53,7 @@ class SymbolInfo:
 def _dec(x: float) -> Decimal:
     return Decimal(repr(float(x)))
 
-# %% ../nbs/03_records.ipynb #08692cfe
+
 def round_step(value: float, step: float, rounding=ROUND_DOWN) -> float:
     "`value` on the grid of `step` (down by default, as quantities must be)."
     if step <= 0:

@@ -243,7 +243,7 @@ def _mirror_map() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sign[COLUMN["side"]] = -1.0
     return idx, sign, exact
 
-# %% ../../nbs/analysis/22_features.ipynb #3b02bd5b
+
 MIRROR_INDEX, MIRROR_SIGN, MIRROR_EXACT = _mirror_map()
 
 # %% ../../nbs/analysis/22_features.ipynb #ec2f2d23

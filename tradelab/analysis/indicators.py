@@ -24,7 +24,7 @@ def _rows(x) -> tuple[np.ndarray, bool]:
         raise DataError(f"indicators take 1-D or 2-D arrays, got shape {a.shape}")
     return a, False
 
-# %% ../../nbs/analysis/20_indicators.ipynb #09c4619a
+
 def _back(a: np.ndarray, one: bool) -> np.ndarray:
     return a[0] if one else a
 
@@ -93,7 +93,7 @@ def ema(x, period: int) -> np.ndarray:
     "Exponential moving average, `alpha = 2 / (period + 1)`, seeded with the first `period`-bar mean."
     return smooth(x, 2.0 / (_check_period(period) + 1), period)
 
-# %% ../../nbs/analysis/20_indicators.ipynb #b3101943
+
 def wilder(x, period: int) -> np.ndarray:
     "Wilder's smoothing (`alpha = 1 / period`), seeded with the first `period`-bar mean."
     return smooth(x, 1.0 / _check_period(period), period)

@@ -145,7 +145,7 @@ def load_model(path: str | Path, schema: FeatureSchema | None = None, threads: i
 # %% ../../nbs/analysis/24_model.ipynb #7b5a4faf
 TIME_COLUMN, SYMBOL_COLUMN, LABEL_COLUMN = "time_ms", "symbol", "label"
 
-# %% ../../nbs/analysis/24_model.ipynb #e7988d94
+
 def write_training_set(path: str | Path, frame: pd.DataFrame, schema: FeatureSchema) -> Path:
     "Write `frame` (time_ms, symbol, features, label) as a training file for `schema`."
     path = Path(path)

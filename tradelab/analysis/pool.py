@@ -64,7 +64,7 @@ class _WorkerState:
             self.pid, self.generation, self.model_loads, self.model.version if self.model else None, self.blocks_mapped
         )
 
-# %% ../../nbs/analysis/25_pool.ipynb #8a2fc369
+
 _worker: _WorkerState | None = None
 
 # %% ../../nbs/analysis/25_pool.ipynb #a254c074

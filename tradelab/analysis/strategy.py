@@ -53,7 +53,7 @@ def _weights(s: StrategySettings) -> dict[str, float]:
         "volatility": s.w_volatility,
     }
 
-# %% ../../nbs/analysis/23_strategy.ipynb #4c833f20
+
 def rule_score(m: Measures, s: StrategySettings) -> np.ndarray:
     "Signed rule score per symbol: > 0 long, < 0 short, |score| in 0 .. 1; 0 when ranging or unmeasurable."
     c, w = components(m, s), _weights(s)

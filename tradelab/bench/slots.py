@@ -59,7 +59,7 @@ def _state(cls: type):
     "A breaker state at REDUCED: three losses in a row, 5 % drawdown."
     return cls(3, 0.05, Level.REDUCED, 0.4)
 
-# %% ../../nbs/bench/40_slots.ipynb #f47d3f43
+
 def _timer(cls: type):
     "A timer for one scan, not started."
     return cls("scan")

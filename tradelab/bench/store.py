@@ -45,7 +45,7 @@ def _time_ms(fn) -> float:
 def _bench_level(
     folder: Path, sync: str, ps: list[Position], book: PositionBook, schema: FeatureSchema, baseline: int
 ) -> dict[str, float]:
-    "Timings of the write paths at one `synchronous` level, each on a fresh file."
+    "Timings of the write paths at one `synchronous` level: the bulk paths on one fresh file, the per-row baseline on another."
     k, n = sync.lower(), len(ps)
     with Database(folder / f"bulk-{k}.sqlite", synchronous=sync) as db:
         repo = PositionRepository(db, schema)

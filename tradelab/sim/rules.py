@@ -29,7 +29,7 @@ ALL_SYMBOL_WEIGHTS = {
 }
 "Path -> (weight with `symbol`, weight without)."
 
-# %% ../../nbs/sim/11b_rules.ipynb #22cc21bb
+
 def request_weight(path: str, query) -> int:
     "Weight of a request to `path` with query parameters `query` (a mapping)."
     if path == "/fapi/v1/klines":

@@ -48,7 +48,7 @@ _INTEGER = re.compile(r"^-?[0-9]{1,20}$")
 def _missing(name: str) -> Rejected:
     return Rejected(400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed.")
 
-# %% ../../nbs/sim/12_server.ipynb #89dd82a6
+
 def _illegal(name: str, legal: str) -> Rejected:
     return Rejected(400, -1100, f"Illegal characters found in parameter '{name}'; legal range is '{legal}'.")
 

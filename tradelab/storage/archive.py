@@ -196,7 +196,7 @@ OUTCOME_COLUMNS = (
     ("r_multiple", np.float64),
 )
 
-# %% ../../nbs/storage/33_archive.ipynb #6a61f17f
+
 def read_outcomes(db: Database, kind: Kind | None = None) -> dict[str, np.ndarray]:
     "`position_id`, `kind`, `symbol`, `closed_ms`, `pnl`, `r_multiple` of every archived trade, by close time then id."
     where, args = _where(kind, None)

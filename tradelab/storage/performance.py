@@ -54,7 +54,7 @@ class PerformanceStats:
 def _mean(a: np.ndarray) -> float:
     return float(a.mean()) if len(a) else math.nan
 
-# %% ../../nbs/storage/34_performance.ipynb #9fe75d71
+
 def _ratio(a: np.ndarray) -> float:
     "mean / standard deviation (ddof 1), NaN when undefined."
     if len(a) < 2:
