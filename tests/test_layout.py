@@ -1,5 +1,6 @@
 """The folder tree is the architecture: what may live at the root, who may import whom, where parsing and benchmarks live."""
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,24 @@ def test_each_package_imports_on_its_own(package):
     "Importing a package first, in a new interpreter, meets no import cycle through the package faces."
     out = subprocess.run([sys.executable, "-c", f"import tradelab.{package}"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _export_cell_sizes() -> list[tuple[int, str]]:
+    "Non-blank lines of every export cell in nbs/ (directive lines not counted), with its notebook."
+    sizes = []
+    for nb in sorted((PKG.parent / "nbs").rglob("*.ipynb")):
+        for cell in json.loads(nb.read_text())["cells"]:
+            lines = "".join(cell["source"]).split("\n")
+            if cell["cell_type"] == "code" and lines[0].startswith("#| export"):
+                sizes.append((len([ln for ln in lines if ln.strip() and not ln.startswith("#|")]), nb.name))
+    return sizes
+
+
+def test_export_cells_stay_short():
+    "Each export cell reads at a glance: none reaches 60 lines, and half are under 15 (`pytest -s` prints the figures)."
+    sizes = _export_cell_sizes()
+    counts = sorted(n for n, _ in sizes)
+    median = counts[len(counts) // 2]
+    print(f"\n{len(sizes)} export cells: median {median} lines, largest {max(sizes)[0]} ({max(sizes)[1]})")
+    assert max(sizes)[0] < 60, max(sizes)
+    assert median < 15
