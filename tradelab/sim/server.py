@@ -347,7 +347,7 @@ async def _clock(sim: SimServer, request: web.Request) -> web.Response:
         except (TypeError, ValueError) as e:
             return _json_error(400, str(e))
     stepped = isinstance(sim.clock, TestClock)
-    speed = None if stepped else getattr(sim.clock, "speed", 1.0)
+    speed = sim.clock.speed if isinstance(sim.clock, SimClock) else None if stepped else 1.0
     return web.json_response({"now_ms": sim.clock.now_ms(), "stepped": stepped, "speed": speed, "clock": repr(sim.clock)})
 
 # %% ../../nbs/sim/12_server.ipynb #e361f4eb
