@@ -5,6 +5,7 @@ refuses when the cell carries outputs; cells with outputs get a count here inste
 `#| eval: false` or with a tst_flags directive (`#| slow`), and notebooks whose first raw cell says
 `skip_exec: true`, are skipped as nbdev-test skips them.
 """
+
 import re
 import tomllib
 from pathlib import Path

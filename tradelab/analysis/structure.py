@@ -180,7 +180,8 @@ def nearest_blocks(
     (o, one), (h, _), (lo, _), (c, _), (a, _) = _rows(open_), _rows(high), _rows(low), _rows(close), _rows(atr)
     brk = np.atleast_2d(structure.breaks)
     bull_top, bull_bottom, bear_top, bear_bottom = (
-        x[0] if one else x for sign in (1, -1) for x in _nearest_side(o, h, lo, c, brk, a, lookback, impulse_atr, sign))
+        x[0] if one else x for sign in (1, -1) for x in _nearest_side(o, h, lo, c, brk, a, lookback, impulse_atr, sign)
+    )
     return bull_top, bull_bottom, bear_top, bear_bottom
 
 # %% ../../nbs/analysis/21_structure.ipynb #3ef53c9a

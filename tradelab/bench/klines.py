@@ -104,6 +104,7 @@ class RefreshPolicy(Protocol):
 
     async def cycle(self) -> Mapping[Key, int]: ...
 
+
 POLICIES: dict[str, Callable[..., RefreshPolicy]] = {"full_refetch": FullRefetch, "seed_ttl": SeedTTL, "tradelab": Tradelab}
 "Policy name -> class with `cycle()`."
 
