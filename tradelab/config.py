@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 import tradelab
 from .errors import ConfigError
@@ -31,8 +31,20 @@ NETWORKS = {"binance": "https://fapi.binance.com", "testnet": "https://testnet.b
 "Exchange URLs selectable by name in `exchange.base_url`."
 
 
+_NUMBERS = (int, float, int | None, float | None)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v: Any, info: ValidationInfo) -> Any:
+        "`true` is not the number 1: a boolean given for a numeric key is refused."
+        name = info.field_name
+        if isinstance(v, bool) and name is not None and cls.model_fields[name].annotation in _NUMBERS:
+            raise ValueError(f"expected a number, not the boolean {str(v).lower()}")
+        return v
 
 # %% ../nbs/01_config.ipynb #b0e47c12
 class ExchangeSettings(_Section):
@@ -74,8 +86,8 @@ class DataSettings(_Section):
     timeframes: tuple[str, ...] = ("1h", "15m", "5m")
     limits: dict[str, int] = Field(default_factory=lambda: {"1h": 100, "15m": 100, "5m": 200})
     boundary_delay_s: float = Field(2.0, ge=0, le=60, description="wait after a bar closes before asking")
-    ttl_floor_s: float = Field(60.0, gt=0, description="volatility-scaled recheck bound, lower end")
-    ttl_ceiling_s: float = Field(300.0, gt=0, description="volatility-scaled recheck bound, upper end")
+    ttl_floor_s: float = Field(60.0, gt=0, le=86_400, description="volatility-scaled recheck bound, lower end")
+    ttl_ceiling_s: float = Field(300.0, gt=0, le=86_400, description="volatility-scaled recheck bound, upper end")
     max_concurrency: int = Field(16, gt=0, le=256)
     cache_file: str = Field("klines.parquet", description="under `home`; empty disables the warm cache")
 
@@ -162,7 +174,7 @@ class PoolSettings(_Section):
 
     workers: int | None = Field(None, ge=0, le=256, description="None: one per core; 0: in-process")
     batch_size: int | None = Field(None, gt=0, description="symbols per task; None: split evenly")
-    task_timeout_s: float = Field(30.0, gt=0)
+    task_timeout_s: float = Field(30.0, gt=0, le=3_600)
     in_process_below: int = Field(60, ge=0, description="smaller batches are analysed in-process (tradelab bench analysis)")
 
 # %% ../nbs/01_config.ipynb #ab0f5057
@@ -180,7 +192,7 @@ class TradingSettings(_Section):
     max_exposure: float = Field(3.0, gt=0, description="total notional as a multiple of equity")
     taker_fee: float = Field(0.0005, ge=0, le=0.01)
     slippage_bps: float = Field(2.0, ge=0, le=500)
-    expiry_s: float = Field(24 * 3600.0, gt=0)
+    expiry_s: float = Field(24 * 3600.0, gt=0, le=90 * 86_400, description="a position expires after this long (at most 90 days)")
     funding_rate: float = Field(
         0.0001, ge=-0.03, le=0.03, description="funding per 8 h for paper and virtual positions when premiumIndex is not used"
     )
@@ -204,7 +216,9 @@ class RiskSettings(_Section):
     drawdown_pause: float = Field(0.10, gt=0, lt=1)
     drawdown_halt: float = Field(0.15, gt=0, lt=1)
     reduced_size: float = Field(0.5, gt=0, le=1, description="size multiplier at the reduced level")
-    cooldown_s: float = Field(6 * 3600.0, gt=0, description="a pause on new entries lasts this long before probation")
+    cooldown_s: float = Field(
+        6 * 3600.0, gt=0, le=30 * 86_400, description="a pause on new entries lasts this long before probation"
+    )
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -218,8 +232,8 @@ class RiskSettings(_Section):
 class BotSettings(_Section):
     "The two loops."
 
-    scan_interval_s: float = Field(60.0, gt=0)
-    monitor_interval_s: float = Field(10.0, gt=0)
+    scan_interval_s: float = Field(60.0, gt=0, le=86_400)
+    monitor_interval_s: float = Field(10.0, gt=0, le=3_600)
     db_file: str = "tradelab.sqlite"
 
 # %% ../nbs/01_config.ipynb #cfe32812
@@ -301,6 +315,18 @@ def _read_secret_file(path: Path) -> dict:
         log.warning("secret file %s is readable by other users; chmod 600 it", path)
     return data
 
+# %% ../nbs/01_config.ipynb #7fb27b941602401d91542211134fc71a
+def _is_secret(loc: tuple) -> bool:
+    "Whether a validation error's location is a secret setting, whose value no message may repeat."
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(str(loc[-1])) if loc else None
+    return field is not None and "SecretStr" in str(field.annotation)
+
 # %% ../nbs/01_config.ipynb #9337526c
 def _describe(err: ValidationError) -> str:
     "One line per problem, each naming the config key."
@@ -311,7 +337,8 @@ def _describe(err: ValidationError) -> str:
         if e["type"] == "value_error" and not isinstance(e.get("input"), (str, int, float)):
             lines.append(f"config key '{key}': {msg}" if key else msg)
             continue  # a rule across keys names them itself
-        got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e.get('input')!r})"
+        shown = "********" if _is_secret(e["loc"]) else repr(e.get("input"))
+        got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {shown})"
         lines.append(f"config key '{key}': {msg}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
