@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
 # %% auto #0
 __all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'COMMANDS', 'Option', 'opt',
            'int_list', 'name_list', 'parser', 'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config',
-           'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'cmd_run', 'cmd_demo',
-           'Command', 'main']
+           'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run',
+           'cmd_demo', 'Command', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -308,8 +308,20 @@ def cmd_sim(args: argparse.Namespace) -> int:
     faults = Faults(**{k: getattr(args, k) for k in FAULT_KNOBS}, seed=args.fault_seed)
     source = sim_source(args)
     clock = sim_clock(source, start, args.speed, args.stepped)
-    asyncio.run(serve_until_signal(SimServer(source, clock, args.host, args.port, faults, args.weight_limit)))
+    try:
+        asyncio.run(serve_until_signal(SimServer(source, clock, args.host, args.port, faults, args.weight_limit)))
+    except OSError as e:  # the address is taken, unknown or not ours: a mistake in the arguments, not a bug
+        raise ConfigError(f"--host {args.host} --port {args.port}: cannot serve there ({e.strerror or e})") from None
     return 0
+
+# %% ../nbs/90_cli.ipynb #db6c32d2
+def check_home(home: Path, name: str) -> None:
+    "`ConfigError` naming `name` unless `home` is a directory or can become one."
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"{name} {home}: it is a file, not a directory for the database and caches")
+    parent = next((p for p in home.parents if p.exists()), None)
+    if not home.exists() and parent is not None and not parent.is_dir():
+        raise ConfigError(f"{name} {home}: {parent} is a file, so the directory cannot be made")
 
 # %% ../nbs/90_cli.ipynb #4de9a335
 def cmd_run(args: argparse.Namespace) -> int:
@@ -317,7 +329,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tradelab.runner import run_headless  # the bot loads the whole package (about 3 s): only for this command
 
     overrides = {"home": args.home} if args.home else {}
-    return run_headless(load_settings(args.config, env=args.env, **overrides))
+    settings = load_settings(args.config, env=args.env, **overrides)
+    check_home(settings.home_dir, "--home" if args.home else "config key 'home'")
+    return run_headless(settings)
 
 # %% ../nbs/90_cli.ipynb #88c39512
 DEMO_OPTIONS = (
@@ -335,6 +349,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     "`tradelab demo`: simulator and bot in this process; the summary."
     from tradelab.runner import DemoOptions, demo  # the bot loads the whole package (about 3 s): only for this command
 
+    if args.home is not None:
+        check_home(args.home.expanduser(), "--home")
     opts = DemoOptions(args.hours, args.speed, args.symbols, args.seed, args.data, args.home)
     summary, bot = demo(opts, args.config, args.env)
     if summary is None:
