@@ -17,7 +17,7 @@ from ..clock import Clock
 from ..config import UniverseSettings
 
 # %% auto #0
-__all__ = ['log', 'UniverseSnapshot', 'quote_volumes', 'rank_universe', 'Universe']
+__all__ = ['log', 'UniverseSnapshot', 'rank_universe', 'Universe']
 
 # %% ../../nbs/data/16_universe.ipynb #8a8f47e3
 log = logging.getLogger(__name__)
@@ -40,12 +40,6 @@ class UniverseSnapshot:
         head = ", ".join(self.symbols[:3]) + (", ..." if len(self) > 3 else "")
         return f"UniverseSnapshot({len(self)} of {self.n_tradable} tradable symbols: {head}; as of {self.as_of_ms})"
 
-# %% ../../nbs/data/16_universe.ipynb #4af6f94f
-def quote_volumes(tickers: Tickers24h) -> np.ndarray:
-    "The 24-hour quote volume of each ticker (float64), in the order of `tickers.symbols`."
-    # read through `to_frame`: `Tickers24h` sets its numeric fields in a loop, which a type checker cannot see
-    return tickers.to_frame()["quote_volume"].to_numpy(np.float64)
-
 # %% ../../nbs/data/16_universe.ipynb #dbb93cb5
 def rank_universe(
     tradable: Collection[str],
@@ -59,7 +53,7 @@ def rank_universe(
     names = np.array(sorted(tradable), dtype=object)
     idx = {s: i for i, s in enumerate(tickers.symbols)}
     pos = np.array([idx.get(s, -1) for s in names], dtype=np.int64)
-    qv = np.where(pos >= 0, quote_volumes(tickers)[np.maximum(pos, 0)] if len(tickers) else 0.0, 0.0)
+    qv = np.where(pos >= 0, tickers.quote_volume[np.maximum(pos, 0)] if len(tickers) else 0.0, 0.0)
     qv = np.nan_to_num(qv, nan=0.0)
     excluded = np.isin(names, list(exclude))
     forced = np.isin(names, list(include)) & ~excluded

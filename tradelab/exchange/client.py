@@ -151,6 +151,13 @@ class Tickers24h:
     "Rolling 24-hour statistics of many symbols, one numpy array per field."
 
     __slots__ = ("symbols", "close_time", "trades", *(name for name, _ in _TICKER_FIELDS))
+    last_price: np.ndarray
+    open_price: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    volume: np.ndarray
+    quote_volume: np.ndarray
+    price_change_pct: np.ndarray
 
     def __init__(self, symbols, close_time, trades, **fields):
         self.symbols, self.close_time = np.asarray(symbols, dtype=object), np.asarray(close_time, np.int64)

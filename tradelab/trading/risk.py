@@ -71,27 +71,19 @@ WIN_RATE_ALPHA = 0.1
 "Weight of the newest trade in the breaker's win rate."
 
 # %% ../../nbs/trading/37_risk.ipynb #4bffd6c2
+def _level_at(x: float, reduce: float, pause: float, halt: float) -> Level:
+    "The level a measure calls for against its three thresholds."
+    if x >= halt:
+        return Level.HALTED
+    if x >= pause:
+        return Level.NO_NEW_ENTRIES
+    return Level.REDUCED if x >= reduce else Level.NORMAL
+
+
 def level_for(consecutive_losses: int, drawdown: float, r: RiskSettings) -> Level:
     "The level the measures call for (the worse of loss streak and drawdown)."
-    by_losses = (
-        Level.HALTED
-        if consecutive_losses >= r.losses_halt
-        else Level.NO_NEW_ENTRIES
-        if consecutive_losses >= r.losses_pause
-        else Level.REDUCED
-        if consecutive_losses >= r.losses_reduce
-        else Level.NORMAL
-    )
-    by_drawdown = (
-        Level.HALTED
-        if drawdown >= r.drawdown_halt
-        else Level.NO_NEW_ENTRIES
-        if drawdown >= r.drawdown_pause
-        else Level.REDUCED
-        if drawdown >= r.drawdown_reduce
-        else Level.NORMAL
-    )
-    return max(by_losses, by_drawdown)
+    by_losses = _level_at(consecutive_losses, r.losses_reduce, r.losses_pause, r.losses_halt)
+    return max(by_losses, _level_at(drawdown, r.drawdown_reduce, r.drawdown_pause, r.drawdown_halt))
 
 # %% ../../nbs/trading/37_risk.ipynb #8cf55bb3
 def entry_decision(state: StateConfig, r: RiskSettings, on_probation: bool = False) -> tuple[Decision, RefusalReason | None]:
