@@ -12,9 +12,13 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import re
+import secrets
+import select
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -30,10 +34,11 @@ from ..records import AnalysisBatch, SeriesBatch, Signal
 from .strategy import analyze_batch
 
 # %% auto #0
-__all__ = ['log', 'GROWTH', 'START_METHOD', 'PRELOAD', 'START_TIMEOUT_S', 'Task', 'WorkerReport', 'worker_report', 'rendezvous',
-           'predict_chunk', 'BatchRef', 'SharedBatch', 'chunk_bounds', 'split_batch', 'ChunkResult',
-           'analyze_in_process', 'analyze_chunk', 'analyze_shared', 'default_workers', 'WorkerGenerations',
-           'GlobalProcessPool', 'rank_signals', 'CycleReport', 'collect', 'ParallelAnalyzer']
+__all__ = ['log', 'ORPHAN_POLL_S', 'GROWTH', 'SHM_DIR', 'START_METHOD', 'PRELOAD', 'START_TIMEOUT_S', 'Task', 'WorkerReport',
+           'worker_report', 'rendezvous', 'predict_chunk', 'run_prefix', 'BatchRef', 'SharedBatch', 'leftovers',
+           'Swept', 'sweep_leftovers', 'chunk_bounds', 'split_batch', 'ChunkResult', 'analyze_in_process',
+           'analyze_chunk', 'analyze_shared', 'default_workers', 'WorkerGenerations', 'GlobalProcessPool',
+           'rank_signals', 'CycleReport', 'collect', 'ParallelAnalyzer']
 
 # %% ../../nbs/analysis/25_pool.ipynb #e94fd51a
 log = logging.getLogger(__name__)
@@ -67,10 +72,59 @@ class _WorkerState:
 
 _worker: _WorkerState | None = None
 
+# %% ../../nbs/analysis/25_pool.ipynb #d1682744
+def _gone(pid: int) -> bool:
+    "True when process `pid` no longer runs (a zombie, exited but not yet collected, counts as gone)."
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process, running
+        return False
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return False
+
+# %% ../../nbs/analysis/25_pool.ipynb #fc276c3d
+ORPHAN_POLL_S = 0.5
+"Without pidfds, how often a worker asks whether the main process still runs."
+
+
+def _wait_for_exit(pid: int) -> None:
+    "Return once process `pid` has ended: a wait on its pidfd, or a check every `ORPHAN_POLL_S` where there is none."
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):  # no pidfd here: ask instead
+        while not _gone(pid):
+            time.sleep(ORPHAN_POLL_S)
+        return
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
+
+# %% ../../nbs/analysis/25_pool.ipynb #271a6bde
+def _exit_with(pid: int) -> threading.Thread:
+    "A daemon thread that ends this process as soon as process `pid` has ended."
+
+    def watch() -> None:
+        _wait_for_exit(pid)
+        os._exit(1)  # nobody is left to read the status
+
+    thread = threading.Thread(target=watch, name=f"tradelab-exit-with-{pid}", daemon=True)
+    thread.start()
+    return thread
+
 # %% ../../nbs/analysis/25_pool.ipynb #a254c074
-def _init_worker(model_path: Path | None, schema: FeatureSchema | None, generation: int, reports, peers=None) -> None:
-    "Pool initializer: load the model once for this process and report on `reports`; `peers` is the start-up barrier."
+def _init_worker(
+    model_path: Path | None, schema: FeatureSchema | None, generation: int, reports, peers=None, main_pid: int | None = None
+) -> None:
+    "Pool initializer: end with process `main_pid`, load the model once, report on `reports`; `peers` is the start-up barrier."
     global _worker
+    if main_pid is not None:
+        _exit_with(main_pid)
     state = _WorkerState(generation, peers)
     try:
         if model_path is not None:
@@ -103,6 +157,11 @@ def predict_chunk(X: np.ndarray) -> tuple[np.ndarray, WorkerReport]:
     if _worker is None or _worker.model is None:
         raise ModelError("this worker holds no model")
     return _worker.model.predict_proba(X), _worker.report()
+
+# %% ../../nbs/analysis/25_pool.ipynb #e1532d7f
+def run_prefix(pid: int | None = None) -> str:
+    "How shared-memory blocks and semaphores of the run of process `pid` (this one by default) are named."
+    return f"tradelab-{os.getpid() if pid is None else pid}"
 
 # %% ../../nbs/analysis/25_pool.ipynb #3faae3b7
 _COLUMNS = ("open_time", "open", "high", "low", "close", "volume")
@@ -148,7 +207,8 @@ class SharedBatch:
         offsets = np.cumsum([0] + [-(-a.nbytes // 64) * 64 for *_, a in arrays]).tolist()
         if self.shm is None or self.shm.size < offsets[-1]:
             self._unlink()
-            self.shm = SharedMemory(create=True, size=max(int(offsets[-1] * GROWTH), 64))
+            name = f"{run_prefix()}-{secrets.token_hex(4)}"
+            self.shm = SharedMemory(name, create=True, size=max(int(offsets[-1] * GROWTH), 64))
             self.blocks_created += 1
         self.layout = tuple((k, iv, c, a.dtype.str, a.shape, o) for (k, iv, c, a), o in zip(arrays, offsets, strict=False))
         for (*_, a), (*_, o) in zip(arrays, self.layout, strict=True):
@@ -177,6 +237,60 @@ class SharedBatch:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+# %% ../../nbs/analysis/25_pool.ipynb #bd401568
+SHM_DIR = Path("/dev/shm")
+"Where Linux keeps POSIX shared-memory blocks and named semaphores, as files."
+_RUN_FILE = re.compile(r"(?:sem\.)?tradelab-(\d+)-")
+
+
+def leftovers(folder: Path = SHM_DIR) -> dict[int, list[Path]]:
+    "Files in `folder` named for a run whose main process is gone, by that process's pid."
+    found: dict[int, list[Path]] = {}
+    for path in sorted(folder.glob("*tradelab-*")):
+        m = _RUN_FILE.match(path.name)
+        if m is not None and _gone(int(m[1])):
+            found.setdefault(int(m[1]), []).append(path)
+    return found
+
+# %% ../../nbs/analysis/25_pool.ipynb #c5dc367f
+@dataclass(frozen=True, slots=True)
+class Swept:
+    "What a sweep removed of one dead run: shared-memory blocks, their size in bytes, semaphores."
+
+    blocks: int = 0
+    nbytes: int = 0
+    semaphores: int = 0
+
+    def __str__(self) -> str:
+        blocks = f"{self.blocks} shared-memory block{'s' * (self.blocks != 1)} ({self.nbytes / 1e6:.1f} MB)"
+        return f"{blocks} and {self.semaphores} semaphore{'s' * (self.semaphores != 1)}"
+
+
+def _remove(paths: list[Path]) -> Swept:
+    "Unlink `paths`; what went (a file already gone is not counted)."
+    blocks = nbytes = semaphores = 0
+    for path in paths:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        if path.name.startswith("sem."):
+            semaphores += 1
+        else:
+            blocks, nbytes = blocks + 1, nbytes + size
+    return Swept(blocks, nbytes, semaphores)
+
+# %% ../../nbs/analysis/25_pool.ipynb #974ee283
+def sweep_leftovers(folder: Path = SHM_DIR) -> dict[int, Swept]:
+    "Remove the blocks and semaphores of runs whose main process is gone; one warning line says what went, and whose."
+    swept = {pid: _remove(paths) for pid, paths in leftovers(folder).items()}
+    swept = {pid: s for pid, s in swept.items() if s != Swept()}
+    if swept:
+        whose = "; ".join(f"process {pid}: {s}" for pid, s in swept.items())
+        log.warning("removed from %s what runs no longer running left behind: %s", folder, whose)
+    return swept
 
 # %% ../../nbs/analysis/25_pool.ipynb #54d48949
 def chunk_bounds(n: int, n_chunks: int) -> list[tuple[int, int]]:
@@ -286,6 +400,18 @@ def _await_reports(reports, warmups: list[Future], workers: int) -> list[WorkerR
         got.append(r)
     return got
 
+# %% ../../nbs/analysis/25_pool.ipynb #b0473a88
+@contextlib.contextmanager
+def _run_semaphores() -> Iterator[None]:
+    "Semaphores created inside are named `run_prefix()-…` instead of multiprocessing's `mp-…`."
+    config = mp.current_process()._config  # type: ignore[attr-defined]  # the prefix has no public setting
+    before = config["semprefix"]
+    config["semprefix"] = f"/{run_prefix()}"
+    try:
+        yield
+    finally:
+        config["semprefix"] = before
+
 # %% ../../nbs/analysis/25_pool.ipynb #136dae9f
 def _launch(
     start_method: str, workers: int, model_path: Path | None, schema: FeatureSchema | None, generation: int
@@ -294,10 +420,10 @@ def _launch(
     ctx = mp.get_context(start_method)
     if start_method == "forkserver":
         ctx.set_forkserver_preload(list(PRELOAD))
-    reports, peers = ctx.Queue(), ctx.Barrier(workers)
-    ex = ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(model_path, schema, generation, reports, peers)
-    )
+    with _run_semaphores():
+        reports, peers = ctx.Queue(), ctx.Barrier(workers)
+        initargs = (model_path, schema, generation, reports, peers, os.getpid())
+        ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=initargs)
     try:
         warmups = [ex.submit(rendezvous) for _ in range(workers)]
         got = _await_reports(reports, warmups, workers)
@@ -378,9 +504,10 @@ class GlobalProcessPool(WorkerGenerations):
         "Held by an analyzer for a whole cycle: one cycle at a time uses the workers and the block."
 
     def start(self) -> GlobalProcessPool:
-        "Load (and so validate) the model here, then start the workers."
+        "Sweep what dead runs left in shared memory, load (and so validate) the model here, then start the workers."
         if self.started:
             raise StateError("the process pool is already started")
+        sweep_leftovers()
         if self.model_path is not None:
             self.model = load_model(self.model_path, self.schema)
         if self.workers:
