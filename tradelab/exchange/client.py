@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiohttp
 import numpy as np
@@ -282,7 +282,7 @@ class _Answer:
 
 # %% ../../nbs/exchange/05_client.ipynb #8763a12b2bbd4a93a75aff182afb95dc
 class HttpSession:
-    "One aiohttp session; `send` waits for a free connection, then stamps, signs and sends one request."
+    "One aiohttp session and its lanes; `send` stamps, signs and sends one request (its caller holds a lane)."
 
     def __init__(self, exchange: ExchangeSettings, clock: Clock, credentials: Credentials | None = None):
         self.settings, self.clock, self.credentials = exchange, clock, credentials
@@ -303,35 +303,44 @@ class HttpSession:
         if session is not None:
             await session.close()
 
+    def lane(self) -> asyncio.Semaphore:
+        "One of the `max_connections` lanes, held (`async with`) from taking weight until the answer is read."
+        return self._lanes
+
     async def send(self, method: str, path: str, params: Mapping[str, Any] | None, signed: bool = False) -> _Answer:
         "Send once (`signed`: with the credentials): the answer whatever its status, or `TemporaryExchangeError`."
         session, endpoint, credentials = self._session, f"{method} {path}", self.credentials if signed else None
         if session is None:
             raise StateError(f"{endpoint}: BinanceClient was closed")
+        sent_ms = self.clock.now_ms()
+        if credentials is None:
+            query = encode_query(params)
+        else:
+            query = credentials.signed_query(params or {}, sent_ms, self.settings.recv_window_ms)
+        url = URL(f"{self.settings.url}{path}" + (f"?{query}" if query else ""), encoded=True)
         try:
-            async with self._lanes:  # a free connection: from here on the request really goes out
-                sent_ms = self.clock.now_ms()
-                if credentials is None:
-                    query = encode_query(params)
-                else:
-                    query = credentials.signed_query(params or {}, sent_ms, self.settings.recv_window_ms)
-                url = URL(f"{self.settings.url}{path}" + (f"?{query}" if query else ""), encoded=True)
-                headers = None if credentials is None else credentials.headers
-                async with session.request(method, url, headers=headers) as resp:
-                    return _Answer(resp.status, resp.headers, await resp.read(), sent_ms)
+            async with session.request(method, url, headers=None if credentials is None else credentials.headers) as resp:
+                return _Answer(resp.status, resp.headers, await resp.read(), sent_ms)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise transport_error(e, endpoint, credentials is not None) from (e if credentials is None else None)
 
 # %% ../../nbs/exchange/05_client.ipynb #7cdc8c89c7104fffa095e18ddfef8986
 def may_retry(error: ExchangeError, method: str, attempt: int, max_retries: int) -> bool:
-    "Whether to send again after `error`: a rate limit always, a temporary failure only for a GET, `max_retries` times at most."
+    "Whether to send again after `error`: a rate limit always, a temporary failure or a malformed answer only for a GET."
     if attempt >= max_retries:
         return False
-    return isinstance(error, RateLimited) or (method == "GET" and isinstance(error, TemporaryExchangeError))
+    return isinstance(error, RateLimited) or (method == "GET" and isinstance(error, TemporaryExchangeError | MalformedResponse))
+
+# %% ../../nbs/exchange/05_client.ipynb #5f720704
+_T = TypeVar("_T")
+
+
+def _payload(payload: Any, sent_ms: int) -> Any:
+    return payload
 
 # %% ../../nbs/exchange/05_client.ipynb #504fb2a444614c0babb325280ed9130a
 class RequestLoop:
-    "One request as the client makes it: weight from the governor, the answer back to it, errors named, retries."
+    "One request as the client makes it: a connection, weight from the governor, the answer back to it, parsed, retried."
 
     def __init__(
         self, exchange: ExchangeSettings, governor: WeightGovernor, http: HttpSession, resync: Callable[[], Awaitable[object]]
@@ -340,9 +349,15 @@ class RequestLoop:
         self.answered: dict[str, int] = {}
 
     async def request(
-        self, path: str, params: Mapping[str, Any] | None = None, *, method: str = "GET", signed: bool = False
-    ) -> tuple[Any, int]:
-        "The decoded JSON of `method path?params` and the exchange time (ms) it was sent at."
+        self,
+        path: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        parse: Callable[[Any, int], _T] = _payload,
+        method: str = "GET",
+        signed: bool = False,
+    ) -> tuple[_T, int]:
+        "`parse(json, sent_ms)` of the answer to `method path?params`, and the exchange time (ms) it was sent at."
         endpoint = f"{method} {path}"
         if not self.http.is_open:
             raise StateError(f"{endpoint}: BinanceClient is not open; use 'async with'")
@@ -351,32 +366,32 @@ class RequestLoop:
         cost, attempt, resynced = request_weight(path, params), 0, False
         while True:
             try:
-                return await self._attempt(method, path, params, signed, cost)
+                answer = await self._attempt(method, path, params, signed, cost)
+                return parse(decode_json(answer.body, endpoint), answer.sent_ms), answer.sent_ms
             except ClockDriftError:
                 if not signed or resynced:
                     raise
                 resynced = True
                 await self.resync()
-            except (TemporaryExchangeError, RateLimited) as e:
+            except (TemporaryExchangeError, RateLimited, MalformedResponse) as e:
                 if not may_retry(e, method, attempt, self.settings.max_retries):
                     raise
                 log.debug("%s; retry %d of %d", e, attempt + 1, self.settings.max_retries)
                 await self.governor.backoff(attempt)
                 attempt += 1
 
-    async def _attempt(
-        self, method: str, path: str, params: Mapping[str, Any] | None, signed: bool, cost: int
-    ) -> tuple[Any, int]:
+    async def _attempt(self, method: str, path: str, params: Mapping[str, Any] | None, signed: bool, cost: int) -> _Answer:
         endpoint, answer = f"{method} {path}", None
-        ticket = await self.governor.acquire(cost)
-        try:
-            answer = await self.http.send(method, path, params, signed)
-        finally:
-            self.governor.release(ticket, answer.status if answer else None, answer.headers if answer else None)
+        async with self.http.lane():  # a connection first, then weight: no hold can come in between the two and the send
+            ticket = await self.governor.acquire(cost)
+            try:
+                answer = await self.http.send(method, path, params, signed)
+            finally:
+                self.governor.release(ticket, answer.status if answer else None, answer.headers if answer else None)
         self.answered[endpoint] = self.answered.get(endpoint, 0) + 1
         if answer.status != 200:
             raise error_for(answer.status, answer.body, answer.headers, endpoint)
-        return decode_json(answer.body, endpoint), answer.sent_ms
+        return answer
 
 # %% ../../nbs/exchange/05_client.ipynb #b43b363d81ae4b689946ece5c682cd59
 @dataclass(frozen=True, slots=True)
@@ -451,13 +466,17 @@ class BinanceConnection:
         "Measure exchange minus local time over `samples` round trips (the shortest wins); a `LiveClock` is corrected."
         measured = []
         for _ in range(samples):
-            payload, sent_ms = await self._requests.request(TIME)
-            measured.append((sent_ms, self.clock.now_ms(), parse_server_time(payload)))
+            server_ms, sent_ms = await self._requests.request(TIME, parse=lambda payload, _: parse_server_time(payload))
+            measured.append((sent_ms, self.clock.now_ms(), server_ms))
         self.last_sync = sync = best_sync(measured, adjusted=isinstance(self.clock, LiveClock))
         if isinstance(self.clock, LiveClock):
             self.clock.offset_ms += sync.error_ms
         log.info("exchange clock: %s", sync)
         return sync
+
+# %% ../../nbs/exchange/05_client.ipynb #9c4acc34
+def _klines(payload: Any, sent_ms: int) -> Klines:
+    return parse_klines(payload, f"GET {KLINES}")
 
 # %% ../../nbs/exchange/05_client.ipynb #379cbbc1e968416e875cc15c1202d7eb
 class BinanceClient(BinanceConnection):
@@ -465,8 +484,7 @@ class BinanceClient(BinanceConnection):
 
     async def exchange_info(self) -> ExchangeInfo:
         "Every contract with its filters (weight 1)."
-        payload, _ = await self._requests.request(EXCHANGE_INFO)
-        info = parse_exchange_info(payload)
+        info, _ = await self._requests.request(EXCHANGE_INFO, parse=lambda payload, _: parse_exchange_info(payload))
         if info.weight_limit is not None and info.weight_limit < self.governor.limit:
             log.warning(
                 "the exchange allows %d weight per minute, less than exchange.weight_limit = %d",
@@ -481,29 +499,25 @@ class BinanceClient(BinanceConnection):
 
     async def get_klines(self, symbol: str, interval: str, limit: int = 500, include_forming: bool = False) -> Klines:
         "The latest `limit` bars (weight by limit); the forming bar only with `include_forming`."
-        payload, sent_ms = await self._requests.request(KLINES, kline_params(symbol, interval, limit))
-        k = parse_klines(payload, f"GET {KLINES}")
+        k, sent_ms = await self._requests.request(KLINES, kline_params(symbol, interval, limit), parse=_klines)
         return k if include_forming else closed_bars(k, sent_ms)
 
     async def get_klines_since(
         self, symbol: str, interval: str, since_ms: int, limit: int = 99, include_forming: bool = False
     ) -> Klines:
         "Up to `limit` bars opening at or after `since_ms`; 99 keeps the weight at 1."
-        payload, sent_ms = await self._requests.request(KLINES, kline_params(symbol, interval, limit, since_ms))
-        k = parse_klines(payload, f"GET {KLINES}")
+        k, sent_ms = await self._requests.request(KLINES, kline_params(symbol, interval, limit, since_ms), parse=_klines)
         return k if include_forming else closed_bars(k, sent_ms)
 
     async def all_prices(self) -> PriceSnapshot:
         "Every last price in ONE request (weight 2)."
-        payload, sent_ms = await self._requests.request(TICKER_PRICE)
-        return parse_prices(payload, sent_ms, self.stale_price_ms)
+        parse = lambda payload, sent_ms: parse_prices(payload, sent_ms, self.stale_price_ms)
+        return (await self._requests.request(TICKER_PRICE, parse=parse))[0]
 
     async def tickers_24h(self) -> Tickers24h:
         "Every contract's 24-hour statistics in one request (weight 40): for the universe, not every cycle."
-        payload, _ = await self._requests.request(TICKER_24H)
-        return parse_tickers_24h(payload)
+        return (await self._requests.request(TICKER_24H, parse=lambda payload, _: parse_tickers_24h(payload)))[0]
 
     async def server_time(self) -> int:
         "The exchange's time in milliseconds (weight 1)."
-        payload, _ = await self._requests.request(TIME)
-        return parse_server_time(payload)
+        return (await self._requests.request(TIME, parse=lambda payload, _: parse_server_time(payload)))[0]

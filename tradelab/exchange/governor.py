@@ -15,14 +15,15 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from ..clock import Clock, sleep_until
+from ..clock import Clock
 from ..config import ExchangeSettings
 from ..errors import ConfigError, StateError
 
 # %% auto #0
-__all__ = ['log', 'MINUTE_MS', 'WEIGHT_HEADER', 'UNKNOWN_WEIGHT', 'KLINE_PATHS', 'ONE_OR_ALL', 'FIXED_WEIGHT', 'kline_weight',
-           'request_weight', 'Ticket', 'WeightWindow', 'GovernorStats', 'GovernorCounts', 'backoff_delay', 'Backoff',
-           'Throttle', 'WeightBudget', 'WaitQueue', 'wait_for_change', 'pace', 'Gate', 'WeightGovernor']
+__all__ = ['log', 'MINUTE_MS', 'WEIGHT_HEADER', 'UNKNOWN_WEIGHT', 'KLINE_PATHS', 'ONE_OR_ALL', 'FIXED_WEIGHT', 'BAN_SLACK_MS',
+           'STALL_MS', 'kline_weight', 'request_weight', 'Ticket', 'WeightWindow', 'GovernorStats', 'GovernorCounts',
+           'backoff_delay', 'Backoff', 'Throttle', 'WeightBudget', 'WaitQueue', 'wait_for_change', 'StallWatch', 'pace',
+           'Gate', 'WeightGovernor']
 
 # %% ../../nbs/exchange/04_governor.ipynb #72a62a28
 log = logging.getLogger(__name__)
@@ -92,11 +93,13 @@ class WeightWindow:
         self.used = self.unconfirmed = self.in_flight = self.late = self.bound = 0
 
     def roll(self, now_ms: int) -> None:
-        "Start a new window once the exchange minute has changed (the header resets with it)."
+        "Follow the exchange minute of `now_ms`: a later one starts a new window (the header resets with it)."
         minute = (now_ms - self.guard_ms) // MINUTE_MS
         if minute > self.minute:
             self.minute, self.used, self.unconfirmed, self.late = minute, 0, self.late, 0
             self.bound = self.in_flight + self.unconfirmed
+        elif minute < self.minute:  # our clock was set back: what is counted may be this minute's, until the next roll
+            self.minute = minute
 
     def load(self) -> int:
         return self.used + self.unconfirmed + self.in_flight
@@ -119,7 +122,7 @@ class WeightWindow:
         if used_header is None:
             if answered:
                 self.unconfirmed += ticket.cost
-        elif ticket.minute == self.minute or used_header <= self.bound:
+        elif ticket.minute >= self.minute or used_header <= self.bound:  # >: sent before our clock was set back
             self.used = max(self.used, used_header)
 
     def __repr__(self):
@@ -216,6 +219,10 @@ def _utc(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 # %% ../../nbs/exchange/04_governor.ipynb #9b8a8c09
+BAN_SLACK_MS = 2_000
+"A 418 whose ban ends this much later than the ban known is a new or a longer ban, logged again."
+
+
 class Throttle:
     "The share of the limit in force, and the holds the exchange imposed with a 429 or a 418."
 
@@ -243,7 +250,7 @@ class Throttle:
 
     def banned(self, now_ms: int, until_ms: int) -> None:
         "A 418: hold every request until `until_ms`, then keep to the lower share for `slow_for_ms`."
-        if now_ms >= self.banned_until_ms:  # a new ban: the same ban answered to requests in flight is not logged again
+        if until_ms > self.banned_until_ms + BAN_SLACK_MS:  # a new or a longer ban, not the same one answered again
             log.error(
                 "exchange banned this IP (HTTP 418): no request will be sent for %.0f s, until %s",
                 (until_ms - now_ms) / 1000,
@@ -253,6 +260,12 @@ class Throttle:
         self.resume_ms = max(self.resume_ms, until_ms)
         self.slow_until_ms = max(self.slow_until_ms, until_ms + self.slow_for_ms)
 
+    def shift(self, delta_ms: int, now_ms: int) -> None:
+        "Move the holds still in force at `now_ms` by `delta_ms`, as the clock they are read on was moved."
+        moved = lambda t: t + delta_ms if t > now_ms else t
+        self.resume_ms, self.slow_until_ms = moved(self.resume_ms), moved(self.slow_until_ms)
+        self.banned_until_ms = moved(self.banned_until_ms)
+
 # %% ../../nbs/exchange/04_governor.ipynb #c4b6e648
 class WeightBudget:
     "Whether a request may go now, and what each answer changes: the window's load against the cap in force."
@@ -260,17 +273,28 @@ class WeightBudget:
     def __init__(self, limit: int, share: float, slow_share: float, slow_for_ms: int, guard_ms: int, counts: GovernorCounts):
         if limit <= 0 or not 0 < share <= 1 or not 0 < slow_share <= 1:
             raise ConfigError(f"weight governor needs limit > 0 and shares in (0, 1], got {limit}, {share}, {slow_share}")
-        self.limit, self.counts = limit, counts
+        self.limit, self.counts, self._seen_ms = limit, counts, 0
         self.window, self.throttle = WeightWindow(guard_ms), Throttle(share, slow_share, slow_for_ms)
+
+    def follow(self, now_ms: int) -> None:
+        "Bring the window to the minute of `now_ms`; a clock set back since it was last read takes the holds back with it."
+        if now_ms < self._seen_ms:
+            self.throttle.shift(now_ms - self._seen_ms, self._seen_ms)
+        self._seen_ms = now_ms
+        self.window.roll(now_ms)
 
     def cap(self, now_ms: int) -> int:
         "Weight allowed this minute: the share in force of `limit` (at least 1)."
         return max(1, int(self.limit * self.throttle.share_at(now_ms)))
 
+    def held(self, now_ms: int) -> bool:
+        "A 429 or a 418 holds every request at `now_ms`."
+        return now_ms < self.throttle.resume_ms
+
     def fits(self, cost: int, now_ms: int) -> bool:
         "No hold in force, and `cost` fits under the cap, or nothing is counted at all (a request above the cap goes alone)."
         load = self.window.load()
-        return now_ms >= self.throttle.resume_ms and (load + cost <= self.cap(now_ms) or load == 0)
+        return not self.held(now_ms) and (load + cost <= self.cap(now_ms) or load == 0)
 
     def take(self, cost: int) -> Ticket:
         "Reserve `cost` for a request about to go."
@@ -278,9 +302,15 @@ class WeightBudget:
         self.counts.weight_sent += cost
         return self.window.reserve(cost)
 
+    def give_back(self, ticket: Ticket, now_ms: int) -> None:
+        "Return the weight of `ticket`, whose request was never sent."
+        self.counts.requests -= 1
+        self.counts.weight_sent -= ticket.cost
+        self.window.settle(ticket, None, now_ms, answered=False)
+
     def settle(self, ticket: Ticket, status: int | None, headers: Mapping[str, str] | None, now_ms: int) -> None:
         "Apply the answer to `ticket` (`status` None: none came): its weight header, and a 429 or a 418."
-        self.window.roll(now_ms)
+        self.follow(now_ms)
         used = _header_number(headers, WEIGHT_HEADER)
         self.window.settle(ticket, None if used is None else int(used), now_ms)
         if used is not None:
@@ -296,7 +326,7 @@ class WeightBudget:
 
     def next_change_ms(self, now_ms: int) -> int:
         "When `fits` may change with no answer coming back: a hold ends, the minute rolls, or the slowdown ends."
-        if now_ms < self.throttle.resume_ms:
+        if self.held(now_ms):
             return self.throttle.resume_ms
         later = [t for t in (self.window.next_roll_ms(), self.throttle.slow_until_ms) if t > now_ms]
         return min(later) if later else now_ms + 1
@@ -311,23 +341,26 @@ class WaitQueue:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def add(self, cost: int) -> asyncio.Future[Ticket]:
-        "A future that gets a ticket for `cost` once every request ahead has gone and `cost` fits."
+    def add(self, cost: int, first: bool = False) -> asyncio.Future[Ticket]:
+        "A future that gets a ticket for `cost` once every request ahead (none if `first`) has gone and `cost` fits."
         fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
-        self._waiting.append((cost, fut))
+        (self._waiting.appendleft if first else self._waiting.append)((cost, fut))
         return fut
 
-    def grant(self, budget: WeightBudget, now_ms: int) -> None:
-        "Give tickets in order while the first request waiting fits; drop those whose callers gave up."
+    def grant(self, budget: WeightBudget, now_ms: int) -> int:
+        "Give tickets in order while the first request waiting fits, dropping those whose callers gave up; how many."
+        granted = 0
         while self._waiting:
             cost, fut = self._waiting[0]
             if fut.done():
                 self._waiting.popleft()
                 continue  # its caller gave up
             if not budget.fits(cost, now_ms):
-                return
+                break
             self._waiting.popleft()
             fut.set_result(budget.take(cost))
+            granted += 1
+        return granted
 
     def fail_all(self, exc: BaseException) -> None:
         "Fail every waiting request with `exc`."
@@ -338,9 +371,10 @@ class WaitQueue:
 
 # %% ../../nbs/exchange/04_governor.ipynb #1dd3220f
 async def wait_for_change(clock: Clock, until_ms: int, changed: asyncio.Event) -> None:
-    "Return when `clock` reaches `until_ms` or when `changed` is set, whichever comes first."
+    "Return after sleeping from now until `until_ms` on `clock`, or when `changed` is set, whichever comes first."
     loop = asyncio.get_running_loop()
-    sleeper = loop.create_task(sleep_until(clock, until_ms), name="weight-governor-pacer-sleep")
+    nap = clock.sleep(max(0, until_ms - clock.now_ms()) / 1000)
+    sleeper = loop.create_task(nap, name="weight-governor-pacer-sleep")
     waker = loop.create_task(changed.wait(), name="weight-governor-pacer-wake")
     try:
         await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
@@ -348,18 +382,52 @@ async def wait_for_change(clock: Clock, until_ms: int, changed: asyncio.Event) -
         sleeper.cancel()
         waker.cancel()
 
+# %% ../../nbs/exchange/04_governor.ipynb #6ccfd2f2
+STALL_MS = MINUTE_MS + 1_000
+"Longer than any wait for the next minute: a line that has not moved for this long, outside a hold, has stalled."
+
+
+class StallWatch:
+    "Warns, once per stall, when the line has not moved for `after_ms` with no 429 or 418 hold in force."
+
+    def __init__(self, after_ms: int = STALL_MS):
+        self.after_ms, self.since_ms, self.warned = after_ms, 0, False
+
+    def moved(self, now_ms: int) -> None:
+        "A request was granted (or the line formed) at `now_ms`: the count starts again."
+        self.since_ms, self.warned = now_ms, False
+
+    def check(self, now_ms: int, budget: WeightBudget, queued: int) -> int:
+        "Warn if the line has stalled; when to look again."
+        self.since_ms = min(self.since_ms, now_ms)  # a clock set back
+        start = max(self.since_ms, budget.throttle.resume_ms)  # time under a hold is not a stall
+        if now_ms - start >= self.after_ms and not self.warned:
+            self.warned = True
+            log.warning(
+                "weight governor: no request granted for %.0f s with no 429 or 418 hold in force; %d waiting, %r, cap %d",
+                (now_ms - start) / 1000,
+                queued,
+                budget.window,
+                budget.cap(now_ms),
+            )
+        return now_ms + self.after_ms if self.warned else start + self.after_ms
+
 # %% ../../nbs/exchange/04_governor.ipynb #aceab4ee
-async def pace(clock: Clock, budget: WeightBudget, queue: WaitQueue, changed: asyncio.Event) -> None:
+async def pace(clock: Clock, budget: WeightBudget, queue: WaitQueue, changed: asyncio.Event, stall_ms: int = STALL_MS) -> None:
     "Grant waiting requests as the budget reopens, until none waits; if this fails, so do they (none waits forever)."
+    watch = StallWatch(stall_ms)
     try:
+        watch.moved(clock.now_ms())
         while True:
             now = clock.now_ms()
-            budget.window.roll(now)
-            queue.grant(budget, now)
+            budget.follow(now)
+            if queue.grant(budget, now):
+                watch.moved(now)
             if not queue:
                 return
             changed.clear()
-            await wait_for_change(clock, budget.next_change_ms(clock.now_ms()), changed)
+            wake = min(budget.next_change_ms(now), watch.check(now, budget, len(queue)))
+            await wait_for_change(clock, wake, changed)
     except Exception as e:  # a bug here must not leave callers waiting forever
         log.exception("weight governor pacer failed; failing %d queued request(s)", len(queue))
         queue.fail_all(e)
@@ -374,30 +442,37 @@ class Gate:
         self._pacer: asyncio.Task[None] | None = None
 
     async def acquire(self, cost: int) -> Ticket:
-        "A ticket for `cost`, once the budget, any hold and the requests ahead allow it."
+        "A ticket for `cost`, once the budget, any hold and the requests ahead allow it; no hold is in force at its return."
         if self.closed:
             raise StateError("the weight governor is closed")
         start = self.clock.now_ms()
-        self.budget.window.roll(start)
+        self.budget.follow(start)
         if not self.queue and self.budget.fits(cost, start):
             return self.budget.take(cost)
-        return await self._wait(cost, start)
+        first = False
+        while True:
+            ticket = await self._in_line(cost, first)
+            now = self.clock.now_ms()
+            if not self.budget.held(now):
+                break
+            self.budget.give_back(ticket, now)  # a hold came in between the grant and this wake: not sent, in line again
+            first = True
+        self.budget.counts.waits += 1
+        self.budget.counts.waited_ms += now - start
+        return ticket
 
-    async def _wait(self, cost: int, start_ms: int) -> Ticket:
-        fut = self.queue.add(cost)
+    async def _in_line(self, cost: int, first: bool) -> Ticket:
+        fut = self.queue.add(cost, first)
         if self._pacer is None or self._pacer.done():
             self._pacer = asyncio.get_running_loop().create_task(
                 pace(self.clock, self.budget, self.queue, self._changed), name="weight-governor-pacer"
             )
         try:
-            ticket = await fut
+            return await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # granted as its caller gave up: never sent
-                self.budget.window.settle(fut.result(), None, self.clock.now_ms(), False)
+                self.budget.give_back(fut.result(), self.clock.now_ms())
             raise
-        self.budget.counts.waits += 1
-        self.budget.counts.waited_ms += self.clock.now_ms() - start_ms
-        return ticket
 
     def wake(self) -> None:
         "An answer came back: the pacer looks again at once."

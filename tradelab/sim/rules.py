@@ -53,12 +53,13 @@ class WeightLimiter:
         "last_violation",
         "first_ban_s",
         "max_ban_s",
+        "grace_ms",
     )
 
-    def __init__(self, limit: int = 2400, first_ban_s: float = 120, max_ban_s: float = 3 * 86_400):
+    def __init__(self, limit: int = 2400, first_ban_s: float = 120, max_ban_s: float = 3 * 86_400, grace_ms: int = 1_000):
         if limit <= 0:
             raise ConfigError(f"weight limit must be > 0, got {limit}")
-        self.limit, self.first_ban_s, self.max_ban_s = int(limit), first_ban_s, max_ban_s
+        self.limit, self.first_ban_s, self.max_ban_s, self.grace_ms = int(limit), first_ban_s, max_ban_s, grace_ms
         self.used, self.minute, self.backoff_until, self.banned_until = 0, -1, 0, 0
         self.next_ban_s, self.last_violation = first_ban_s, -math.inf
 
@@ -80,10 +81,18 @@ class WeightLimiter:
         self.backoff_until, self.last_violation = (self.minute + 1) * 60_000, now_ms
         return max(1, math.ceil((self.backoff_until - now_ms) / 1000))
 
+    def in_force(self, now_ms: int) -> tuple[int, float]:
+        "The refusal in force at `now_ms`, repeated: 418 or 429, and the seconds it has left."
+        banned = now_ms < self.banned_until
+        left_ms = (self.banned_until if banned else self.backoff_until) - now_ms
+        return (418 if banned else 429), max(1, math.ceil(left_ms / 1000))
+
     def admit(self, weight: int, now_ms: int) -> tuple[int, float]:
         "(HTTP status, Retry-After seconds): 200 and the weight counted, or 429 / 418."
         self._window(now_ms)
         if now_ms < self.banned_until or now_ms < self.backoff_until:
+            if now_ms - self.last_violation < self.grace_ms:  # sent before the refusal could reach the client
+                return self.in_force(now_ms)
             return 418, self.ban(now_ms)
         if self.used + weight > self.limit:
             return 429, self.back_off(now_ms)

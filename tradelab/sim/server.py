@@ -23,7 +23,7 @@ from .replay import Replay
 from .rules import FaultDice, Faults, WeightLimiter, damage_rows, request_weight
 
 # %% auto #0
-__all__ = ['log', 'FUNDING_MS', 'ENDPOINTS', 'Rejected', 'param_symbol', 'param_int', 'SimServer', 'sim_clock',
+__all__ = ['log', 'FUNDING_MS', 'ENDPOINTS', 'Rejected', 'param_symbol', 'param_int', 'RequestLog', 'SimServer', 'sim_clock',
            'serve_until_signal']
 
 # %% ../../nbs/sim/12_server.ipynb #7a73634b
@@ -205,6 +205,26 @@ ENDPOINTS = {
 _TIMEOUT_MSG = "Timeout waiting for response from backend server. Send status unknown; execution status unknown."
 _ERROR_MSG = "Internal error; unable to process your request. Please try again."
 
+# %% ../../nbs/sim/12_server.ipynb #6065b868
+class RequestLog:
+    "The simulator's request log for checks: (arrival ms, path, status, weight header) of the latest answered requests."
+
+    def __init__(self, size: int = 10_000):
+        self._rows: collections.deque[tuple[int, str, int, int]] = collections.deque(maxlen=size)
+        self.max_used_weight = 0
+
+    def add(self, now_ms: int, path: str, status: int, used_weight: int) -> None:
+        "Record one answer to a request that arrived at `now_ms` (simulated)."
+        self._rows.append((now_ms, path, status, used_weight))
+        self.max_used_weight = max(self.max_used_weight, used_weight)
+
+    def rows(self, since_ms: int | None = None) -> list[tuple[int, str, int, int]]:
+        "The requests kept that arrived at or after `since_ms`, by arrival (answers can come back in another order)."
+        return sorted(r for r in self._rows if since_ms is None or r[0] >= since_ms)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
 # %% ../../nbs/sim/12_server.ipynb #43e82ade
 class SimServer:
     "A local Binance USDⓈ-M market-data server: `async with SimServer(market, clock) as sim: sim.url`."
@@ -224,6 +244,7 @@ class SimServer:
         self.limiter, self.replay = WeightLimiter(weight_limit), Replay(market)
         self._dice, self._info = FaultDice(self.faults.seed), _exchange_info_parts(market, weight_limit)
         self._stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.requests = RequestLog()
         self._runner: web.AppRunner | None = None
 
     @property
@@ -231,7 +252,7 @@ class SimServer:
         return f"http://{self.host}:{self.port}"
 
     def stats(self) -> dict:
-        "Requests, weight and answers by status, per endpoint and in total."
+        "Requests, weight and answers by status, per endpoint and in total; the weight header now and at its highest."
         eps = {p: dict(sorted(c.items())) for p, c in sorted(self._stats.items())}
         total = lambda k: sum(c.get(k, 0) for c in self._stats.values())
         return {
@@ -240,6 +261,7 @@ class SimServer:
             "status_429": total("429"),
             "status_418": total("418"),
             "used_weight_1m": self.limiter.used,
+            "max_used_weight_1m": self.requests.max_used_weight,
             "now_ms": self.clock.now_ms(),
             "endpoints": eps,
         }
@@ -308,10 +330,7 @@ def _body(sim: SimServer, path: str, q, now: int, fired: dict) -> tuple[int, byt
     return 200, (out[: len(out) // 2] if fired["malformed"] else out)
 
 # %% ../../nbs/sim/12_server.ipynb #e448e321
-async def _handle(sim: SimServer, request: web.Request) -> web.Response:
-    path, q, now = request.path, request.query, sim.clock.now_ms()
-    st = sim._stats[path]
-    st["requests"] += 1
+async def _answer(sim: SimServer, path: str, q, now: int, st: collections.Counter) -> web.Response:
     if (refused := _admission(sim, path, q, now, st)) is not None:
         return refused
     fired = sim._dice.roll(sim.faults)
@@ -323,6 +342,15 @@ async def _handle(sim: SimServer, request: web.Request) -> web.Response:
     if fired["error"]:
         return _reply(sim, st, 503, Rejected(503, -1001, _ERROR_MSG).body())
     return _reply(sim, st, *_body(sim, path, q, now, fired))
+
+
+async def _handle(sim: SimServer, request: web.Request) -> web.Response:
+    path, q, now = request.path, request.query, sim.clock.now_ms()
+    st = sim._stats[path]
+    st["requests"] += 1
+    answer = await _answer(sim, path, q, now, st)
+    sim.requests.add(now, path, answer.status, int(answer.headers["X-MBX-USED-WEIGHT-1M"]))
+    return answer
 
 # %% ../../nbs/sim/12_server.ipynb #5467a086
 def _json_error(status: int, msg: str) -> web.Response:
@@ -374,6 +402,7 @@ async def _start(sim: SimServer) -> SimServer:
     app.router.add_route("*", "/_sim/clock", functools.partial(_clock, sim))
     app.router.add_route("*", "/_sim/faults", functools.partial(_faults, sim))
     app.router.add_get("/_sim/stats", functools.partial(_stats_response, sim))
+    app.router.add_get("/_sim/requests", functools.partial(_requests_response, sim))
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, sim.host, sim.port).start()
@@ -384,6 +413,12 @@ async def _start(sim: SimServer) -> SimServer:
 # %% ../../nbs/sim/12_server.ipynb #1ae28069
 async def _stats_response(sim: SimServer, request: web.Request) -> web.Response:
     return web.json_response(sim.stats())
+
+
+async def _requests_response(sim: SimServer, request: web.Request) -> web.Response:
+    since = param_int(request.query, "since_ms")
+    keys = ("now_ms", "path", "status", "used_weight")
+    return web.json_response([dict(zip(keys, r, strict=True)) for r in sim.requests.rows(since)])
 
 # %% ../../nbs/sim/12_server.ipynb #bf2416e2
 async def _stop(sim: SimServer) -> None:

@@ -1,0 +1,227 @@
+"""The weight governor and the client under the faults that froze or banned them, over real HTTP against the simulator.
+
+- A bot (`tradelab run`, paper mode) against `tradelab sim` with a low weight limit and a clock in the past: the
+  bot's clock moves back years when it synchronises, and its weight window must follow; it keeps cycling and never
+  goes over the limit.
+- A 418 while hundreds of requests wait in one client: nothing the client sends after it has the 418 reaches the
+  exchange before the ban ends, so the ban does not climb the ladder.
+- Malformed answers (cut in half) are retried like temporary failures, then reported as `MalformedResponse`.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tradelab.clock import SimClock
+from tradelab.config import load_settings
+from tradelab.errors import MalformedResponse
+from tradelab.exchange.client import BinanceClient
+from tradelab.sim.rules import Faults, WeightLimiter
+from tradelab.sim.server import SimServer
+from tradelab.sim.synthetic import synthetic_market
+
+SEED, N_SYMBOLS = 5, 30
+WEIGHT_LIMIT, SPEED, RUN_S = 300, 2.0, 75  # two and a half simulated minutes; the bot's share (0.8) is 240 weight
+HEARTBEAT = re.compile(r"^(\S+ \S+) INFO\s+tradelab\.loops: (scan|monitor) cycle (\d+):", re.M)
+
+
+@pytest.fixture(scope="module")
+def market():
+    return synthetic_market(20, 3, seed=1)
+
+
+def exchange(url: str, **kw):
+    return load_settings(env={}, exchange={"base_url": url, **kw}).exchange
+
+
+async def until(cond, what: str, real_s: float = 20.0) -> None:
+    "Wait (real time, for HTTP to travel) until `cond()` holds."
+    for _ in range(int(real_s / 0.005)):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- a bot against a low weight limit, the exchange's clock years behind ours --------------------------------------
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _bot_env(url: str) -> dict:
+    over = {
+        "EXCHANGE__BASE_URL": url,
+        "EXCHANGE__WEIGHT_LIMIT": str(WEIGHT_LIMIT),
+        "EXCHANGE__MAX_RETRIES": "2",
+        "BOT__SCAN_INTERVAL_S": "2",
+        "BOT__MONITOR_INTERVAL_S": "1",
+        "DATA__TIMEFRAMES": '["15m", "5m", "1m"]',
+        "DATA__LIMITS": '{"15m": 100, "5m": 100, "1m": 100}',
+        "UNIVERSE__TOP_N": str(N_SYMBOLS),
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADELAB_")}
+    return env | {f"TRADELAB_{k}": v for k, v in over.items()}
+
+
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _watch(bot: subprocess.Popen, log_path: Path, seconds: float) -> tuple[int, float, float]:
+    "Read the bot's log every half second for `seconds`: heartbeats seen, the longest wait between two, the last wait."
+    beats, longest, last_at = 0, 0.0, time.monotonic()
+    end = last_at + seconds
+    while (now := time.monotonic()) < end:
+        assert bot.poll() is None, log_path.read_text()[-3000:]
+        n = len(HEARTBEAT.findall(log_path.read_text()))
+        if n > beats:
+            longest = max(longest, now - last_at) if beats else 0.0
+            beats, last_at = n, now
+        time.sleep(0.5)
+    return beats, max(longest, end - last_at), end - last_at
+
+
+def test_bot_keeps_cycling_under_a_low_weight_limit_when_its_clock_moves_back(tmp_path):
+    args = f"sim --synthetic {N_SYMBOLS} --seed {SEED} --days 3 --speed {SPEED} --weight-limit {WEIGHT_LIMIT}"
+    sim = subprocess.Popen(
+        [_bin("tradelab"), *args.split(), "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    bot = None
+    try:
+        url = re.search(r"at (http://\S+) with", sim.stdout.readline()).group(1)
+        assert _get(f"{url}/_sim/clock")["now_ms"] < time.time() * 1000 - 86_400_000  # the exchange lives in the past
+        log_path = tmp_path / "bot.log"
+        with open(log_path, "w") as out:
+            bot = subprocess.Popen(
+                [_bin("tradelab"), "run", "--home", str(tmp_path / "home"), "--log-level", "INFO"],
+                env=_bot_env(url),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        beats, longest, last = _watch(bot, log_path, RUN_S)
+        log, stats = log_path.read_text(), _get(f"{url}/_sim/stats")
+    finally:
+        if bot is not None:
+            _stop(bot, 5)
+        _stop(sim, 10)
+    print(
+        f"\nbot against a {WEIGHT_LIMIT}-weight limit: {beats} heartbeats over {RUN_S} s, longest wait for one "
+        f"{longest:.1f} s, highest weight header {stats['max_used_weight_1m']}, {stats['requests']} requests, "
+        f"429s {stats['status_429']}, 418s {stats['status_418']}"
+    )
+    assert last < 10, f"no heartbeat in the last {last:.0f} s:\n{log[-3000:]}"
+    # the start-up spends the minute's budget: the cycles wait for the next minute, never longer
+    assert beats >= 15 and longest < 66
+    assert stats["status_429"] == stats["status_418"] == 0
+    assert 0 < stats["max_used_weight_1m"] <= 0.8 * WEIGHT_LIMIT  # the header never went over the bot's share
+    assert "Traceback" not in log
+
+
+# --- a 418 while hundreds of requests wait ------------------------------------------------------------------------
+
+GRACE_MS = WeightLimiter().grace_ms  # an arrival this soon after the ban was on its way before the client knew
+
+
+def test_nothing_sent_after_a_418_reaches_the_exchange_before_the_ban_ends(market):
+    """A simulated minute lasts one real second, so the 120 s ban lasts two; four connections and 30 ms of latency
+    keep requests on the wire; 400 requests wait behind them when the 418 comes."""
+
+    async def run():
+        clock, symbols = SimClock(market.default_start_ms(), speed=60), list(market.symbols)
+        settings = dict(max_connections=4, backoff_base_s=0.5)
+        async with (
+            SimServer(market, clock, faults=Faults(latency_ms=30)) as sim,
+            BinanceClient(exchange(sim.url, **settings), clock) as client,
+        ):
+            tasks = [asyncio.ensure_future(client.get_klines(symbols[i % len(symbols)], "1m", limit=50)) for i in range(400)]
+            try:
+                await until(lambda: sim.stats()["requests"] >= 40, "the first requests")
+                sim.faults.update({"force_status": 418})
+                waiting = sum(not t.done() for t in tasks)
+                await until(lambda: sim.stats()["status_418"] >= 1, "the 418")
+                ban_start = next(t for t, _, status, _ in sim.requests.rows() if status == 418)
+                await until(lambda: clock.now_ms() > ban_start + 125_000, "the end of the ban")
+                during = [
+                    (t - ban_start, status) for t, _, status, _ in sim.requests.rows(ban_start + 1) if t < ban_start + 120_000
+                ]
+                ladder = (sim.limiter.banned_until - ban_start, sim.limiter.next_ban_s)
+                await asyncio.wait(tasks, timeout=30)
+                answers = [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
+                return waiting, during, ladder, answers, sim.stats(), client.stats.governor
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    waiting, during, ladder, answers, srv, gov = asyncio.run(run())
+    print(
+        f"\n418 with {waiting} requests waiting: {len(during)} arrival(s) during the ban, at "
+        f"{[ms for ms, _ in during][:12]} ms after it began; the ban lasted {ladder[0] / 1000:g} s"
+    )
+    assert waiting >= 300
+    late = [(ms, status) for ms, status in during if ms >= GRACE_MS]
+    assert not late, f"{len(late)} request(s) reached the exchange during the ban, sent after the 418: {late[:10]}"
+    assert ladder == (120_000, 240)  # one ban, not a longer one
+    assert len(answers) == 400 and all(len(k) == 49 for k in answers)  # every request served, after the ban
+    assert srv["status_418"] == 1 + len(during) and gov.banned == srv["status_418"] and srv["status_429"] == 0
+
+
+# --- malformed answers ----------------------------------------------------------------------------------------------
+
+
+def test_malformed_answers_are_retried_then_reported(market):
+    "On a clock 1000 times faster than real time, so that the backoff before each retry costs little."
+
+    async def run():
+        clock = SimClock(market.default_start_ms(), speed=1000)
+        async with (
+            SimServer(market, clock, faults=Faults(malformed_rate=0.2, seed=7)) as sim,
+            BinanceClient(exchange(sim.url, max_retries=5), clock) as client,
+        ):
+            for _ in range(20):
+                prices, now, info = await client.all_prices(), await client.server_time(), await client.exchange_info()
+                assert len(prices) == len(market.symbols) and now > 0 and len(info.contracts()) == len(market.symbols)
+            retried = client.stats.governor.retries
+            sim.faults.update({"malformed_rate": 1.0})
+            failures = []
+            for call in (client.all_prices, client.server_time, client.exchange_info):
+                before = sim.stats()["requests"]
+                with pytest.raises(MalformedResponse) as e:
+                    await call()
+                failures.append((str(e.value), sim.stats()["requests"] - before))
+            return retried, failures, client.stats.governor.retries - retried
+
+    retried, failures, retries_after = asyncio.run(run())
+    print(f"\n20% malformed: 60 calls served after {retried} retries; then {[(m[:40], n) for m, n in failures]}")
+    assert retried > 0
+    assert [sent for _, sent in failures] == [6, 6, 6] and retries_after == 15  # max_retries (5) each, then raised
+    assert all("answer is not JSON" in msg for msg, _ in failures)
+    assert [msg.split(":")[0] for msg, _ in failures] == [
+        "GET /fapi/v2/ticker/price",
+        "GET /fapi/v1/time",
+        "GET /fapi/v1/exchangeInfo",
+    ]
