@@ -8,9 +8,9 @@ from __future__ import annotations
 import enum
 
 # %% auto #0
-__all__ = ['Policy', 'TradelabError', 'ConfigError', 'DataError', 'ModelError', 'SchemaMismatch', 'StateError', 'ExchangeError',
-           'TemporaryExchangeError', 'ClockDriftError', 'MalformedResponse', 'ExchangeRejected', 'UnknownSymbol',
-           'OrderRejected', 'AuthenticationError', 'RateLimited', 'IpBanned', 'policy_for']
+__all__ = ['Policy', 'TradelabError', 'ConfigError', 'DataError', 'ModelError', 'SchemaMismatch', 'StateError', 'StorageError',
+           'ExchangeError', 'TemporaryExchangeError', 'ClockDriftError', 'MalformedResponse', 'ExchangeRejected',
+           'UnknownSymbol', 'OrderRejected', 'AuthenticationError', 'RateLimited', 'IpBanned', 'policy_for']
 
 # %% ../nbs/00_errors.ipynb #4acd0edb
 class Policy(enum.Enum):
@@ -54,6 +54,12 @@ class StateError(TradelabError):
     "An illegal state transition: a bug that must be seen, never silenced."
 
     policy = Policy.STOP
+
+# %% ../nbs/00_errors.ipynb #53dcbb40
+class StorageError(TradelabError):
+    "The database cannot be written (disk full, read-only, I/O error); the message names the file and why."
+
+    policy = Policy.SKIP
 
 # %% ../nbs/00_errors.ipynb #803de195
 class ExchangeError(TradelabError):

@@ -25,7 +25,7 @@ __all__ = ['EXPECTED_SLOTS', 'BUILDERS', 'all_slots', 'slot_facts', 'without_slo
 
 # %% ../../nbs/bench/40_slots.ipynb #b39f1f42
 EXPECTED_SLOTS: dict[type, tuple[str, ...]] = {
-    StateConfig: ("consecutive_losses", "drawdown", "circuit_breaker_level", "win_rate"),
+    StateConfig: ("consecutive_losses", "drawdown", "circuit_breaker_level", "win_rate", "closes_heard"),
     OperationTimer: ("name", "start_time", "end_time", "duration"),
     Position: POSITION_FIELDS,
 }

@@ -219,11 +219,15 @@ def write_cache(path: Path, series: Mapping[tuple[str, str], Klines], saved_ms: 
     table = pa.Table.from_arrays(arrays, schema=CACHE_SCHEMA.with_metadata(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the old cache stays, and no half-written file is left beside it
+        tmp.unlink(missing_ok=True)
+        raise
     return table.num_rows
 
 # %% ../../nbs/data/14_buffers.ipynb #1b857689

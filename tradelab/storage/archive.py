@@ -126,8 +126,12 @@ def write_parquet(table: pa.Table, path: str | Path) -> Path:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written file is left beside the old one
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 # %% ../../nbs/storage/33_archive.ipynb #a5d35531
@@ -185,6 +189,10 @@ class DataArchiver:
     def outcomes(self, kind: Kind | None = None) -> dict[str, np.ndarray]:
         "The outcome arrays of the archived trades (see `read_outcomes`)."
         return read_outcomes(self.db, kind)
+
+    def pnls_as_archived(self, kind: Kind) -> list[float]:
+        "Net PnL of each archived trade of `kind`, in the order they were archived (the order the breaker hears them)."
+        return [r[0] for r in self.db.query("SELECT pnl FROM archive WHERE kind = ? ORDER BY rowid", (kind.name,))]
 
 # %% ../../nbs/storage/33_archive.ipynb #d78f1b24
 OUTCOME_COLUMNS = (

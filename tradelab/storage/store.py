@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, StateError
+from ..errors import ConfigError, DataError, StateError, StorageError
 from ..trading.risk import BreakerRow
 from ..trading.positions import POSITION_FIELDS, ExitReason, Kind, Position, PositionBook, PositionState, mark_pnl
 from ..analysis.model import FeatureSchema, current_schema
 
 # %% auto #0
-__all__ = ['log', 'SYNCHRONOUS', 'MIGRATIONS', 'SCHEMA_VERSION', 'Database', 'Migration', 'migrate', 'encode_features',
-           'decode_features', 'register_schema', 'stored_schemas', 'default_schema', 'position_row',
-           'position_from_row', 'PositionReader', 'PositionRepository', 'BreakerRepository', 'RefusalRecord',
-           'RefusalRepository']
+__all__ = ['log', 'SYNCHRONOUS', 'MIGRATIONS', 'SCHEMA_VERSION', 'check_writable', 'write_failure', 'Database', 'Migration',
+           'migrate', 'encode_features', 'decode_features', 'register_schema', 'stored_schemas', 'default_schema',
+           'position_row', 'position_from_row', 'PositionReader', 'PositionRepository', 'BreakerRepository',
+           'RefusalRecord', 'RefusalRepository']
 
 # %% ../../nbs/storage/32_store.ipynb #c6b6499e
 log = logging.getLogger(__name__)
@@ -34,14 +35,41 @@ log = logging.getLogger(__name__)
 SYNCHRONOUS = ("NORMAL", "FULL")
 "The `PRAGMA synchronous` levels we allow with WAL (OFF would lose committed data on a crash)."
 
-# %% ../../nbs/storage/32_store.ipynb #f073c98a
+# %% ../../nbs/storage/32_store.ipynb #aeccadf0
+def check_writable(path: Path) -> None:
+    "`ConfigError` naming `path` when this process may not write the database there (its directory holds the journal)."
+    if not path.parent.is_dir():
+        raise ConfigError(f"database {path}: the directory {path.parent} does not exist")
+    for p, what in ((path, "the file"), (path.parent, "its directory")):
+        if p.exists() and not os.access(p, os.W_OK):
+            raise ConfigError(
+                f"database {path}: permission denied: {what} {p} is not writable by this user (or is on a read-only file system)"
+            )
+
+# %% ../../nbs/storage/32_store.ipynb #a71fc69e
+_WRITE_FAILURES = (
+    ("SQLITE_FULL", "the disk is full"),
+    ("SQLITE_READONLY", "it is read-only (file permissions, or a read-only file system)"),
+    ("SQLITE_CANTOPEN", "a file beside it cannot be created (permission denied?)"),
+    ("SQLITE_PERM", "permission denied"),
+    ("SQLITE_IOERR", "the disk reported an I/O error"),
+)
+
+
+def write_failure(e: sqlite3.Error) -> str | None:
+    "Why SQLite could not write, in words (disk full, read-only, I/O error); None when `e` means something else."
+    name = getattr(e, "sqlite_errorname", None) or ""
+    return next((why + ("" if name == code else f" ({name})") for code, why in _WRITE_FAILURES if name.startswith(code)), None)
+
+# %% ../../nbs/storage/32_store.ipynb #70cb52cf
 def _connect(path: Path, synchronous: str, busy_timeout_s: float) -> sqlite3.Connection:
     if synchronous not in SYNCHRONOUS:
         raise ConfigError(f"database synchronous must be one of {list(SYNCHRONOUS)}, got {synchronous!r}")
+    check_writable(path)
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_s)
     except sqlite3.OperationalError as e:
-        raise ConfigError(f"cannot open database {path}: {e}") from e
+        raise ConfigError(f"cannot open database {path}: {write_failure(e) or e}") from e
     try:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
@@ -52,25 +80,39 @@ def _connect(path: Path, synchronous: str, busy_timeout_s: float) -> sqlite3.Con
         conn.close()
         if isinstance(e, StateError):
             raise
+        if (why := write_failure(e)) is not None:
+            raise ConfigError(f"database {path} cannot be used: {why}") from e
         raise StateError(f"database {path} cannot be used: {e}") from e
     return conn
 
-# %% ../../nbs/storage/32_store.ipynb #36a109dc
+# %% ../../nbs/storage/32_store.ipynb #393ec816
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:  # SQLite may have rolled back already (a full disk does)
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            log.debug("rollback failed: %s", e)
+
+
 @contextmanager
-def _immediate(conn: sqlite3.Connection, lock: threading.RLock) -> Iterator[sqlite3.Connection]:
+def _immediate(conn: sqlite3.Connection, lock: threading.RLock, path: Path | str = ":memory:") -> Iterator[sqlite3.Connection]:
     "`BEGIN IMMEDIATE` ... `COMMIT` on `conn` under `lock`, `ROLLBACK` if the block raises; inside a transaction, join it."
     with lock:
         if conn.in_transaction:
             yield conn
             return
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        except sqlite3.Error as e:
+            if (why := write_failure(e)) is None:
+                raise
+            raise StorageError(f"database {path} cannot be written: {why}") from e
 
 # %% ../../nbs/storage/32_store.ipynb #2fae4119
 class Database:
@@ -92,7 +134,7 @@ class Database:
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         "`BEGIN IMMEDIATE` ... `COMMIT`, `ROLLBACK` if the block raises; nested calls join the outer one."
-        return _immediate(self.conn, self._lock)
+        return _immediate(self.conn, self._lock, self.path)
 
     def query(self, sql: str, args: Sequence = ()) -> list[tuple]:
         "Every row of a read, under the lock: a read never runs in the middle of another thread's transaction."
@@ -253,8 +295,18 @@ _V3_ARCHIVE = Migration(
     ),
 )
 
+# %% ../../nbs/storage/32_store.ipynb #1d54d4b0
+_V4_BREAKER_HEARD = Migration(
+    4,
+    "the breaker counts the real closes it has heard",
+    (
+        "ALTER TABLE breaker_state ADD COLUMN closes_heard INTEGER NOT NULL DEFAULT 0",
+        "UPDATE breaker_state SET closes_heard = (SELECT COUNT(*) FROM archive WHERE kind = 'REAL')",
+    ),
+)
+
 # %% ../../nbs/storage/32_store.ipynb #daecebb7
-MIGRATIONS: tuple[Migration, ...] = (_V1_RISK, _V2_POSITIONS, _V3_ARCHIVE)
+MIGRATIONS: tuple[Migration, ...] = (_V1_RISK, _V2_POSITIONS, _V3_ARCHIVE, _V4_BREAKER_HEARD)
 "The schema, in order; the next change is a new entry at the end."
 SCHEMA_VERSION = MIGRATIONS[-1].version
 "The schema version this code writes; older files are upgraded to it when opened."
@@ -510,7 +562,7 @@ class PositionRepository(PositionReader):
         return newly
 
 # %% ../../nbs/storage/32_store.ipynb #e0859381
-_BREAKER_COLUMNS = ("level", "consecutive_losses", "drawdown", "win_rate", "peak_equity", "equity", "updated_ms")
+_BREAKER_COLUMNS = ("level", "consecutive_losses", "drawdown", "win_rate", "peak_equity", "equity", "updated_ms", "closes_heard")
 
 # %% ../../nbs/storage/32_store.ipynb #33e227ac
 class BreakerRepository:
@@ -526,7 +578,7 @@ class BreakerRepository:
         cols = ", ".join(_BREAKER_COLUMNS)
         with self.db.transaction() as c:
             c.execute(
-                f"INSERT OR REPLACE INTO breaker_state (id, {cols}) VALUES (1, {', '.join('?' * 7)})",
+                f"INSERT OR REPLACE INTO breaker_state (id, {cols}) VALUES (1, {', '.join('?' * len(_BREAKER_COLUMNS))})",
                 tuple(getattr(rec, k) for k in _BREAKER_COLUMNS),
             )
 

@@ -9,7 +9,7 @@ import enum
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
 
@@ -21,7 +21,7 @@ from .execution import Refusal, RefusalReason
 # %% auto #0
 __all__ = ['log', 'WIN_RATE_ALPHA', 'BREAKER_FIELDS', 'Level', 'StateConfig', 'Decision', 'level_for', 'entry_decision',
            'BreakerRow', 'StateRepository', 'RefusalLog', 'BreakerStore', 'after_close', 'log_level_change',
-           'check_state', 'breaker_row', 'state_of_row', 'BreakerLevels', 'CircuitBreaker']
+           'check_state', 'breaker_row', 'state_of_row', 'BreakerLevels', 'CircuitBreaker', 'catch_up']
 
 # %% ../../nbs/trading/37_risk.ipynb #9533e323
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Level(enum.IntEnum):
 class StateConfig:
     "The breaker's measured state: loss streak, drawdown (share of peak), level and win rate."
 
-    __slots__ = ("consecutive_losses", "drawdown", "circuit_breaker_level", "win_rate")
+    __slots__ = ("consecutive_losses", "drawdown", "circuit_breaker_level", "win_rate", "closes_heard")
 
     def __init__(
         self,
@@ -47,9 +47,11 @@ class StateConfig:
         drawdown: float = 0.0,
         circuit_breaker_level: Level = Level.NORMAL,
         win_rate: float = 0.5,
+        closes_heard: int = 0,
     ):
         self.consecutive_losses, self.drawdown = int(consecutive_losses), float(drawdown)
         self.circuit_breaker_level, self.win_rate = Level(circuit_breaker_level), float(win_rate)
+        self.closes_heard = int(closes_heard)
 
     def __repr__(self):
         return (
@@ -110,9 +112,19 @@ class BreakerRow:
     peak_equity: float
     equity: float
     updated_ms: int
+    closes_heard: int = 0
 
 
-BREAKER_FIELDS = ("level", "consecutive_losses", "drawdown", "win_rate", "peak_equity", "equity", "level_since_ms")
+BREAKER_FIELDS = (
+    "level",
+    "consecutive_losses",
+    "drawdown",
+    "win_rate",
+    "peak_equity",
+    "equity",
+    "level_since_ms",
+    "closes_heard",
+)
 "The breaker's state as `to_dict` writes it."
 
 # %% ../../nbs/trading/37_risk.ipynb #baf9eed2
@@ -213,6 +225,7 @@ class BreakerLevels:
         "A real trade closed with net `pnl`: loss streak, win rate, equity and level; the state is stored."
         s = self.state
         s.consecutive_losses, s.win_rate = after_close(s.consecutive_losses, s.win_rate, pnl)
+        s.closes_heard += 1
         if pnl < 0 and self.level is Level.NO_NEW_ENTRIES:
             self.level_since_ms = self.clock.now_ms()  # a new pause
         self.on_equity(balance, unrealized_pnl)
@@ -232,13 +245,13 @@ class BreakerLevels:
     def to_dict(self) -> dict:
         "The whole state as plain values (level by name)."
         s = self.state
-        values = (s.circuit_breaker_level.name, s.consecutive_losses, s.drawdown, s.win_rate)
-        return dict(zip(BREAKER_FIELDS, (*values, self.peak_equity, self.equity, self.level_since_ms), strict=True))
+        values = (s.circuit_breaker_level.name, s.consecutive_losses, s.drawdown, s.win_rate, self.peak_equity, self.equity)
+        return dict(zip(BREAKER_FIELDS, (*values, self.level_since_ms, s.closes_heard), strict=True))
 
     def load_dict(self, d: Mapping) -> Self:
         "Take the state `to_dict` wrote (`DataError` naming what is missing, unknown or wrong)."
         check_state(d)
-        self.state = StateConfig(d["consecutive_losses"], d["drawdown"], Level[d["level"]], d["win_rate"])
+        self.state = StateConfig(d["consecutive_losses"], d["drawdown"], Level[d["level"]], d["win_rate"], d["closes_heard"])
         self.peak_equity, self.equity, self.level_since_ms = float(d["peak_equity"]), float(d["equity"]), int(d["level_since_ms"])
         return self
 
@@ -303,7 +316,29 @@ class CircuitBreaker(BreakerLevels):
         log.info("circuit breaker restored at %s", self.state)
         return True
 
+    def save(self) -> None:
+        "Write the state now (a write the bot uses to learn that the database takes writes again)."
+        self._save()
+
     def _save(self) -> None:
         "Write the state row to the store, when there is one."
         if self.store is not None:
             self.store.breakers.save(breaker_row(self.to_dict()))
+
+# %% ../../nbs/trading/37_risk.ipynb #f8373d18
+def catch_up(breaker: CircuitBreaker, archived_pnls: Sequence[float], balance: float) -> int:
+    "Let `breaker` hear the archived real closes (all, in archive order) it missed before a restart; how many."
+    s, n = breaker.state, len(archived_pnls)
+    if s.closes_heard > n:
+        log.warning("circuit breaker had heard %d real closes, the archive holds %d: counting from it", s.closes_heard, n)
+        s.closes_heard = n
+    missed = list(archived_pnls[s.closes_heard :])
+    for pnl in missed:
+        breaker.on_trade_closed(pnl, balance)
+    if missed:
+        log.warning(
+            "circuit breaker: %d archived close(s) had not reached it before the restart; heard now: %s",
+            len(missed),
+            s,
+        )
+    return len(missed)
