@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from typing import TypeVar
 from dataclasses import dataclass, field
 
 from .storage.archive import DataArchiver
@@ -18,24 +20,35 @@ from .exchange.client import BinanceClient
 from .clock import Clock, LiveClock
 from .config import Settings
 from .data.service import DataService
-from .errors import ConfigError, DataError, StateError
+from tradelab.errors import (
+    ClockDriftError,
+    ConfigError,
+    DataError,
+    ExchangeRejected,
+    MalformedResponse,
+    RateLimited,
+    StateError,
+    StorageError,
+    TemporaryExchangeError,
+)
 from .trading.execution import ExecutionBackend, PaperExecution, Refusal
 from .loops import CycleRecord, Loop
 from .storage.performance import PerformanceManager
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .trading.positions import Kind, Position
 from .records import PriceSnapshot, Signal, SymbolInfo
-from .trading.risk import BreakerStore, CircuitBreaker
+from .trading.risk import BreakerStore, CircuitBreaker, catch_up
 from .storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
 from .timing import StageTimes
 from .data.universe import Universe
 from .trading.virtual import VirtualPositionManager
 
 # %% auto #0
-__all__ = ['log', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot', 'RunState', 'Components',
-           'paper_balance', 'build_components', 'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap',
-           'store_real_marks', 'record_closes', 'update_breaker', 'monitor_once', 'flush', 'BotLifecycle', 'TradingBot',
-           'snapshot_of', 'close_real', 'BotControl']
+__all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot',
+           'RunState', 'Components', 'paper_balance', 'start_step', 'build_components', 'refresh_universe', 'open_real',
+           'scan_once', 'SnapshotTap', 'store_real_marks', 'record_closes', 'update_breaker', 'storage_failed',
+           'storage_recovered', 'storage_watch', 'monitor_once', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of',
+           'close_real', 'BotControl']
 
 # %% ../nbs/50_bot.ipynb #cfe32644
 log = logging.getLogger(__name__)
@@ -132,13 +145,14 @@ class BotSnapshot:
 # %% ../nbs/50_bot.ipynb #45cf5fc1
 @dataclass(eq=False)
 class RunState:
-    "What changes while the bot runs: the scan's symbols, counters, equity curve, realised virtual PnL, the real book's lock."
+    "What changes while the bot runs: symbols, counters, equity curve, realised virtual PnL, the book's lock, a storage fault."
 
     symbols: tuple[str, ...] = ()
     counters: Counter = field(default_factory=Counter)
     equity: deque = field(default_factory=lambda: deque(maxlen=5000))
     virtual_realized: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    storage_fault: str | None = None
 
 # %% ../nbs/50_bot.ipynb #e16127d7
 @dataclass(eq=False)
@@ -168,6 +182,27 @@ def paper_balance(settings: Settings, archive: DataArchiver, open_real: Sequence
     realized = float(archive.outcomes(Kind.REAL)["pnl"].sum())
     return settings.trading.starting_equity + realized - sum(p.fee_rate * p.entry * p.size for p in open_real)
 
+# %% ../nbs/50_bot.ipynb #d8b0b9e4
+T = TypeVar("T")
+STARTUP_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+"Waits between start-up retries; the last one repeats."
+TRANSIENT = (TemporaryExchangeError, RateLimited, MalformedResponse, ClockDriftError)
+"Exchange failures a start-up waits out."
+
+
+async def start_step(what: str, step: Callable[[], Awaitable[T]], url: str) -> T:
+    "`step()` until it succeeds: transient exchange failures are retried with backoff and said; a 4xx names the URL."
+    for attempt in itertools.count():
+        try:
+            return await step()
+        except ExchangeRejected as e:
+            raise ConfigError(f"exchange.base_url {url}: {e} (is it a Binance USD-M futures API?)") from e
+        except TRANSIENT as e:
+            delay = STARTUP_BACKOFF_S[min(attempt, len(STARTUP_BACKOFF_S) - 1)]
+            log.warning("start-up: %s failed (%s); retry %d in %g s", what, e, attempt + 1, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
 # %% ../nbs/50_bot.ipynb #3eab4d2a
 async def build_components(settings: Settings, clock: Clock, stack: AsyncExitStack) -> Components:
     "Every collaborator, in order of dependence; `stack` learns how to close each, in reverse."
@@ -177,8 +212,8 @@ async def build_components(settings: Settings, clock: Clock, stack: AsyncExitSta
     stack.callback(db.close)
     positions, archive = PositionRepository(db), DataArchiver(db)
     client = await stack.enter_async_context(BinanceClient(s.exchange, clock))
-    await client.sync_clock()
-    contracts = await client.contracts(s.universe.quote)
+    await start_step("exchange clock sync", client.sync_clock, s.exchange.url)
+    contracts = await start_step("exchange contracts", lambda: client.contracts(s.universe.quote), s.exchange.url)
     pool = await stack.enter_async_context(GlobalProcessPool(s.pool, model_path=s.model.path))
     data = await stack.enter_async_context(DataService(s, client, clock))  # loads the warm cache; saves it on close
     open_real = positions.load_open(Kind.REAL)
@@ -188,6 +223,7 @@ async def build_components(settings: Settings, clock: Clock, stack: AsyncExitSta
     virtual.restore()
     breaker = CircuitBreaker(s.risk, clock, s.trading.starting_equity, BreakerStore(BreakerRepository(db), RefusalRepository(db)))
     breaker.restore()
+    catch_up(breaker, archive.pnls_as_archived(Kind.REAL), execution.balance)  # a close the breaker missed in a kill
     performance = PerformanceManager.from_archive(db, s.trading.starting_equity)
     c = Components(
         s,
@@ -259,10 +295,14 @@ async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
     with stages.stage("rank"):
         held = {p.symbol for p in c.execution.positions}
         ranked = [sig for sig in signals if sig.symbol not in held]
-    with stages.stage("execute"):
-        opened, refused = await open_real(c, ranked)
-    with stages.stage("virtual"):
-        followed = await c.virtual.open_signals(ranked, refused)
+    opened: list[Position] = []
+    refused: list[int] = []
+    followed: list[Position] = []
+    if c.run.storage_fault is None:  # an entry that cannot be stored is not taken
+        with stages.stage("execute"):
+            opened, refused = await open_real(c, ranked)
+        with stages.stage("virtual"):
+            followed = await c.virtual.open_signals(ranked, refused)
     figures = {
         "symbols": len(c.run.symbols),
         "stale_series": len(report.stale),
@@ -270,6 +310,7 @@ async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
         "opened": len(opened),
         "refused": len(refused),
         "virtual_opened": len(followed),
+        "entries_held": int(c.run.storage_fault is not None),
     }
     c.run.counters.update({k: v for k, v in figures.items() if k in ("signals", "opened", "refused", "virtual_opened")})
     c.run.counters["scan_cycles"] += 1
@@ -323,12 +364,39 @@ def update_breaker(c: Components, closed_real: Sequence[Position]) -> EquityPoin
     c.run.equity.append(point)
     return point
 
+# %% ../nbs/50_bot.ipynb #ce8c1964
+def storage_failed(c: Components, e: StorageError) -> None:
+    "Entries stop while the database cannot be written; said once, with the reason."
+    if c.run.storage_fault is None:
+        log.error("entries stopped: %s; open positions are still monitored, entries resume once a write succeeds", e)
+    c.run.storage_fault = str(e)
+
+
+def storage_recovered(c: Components) -> None:
+    "A write succeeded: entries resume (said once)."
+    if c.run.storage_fault is not None:
+        log.warning("the database can be written again; entries resume")
+        c.run.storage_fault = None
+
+
+@contextmanager
+def storage_watch(c: Components) -> Iterator[None]:
+    "Note a `StorageError` raised in the block (entries stop), then let it go on to the loop's policy."
+    try:
+        yield
+    except StorageError as e:
+        storage_failed(c, e)
+        raise
+
 # %% ../nbs/50_bot.ipynb #2ebbe23c
 async def monitor_once(c: Components, stages: StageTimes) -> dict[str, object]:
     "One monitor tick: one price request, every position marked, closes archived, breaker updated."
-    tap = SnapshotTap(c.client)
+    tap, fault = SnapshotTap(c.client), None
     with stages.stage("virtual"):
-        closed_virtual = await c.virtual.update_all_prices_async(tap)
+        try:
+            closed_virtual = await c.virtual.update_all_prices_async(tap)
+        except StorageError as e:  # the prices came; the real positions are still marked and closed below
+            closed_virtual, fault = [], e
     async with c.run.lock:
         with stages.stage("real"):
             closed_real = await c.execution.update(tap.last)
@@ -338,6 +406,12 @@ async def monitor_once(c: Components, stages: StageTimes) -> dict[str, object]:
         record_closes(c, closed_real, closed_virtual)
     with stages.stage("breaker"):
         point = update_breaker(c, closed_real)
+    if fault is not None:
+        raise fault
+    if c.run.storage_fault is not None:
+        with stages.stage("storage"):
+            await asyncio.to_thread(c.breaker.save)  # a write that must reach the disk
+        storage_recovered(c)
     c.run.counters["monitor_cycles"] += 1
     return {
         "closed": len(closed_real),
@@ -359,6 +433,14 @@ def flush(c: Components) -> None:
 def _log_failure(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s failed: %s", task.get_name(), task.exception(), exc_info=task.exception())
+
+
+async def _closing(what: str, step: Awaitable[object]) -> None:
+    "Await one step of a shutdown; a failure is logged and the shutdown goes on (a full disk must not keep us alive)."
+    try:
+        await step
+    except Exception as e:
+        log.error("%s at shutdown failed (%s: %s); the shutdown goes on", what, type(e).__name__, e)
 
 # %% ../nbs/50_bot.ipynb #0a9efe4d
 class BotLifecycle:
@@ -398,9 +480,9 @@ class BotLifecycle:
         try:
             await asyncio.gather(self.scan.stop(grace_s), self.monitor.stop(grace_s))
             if self.components is not None:
-                await asyncio.to_thread(flush, self.components)
+                await _closing("storing the marks", asyncio.to_thread(flush, self.components))
+            await _closing("closing the components", self._stack.aclose())
         finally:
-            await self._stack.aclose()
             self.state = BotState.FAILED if failed else BotState.STOPPED
             self._stopped.set()
             log.info("bot %s", "stopped after an error" if failed else "stopped")
@@ -436,7 +518,7 @@ class TradingBot(BotLifecycle):
         try:
             self.components = await build_components(self.settings, self.clock, self._stack)
         except BaseException as e:
-            await self._stack.aclose()
+            await _closing("closing what was built", self._stack.aclose())
             self.state, self.error = BotState.FAILED, e
             self._stopped.set()
             raise
@@ -445,11 +527,15 @@ class TradingBot(BotLifecycle):
 
     async def scan_cycle(self, stages: StageTimes | None = None) -> dict[str, int]:
         "One scan cycle now; its figures. Errors are raised (the scan loop applies the policy)."
-        return await scan_once(self._ready(), StageTimes() if stages is None else stages)
+        c = self._ready()
+        with storage_watch(c):
+            return await scan_once(c, StageTimes() if stages is None else stages)
 
     async def virtual_monitoring_cycle(self, stages: StageTimes | None = None) -> dict[str, object]:
         "One monitor cycle now (exactly one price request); its figures."
-        return await monitor_once(self._ready(), StageTimes() if stages is None else stages)
+        c = self._ready()
+        with storage_watch(c):
+            return await monitor_once(c, StageTimes() if stages is None else stages)
 
     def snapshot(self, history: int = 200) -> BotSnapshot:
         "What a UI may see now (typed copies): positions, equity, breaker level, recent cycles, counters."

@@ -316,12 +316,15 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 # %% ../nbs/90_cli.ipynb #db6c32d2
 def check_home(home: Path, name: str) -> None:
-    "`ConfigError` naming `name` unless `home` is a directory or can become one."
+    "`ConfigError` naming `name` unless `home` is a directory this user may write, or can become one."
     if home.exists() and not home.is_dir():
         raise ConfigError(f"{name} {home}: it is a file, not a directory for the database and caches")
     parent = next((p for p in home.parents if p.exists()), None)
     if not home.exists() and parent is not None and not parent.is_dir():
         raise ConfigError(f"{name} {home}: {parent} is a file, so the directory cannot be made")
+    where = home if home.exists() else parent
+    if where is not None and not os.access(where, os.W_OK):
+        raise ConfigError(f"{name} {home}: permission denied: {where} is not writable by this user (or is read-only)")
 
 # %% ../nbs/90_cli.ipynb #4de9a335
 def cmd_run(args: argparse.Namespace) -> int:

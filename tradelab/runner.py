@@ -9,10 +9,12 @@ import asyncio
 import json
 import logging
 import math
+import os
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,32 +30,87 @@ from .sim.server import SimServer
 from .sim.synthetic import synthetic_market
 
 # %% auto #0
-__all__ = ['log', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'serve', 'run_headless', 'DemoOptions', 'at_url',
-           'demo_settings', 'demo_market', 'DemoSummary', 'stage_summary', 'run_demo', 'check_demo_home', 'demo']
+__all__ = ['log', 'STOP_GRACE_S', 'EXIT_DEADLINE_S', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'exit_now', 'ExitDeadline',
+           'until_stopped', 'serve', 'run_headless', 'DemoOptions', 'at_url', 'demo_settings', 'demo_market',
+           'DemoSummary', 'stage_summary', 'run_demo', 'check_demo_home', 'demo']
 
 # %% ../nbs/51_runner.ipynb #b366263a
 log = logging.getLogger(__name__)
 
 # %% ../nbs/51_runner.ipynb #b0db499f
-async def serve(bot: TradingBot, stop_signals=(signal.SIGINT, signal.SIGTERM)) -> int:
+STOP_GRACE_S = 3.0
+"Seconds a running cycle may take to finish after a stop signal before it is cancelled."
+EXIT_DEADLINE_S = 9.0
+"Seconds after the first stop signal by which the process has exited, whatever still hangs."
+
+
+def exit_now(code: int) -> None:
+    "End the process at once, after flushing the log (a shutdown that hangs must not outlive its deadline)."
+    for h in logging.getLogger().handlers:
+        h.flush()
+    os._exit(code)
+
+
+class ExitDeadline:
+    "Armed by the first stop signal: the process ends `deadline_s` later, or at once on a second signal."
+
+    def __init__(self, deadline_s: float = EXIT_DEADLINE_S, on_overdue: Callable[[int], None] = exit_now):
+        self.deadline_s, self.on_overdue = deadline_s, on_overdue
+        self._timer: threading.Timer | None = None
+
+    def signalled(self, stop: asyncio.Event) -> None:
+        "A stop signal: the first sets `stop` and arms the deadline; a second ends the process now."
+        if stop.is_set():
+            log.error("a second stop signal: exiting now, without finishing the shutdown")
+            self.on_overdue(1)
+            return
+        stop.set()
+        self._timer = threading.Timer(self.deadline_s, self._overdue)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _overdue(self) -> None:
+        log.error("the shutdown did not finish within %g s of the stop signal; exiting now", self.deadline_s)
+        self.on_overdue(1)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+# %% ../nbs/51_runner.ipynb #6eeadc80
+async def until_stopped(step: Awaitable[object], stop: asyncio.Event) -> bool:
+    "Await `step` unless `stop` is set first (then `step` is cancelled); whether it finished. Its errors are raised."
+    work = asyncio.ensure_future(step)
+    halt = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((work, halt), return_when=asyncio.FIRST_COMPLETED)
+    halt.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return False
+    work.result()
+    return True
+
+# %% ../nbs/51_runner.ipynb #fb5dcdb2
+async def serve(
+    bot: TradingBot, stop_signals=(signal.SIGINT, signal.SIGTERM), deadline: ExitDeadline | None = None
+) -> int:
     "Run `bot` until a signal in `stop_signals` or a fatal error, then stop it in order; the exit code."
-    loop, stop = asyncio.get_running_loop(), asyncio.Event()
+    loop, stop, deadline = asyncio.get_running_loop(), asyncio.Event(), deadline or ExitDeadline()
     for sig in stop_signals:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, deadline.signalled, stop)
     try:
-        await bot.initialize()
-        bot.start()
-        waits = [asyncio.create_task(stop.wait(), name="tradelab-signal"), asyncio.create_task(bot.wait(), name="tradelab-bot")]
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for t in waits:
-            t.cancel()
+        if await until_stopped(bot.initialize(), stop):
+            bot.start()
+            await until_stopped(bot.wait(), stop)
         if stop.is_set():
             log.info("stop signal received; shutting down in order")
     finally:
-        await bot.stop()
+        await bot.stop(STOP_GRACE_S)
+        deadline.disarm()
         for sig in stop_signals:
             loop.remove_signal_handler(sig)
-    return 1 if bot.error is not None else 0
+    return 1 if isinstance(bot.error, Exception) else 0
 
 # %% ../nbs/51_runner.ipynb #69fd516b
 def run_headless(settings: Settings) -> int:
