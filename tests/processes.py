@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from tradelab.sim.synthetic import synthetic_market
@@ -49,10 +49,12 @@ def market_start(seed: int, history_days: int = 2) -> int:
 
 
 @contextmanager
-def sim_process(symbols: int, seed: int, *extra: str):
-    "`tradelab sim --synthetic symbols` at real-time speed; yields its URL; stopped with SIGTERM afterwards."
+def sim_process(symbols: int, seed: int, *extra: str, speed: float = 1, history_days: int | None = 2):
+    """`tradelab sim --synthetic symbols` at `speed` (real time unless told), `history_days` into its market (None: where
+    the simulator starts by itself); yields its URL; stopped with SIGTERM afterwards."""
+    start = [] if history_days is None else ["--start", str(market_start(seed, history_days))]
     proc = subprocess.Popen([command("tradelab"), "sim", "--synthetic", str(symbols), "--seed", str(seed), "--days", "3",
-                             "--start", str(market_start(seed)), "--speed", "1", "--log-level", "WARNING", *extra],
+                             *start, "--speed", str(speed), "--log-level", "WARNING", *extra],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         url = re.search(r"at (http://\S+) with", proc.stdout.readline()).group(1)
@@ -62,14 +64,15 @@ def sim_process(symbols: int, seed: int, *extra: str):
         proc.wait(timeout=20)
 
 
-def bot_env(url: str, symbols: int, **over: str) -> dict:
-    "The environment of a paper bot against the simulator at `url`: fast timeframes, short intervals, `over` on top."
+def bot_env(url: str, symbols: int, **over: str | None) -> dict:
+    """The environment of a paper bot against the simulator at `url`: fast timeframes, short intervals, `over` on top
+    (a setting `over` gives as None is left out, to its default)."""
     base = {"EXCHANGE__BASE_URL": url, "EXCHANGE__MAX_RETRIES": "2", "BOT__SCAN_INTERVAL_S": "2",
             "BOT__MONITOR_INTERVAL_S": "1", "DATA__TIMEFRAMES": '["15m", "5m", "1m"]',
             "DATA__LIMITS": '{"15m": 100, "5m": 100, "1m": 100}', "UNIVERSE__TOP_N": str(symbols),
             "STRATEGY__MIN_CONFIDENCE": "0.5", "TRADING__RISK_PER_TRADE": "0.0025", "POOL__WORKERS": "1"}
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRADELAB_")}
-    return env | {f"TRADELAB_{k}": v for k, v in (base | over).items()}
+    return env | {f"TRADELAB_{k}": v for k, v in (base | over).items() if v is not None}
 
 
 def start_bot(env: dict, home: Path, log_file: Path) -> subprocess.Popen:
@@ -86,8 +89,6 @@ def heartbeats(log_file: Path, loop: str | None = None) -> int:
 
 def kill_session(proc: subprocess.Popen) -> None:
     "SIGKILL whatever is left of `proc`'s session (after a failed check)."
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=10)

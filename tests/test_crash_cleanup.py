@@ -8,95 +8,34 @@ whatever they are named).
 """
 
 import contextlib
-import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tradelab.sim.synthetic import synthetic_market
+from processes import bot_env, kill_session, sim_json, sim_process, start_bot, wait_for
 
-SEED, N_SYMBOLS, HISTORY_DAYS = 5, 20, 2
+SEED, N_SYMBOLS = 5, 20
 SHM = Path("/dev/shm")
 
 pytestmark = pytest.mark.skipif(not SHM.is_dir() or not Path("/proc/self/maps").exists(), reason="needs /dev/shm and /proc")
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
-def _wait(cond, timeout_s: float, what: str, poll_s: float = 0.05):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def sim():
-    start = synthetic_market(1, 0.01, SEED).span_ms[0] + HISTORY_DAYS * 86_400_000
-    proc = subprocess.Popen(
-        [
-            _bin("tradelab"),
-            "sim",
-            "--synthetic",
-            str(N_SYMBOLS),
-            "--seed",
-            str(SEED),
-            "--days",
-            "3",
-            "--start",
-            str(start),
-            "--speed",
-            "1",
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        url = re.search(r"at (http://\S+) with", proc.stdout.readline()).group(1)
-        with urllib.request.urlopen(f"{url}/_sim/clock", timeout=5) as r:
-            json.loads(r.read())
+    with sim_process(N_SYMBOLS, SEED) as url:
+        sim_json(f"{url}/_sim/clock")  # it answers before any bot starts
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
 
 
 def _start_bot(url: str, home: Path, log_file: Path) -> subprocess.Popen:
-    over = {
-        "EXCHANGE__BASE_URL": url,
-        "BOT__SCAN_INTERVAL_S": "1",
-        "BOT__MONITOR_INTERVAL_S": "1",
-        "DATA__TIMEFRAMES": '["15m", "5m", "1m"]',
-        "DATA__LIMITS": '{"15m": 100, "5m": 100, "1m": 100}',
-        "UNIVERSE__TOP_N": str(N_SYMBOLS),
-        "POOL__WORKERS": "2",
-        "POOL__IN_PROCESS_BELOW": "0",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADELAB_")}
-    env |= {f"TRADELAB_{k}": v for k, v in over.items()}
-    with open(log_file, "w") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(
-            [_bin("tradelab"), "run", "--home", str(home), "--log-level", "INFO"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    "A bot whose two pool workers analyse every batch (none in-process); retries, confidence and risk at their defaults."
+    env = bot_env(url, N_SYMBOLS, BOT__SCAN_INTERVAL_S="1", POOL__WORKERS="2", POOL__IN_PROCESS_BELOW="0",
+                  EXCHANGE__MAX_RETRIES=None, STRATEGY__MIN_CONFIDENCE=None, TRADING__RISK_PER_TRADE=None)
+    return start_bot(env, home, log_file)
 
 
 def _members(sid: int) -> dict[int, str]:
@@ -134,7 +73,7 @@ def _running_pool(bot: subprocess.Popen) -> tuple[dict[int, str], set[str]]:
         blocks, sems = [n for n in files if not n.startswith("sem.")], [n for n in files if n.startswith("sem.")]
         return len(members) >= 5 and blocks and sems and (members, files)  # main, tracker, forkserver, 2 workers
 
-    return _wait(up, 45, "the bot's pool workers to map a shared batch", poll_s=0.1)
+    return wait_for(up, 45, "the bot's pool workers to map a shared batch", poll_s=0.1)
 
 
 def _left(files: set[str]) -> set[str]:
@@ -145,15 +84,13 @@ def _stop(bot: subprocess.Popen, files: set[str]) -> None:
     "SIGTERM: an orderly exit, with no process of the run and none of its files `files` left."
     bot.send_signal(signal.SIGTERM)
     assert bot.wait(timeout=30) == 0
-    _wait(lambda: not _members(bot.pid), 5, "the stopped run's processes to exit")
-    _wait(lambda: not _left(files), 5, "the stopped run's block and semaphores to be removed")
+    wait_for(lambda: not _members(bot.pid), 5, "the stopped run's processes to exit")
+    wait_for(lambda: not _left(files), 5, "the stopped run's block and semaphores to be removed")
 
 
 def _tidy(bot: subprocess.Popen, files: set[str]) -> None:
     "After a failure: no process or file of the run outlives the test."
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(bot.pid, signal.SIGKILL)
-    bot.wait(timeout=10)
+    kill_session(bot)
     for n in files:
         with contextlib.suppress(FileNotFoundError):
             (SHM / n).unlink()
@@ -186,10 +123,10 @@ def test_sigkill_of_the_main_process_ends_the_whole_run(sim, tmp_path):
         bot.wait(timeout=5)
         killed = time.monotonic()
         with contextlib.suppress(AssertionError):
-            _wait(lambda: not _members(bot.pid), 5, "the run's processes to exit")
+            wait_for(lambda: not _members(bot.pid), 5, "the run's processes to exit")
         survivors = _members(bot.pid)
         assert not survivors, f"alive {time.monotonic() - killed:.1f} s after the kill: {survivors}"
-        _wait(lambda: not _left(files), 5, "the run's resource tracker to remove its block and semaphores")
+        wait_for(lambda: not _left(files), 5, "the run's resource tracker to remove its block and semaphores")
         _restart(sim, home, tmp_path / "second.log", files)
         assert _sweep_lines(tmp_path / "second.log", bot.pid) == []  # nothing was left to sweep
     finally:
@@ -204,7 +141,7 @@ def test_a_run_killed_with_its_process_group_is_swept_at_the_next_start(sim, tmp
         _, files = _running_pool(bot)
         os.killpg(bot.pid, signal.SIGKILL)
         bot.wait(timeout=5)
-        _wait(lambda: not _members(bot.pid), 5, "the run's processes to exit")
+        wait_for(lambda: not _members(bot.pid), 5, "the run's processes to exit")
         left = _left(files)
         assert any(not n.startswith("sem.") for n in left) and any(n.startswith("sem.") for n in left)
         _restart(sim, home, tmp_path / "second.log", files)

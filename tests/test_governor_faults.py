@@ -10,18 +10,14 @@
 
 import asyncio
 import contextlib
-import json
-import os
-import re
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from processes import bot_env, heartbeats, kill_session, sim_json, sim_process, start_bot
 from tradelab.clock import SimClock
 from tradelab.config import load_settings
 from tradelab.errors import MalformedResponse
@@ -32,7 +28,6 @@ from tradelab.sim.synthetic import synthetic_market
 
 SEED, N_SYMBOLS = 5, 30
 WEIGHT_LIMIT, SPEED, RUN_S = 300, 2.0, 75  # two and a half simulated minutes; the bot's share (0.8) is 240 weight
-HEARTBEAT = re.compile(r"^(\S+ \S+) INFO\s+tradelab\.loops: (scan|monitor) cycle (\d+):", re.M)
 
 
 @pytest.fixture(scope="module")
@@ -56,38 +51,19 @@ async def until(cond, what: str, real_s: float = 20.0) -> None:
 # --- a bot against a low weight limit, the exchange's clock years behind ours --------------------------------------
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())
-
-
 def _bot_env(url: str) -> dict:
-    over = {
-        "EXCHANGE__BASE_URL": url,
-        "EXCHANGE__WEIGHT_LIMIT": str(WEIGHT_LIMIT),
-        "EXCHANGE__MAX_RETRIES": "2",
-        "BOT__SCAN_INTERVAL_S": "2",
-        "BOT__MONITOR_INTERVAL_S": "1",
-        "DATA__TIMEFRAMES": '["15m", "5m", "1m"]',
-        "DATA__LIMITS": '{"15m": 100, "5m": 100, "1m": 100}',
-        "UNIVERSE__TOP_N": str(N_SYMBOLS),
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADELAB_")}
-    return env | {f"TRADELAB_{k}": v for k, v in over.items()}
+    "The shared paper bot's environment under the low weight limit; confidence, risk and pool at their defaults."
+    return bot_env(url, N_SYMBOLS, EXCHANGE__WEIGHT_LIMIT=str(WEIGHT_LIMIT),
+                   STRATEGY__MIN_CONFIDENCE=None, TRADING__RISK_PER_TRADE=None, POOL__WORKERS=None)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    "SIGTERM, `grace_s` to exit, then SIGKILL for whatever is left of its session."
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace_s)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    kill_session(proc)
 
 
 def _watch(bot: subprocess.Popen, log_path: Path, seconds: float) -> tuple[int, float, float]:
@@ -96,7 +72,7 @@ def _watch(bot: subprocess.Popen, log_path: Path, seconds: float) -> tuple[int, 
     end = last_at + seconds
     while (now := time.monotonic()) < end:
         assert bot.poll() is None, log_path.read_text()[-3000:]
-        n = len(HEARTBEAT.findall(log_path.read_text()))
+        n = heartbeats(log_path)
         if n > beats:
             longest = max(longest, now - last_at) if beats else 0.0
             beats, last_at = n, now
@@ -105,29 +81,16 @@ def _watch(bot: subprocess.Popen, log_path: Path, seconds: float) -> tuple[int, 
 
 
 def test_bot_keeps_cycling_under_a_low_weight_limit_when_its_clock_moves_back(tmp_path):
-    args = f"sim --synthetic {N_SYMBOLS} --seed {SEED} --days 3 --speed {SPEED} --weight-limit {WEIGHT_LIMIT}"
-    sim = subprocess.Popen(
-        [_bin("tradelab"), *args.split(), "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    bot = None
-    try:
-        url = re.search(r"at (http://\S+) with", sim.stdout.readline()).group(1)
-        assert _get(f"{url}/_sim/clock")["now_ms"] < time.time() * 1000 - 86_400_000  # the exchange lives in the past
+    # the simulator's own start, not one `history_days` into its market
+    with sim_process(N_SYMBOLS, SEED, "--weight-limit", str(WEIGHT_LIMIT), speed=SPEED, history_days=None) as url:
+        assert sim_json(f"{url}/_sim/clock")["now_ms"] < time.time() * 1000 - 86_400_000  # the exchange lives in the past
         log_path = tmp_path / "bot.log"
-        with open(log_path, "w") as out:
-            bot = subprocess.Popen(
-                [_bin("tradelab"), "run", "--home", str(tmp_path / "home"), "--log-level", "INFO"],
-                env=_bot_env(url),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        beats, longest, last = _watch(bot, log_path, RUN_S)
-        log, stats = log_path.read_text(), _get(f"{url}/_sim/stats")
-    finally:
-        if bot is not None:
+        bot = start_bot(_bot_env(url), tmp_path / "home", log_path)
+        try:
+            beats, longest, last = _watch(bot, log_path, RUN_S)
+            log, stats = log_path.read_text(), sim_json(f"{url}/_sim/stats")
+        finally:
             _stop(bot, 5)
-        _stop(sim, 10)
     print(
         f"\nbot against a {WEIGHT_LIMIT}-weight limit: {beats} heartbeats over {RUN_S} s, longest wait for one "
         f"{longest:.1f} s, highest weight header {stats['max_used_weight_1m']}, {stats['requests']} requests, "
