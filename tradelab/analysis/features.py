@@ -5,6 +5,7 @@
 # %% ../../nbs/analysis/22_features.ipynb #17846bea
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,12 +15,12 @@ from ..config import StrategySettings
 from ..errors import DataError
 from .indicators import adx, atr, bollinger, ema, first_valid, macd, rsi, volume_ratio
 from ..records import AnalysisBatch, SeriesBatch, Side
-from .structure import _ffill_index, fair_value_gaps, market_structure, nearest_blocks
+from .structure import _ffill_index, fair_value_gaps, market_structure, nearest_blocks, nearest_blocks_at
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'ROLES', 'FEATURE_NAMES', 'N_FEATURES', 'COLUMN', 'OB_NONE', 'MIRROR_INDEX', 'MIRROR_SIGN',
-           'MIRROR_EXACT', 'warmup_bars', 'timeframe_roles', 'Measures', 'measure', 'build_features', 'aggregate',
-           'mirror_features', 'orient', 'mirror_batch']
+           'MIRROR_EXACT', 'warmup_bars', 'timeframe_roles', 'Measures', 'measure_timeframe', 'combine_roles',
+           'measure', 'build_features', 'aggregate', 'mirror_features', 'orient', 'mirror_batch']
 
 # %% ../../nbs/analysis/22_features.ipynb #d04b36bf
 SCHEMA_VERSION = 2
@@ -88,62 +89,71 @@ def timeframe_roles(batch: AnalysisBatch) -> tuple[str, str, str]:
     return tfs[0], tfs[1], tfs[2]
 
 # %% ../../nbs/analysis/22_features.ipynb #e5dc3918
-def _ago(a: np.ndarray, k: int) -> np.ndarray:
-    return a[:, -1 - k] if a.shape[1] > k else np.full(a.shape[0], np.nan)
+def _lag(a: np.ndarray, at: np.ndarray, k: int) -> np.ndarray:
+    "`a` `k` bars before each bar of `at`: `(rows, len(at))`, NaN where that is before the first bar."
+    j = at - k
+    return np.where(j >= 0, a[:, np.maximum(j, 0)], np.nan)
 
 # %% ../../nbs/analysis/22_features.ipynb #f7b5bf36
-def _trend_momentum(c: np.ndarray, atr_t: np.ndarray, s: StrategySettings) -> dict[str, np.ndarray]:
+def _trend_momentum(c: np.ndarray, a: np.ndarray, s: StrategySettings, at: np.ndarray) -> dict[str, np.ndarray]:
     ef, es = ema(c, s.ema_fast), ema(c, s.ema_slow)
-    c_t, es_t = c[:, -1], es[:, -1]
+    c_t, ef_t, es_t, atr_t = c[:, at], ef[:, at], es[:, at], a[:, at]
     line, _, hist = macd(c, s.macd_fast, s.macd_slow, s.macd_signal)
     with np.errstate(divide="ignore", invalid="ignore"):
-        slope = (es_t - _ago(es, 5)) / (5 * atr_t)
+        slope = (es_t - _lag(es, at, 5)) / (5 * atr_t)
         return {
-            "ret_1": np.log(c_t / _ago(c, 1)),
-            "ret_12": np.log(c_t / _ago(c, 12)),
-            "ema_fast_dist": (c_t - ef[:, -1]) / atr_t,
+            "ret_1": np.log(c_t / _lag(c, at, 1)),
+            "ret_12": np.log(c_t / _lag(c, at, 12)),
+            "ema_fast_dist": (c_t - ef_t) / atr_t,
             "ema_slow_dist": (c_t - es_t) / atr_t,
             "ema_slope": slope,
-            "trend": (np.sign(c_t - es_t) + np.sign(ef[:, -1] - es_t) + np.sign(slope)) / 3,
-            "rsi": rsi(c, s.rsi_period)[:, -1] / 100 - 0.5,
-            "macd": line[:, -1] / atr_t,
-            "macd_hist": hist[:, -1] / atr_t,
+            "trend": (np.sign(c_t - es_t) + np.sign(ef_t - es_t) + np.sign(slope)) / 3,
+            "rsi": rsi(c, s.rsi_period)[:, at] / 100 - 0.5,
+            "macd": line[:, at] / atr_t,
+            "macd_hist": hist[:, at] / atr_t,
         }
 
 # %% ../../nbs/analysis/22_features.ipynb #351a9dde
-def _rank_last(x: np.ndarray, window: int) -> np.ndarray:
-    "Rank of each row's last value among its last `window` values: 0 lowest .. 1 highest, ties (to 1e-9) halved."
-    w = x[:, -window:]
-    cur, ok = w[:, -1:], ~np.isnan(w)
+def _rank_at(x: np.ndarray, window: int, at: np.ndarray) -> np.ndarray:
+    "Rank of `x` at each bar of `at` among its `window` values ending there: 0 lowest .. 1 highest, ties (to 1e-9) halved."
+    idx = at[:, None] + np.arange(1 - window, 1)
+    w = np.where(idx >= 0, x[:, np.maximum(idx, 0)], np.nan)  # (rows, len(at), window)
+    cur, ok = w[..., -1:], ~np.isnan(w)
     tie = np.abs(w - cur) <= 1e-9 * np.abs(cur)
-    less, eq, cnt = ((w < cur) & ~tie & ok).sum(1), (tie & ok).sum(1) - 1, ok.sum(1) - 1
-    return np.where(np.isnan(cur[:, 0]), np.nan, np.where(cnt > 0, (less + 0.5 * eq) / np.maximum(cnt, 1), 0.5))
+    less, eq, cnt = ((w < cur) & ~tie & ok).sum(-1), (tie & ok).sum(-1) - 1, ok.sum(-1) - 1
+    return np.where(np.isnan(cur[..., 0]), np.nan, np.where(cnt > 0, (less + 0.5 * eq) / np.maximum(cnt, 1), 0.5))
 
 # %% ../../nbs/analysis/22_features.ipynb #f7009afd
-def _volatility(f: SeriesBatch, a: np.ndarray, s: StrategySettings) -> dict[str, np.ndarray]:
-    up, mid, lo, width = bollinger(f.close[:, -(s.bb_rank_window + s.bb_period - 1) :], s.bb_period, s.bb_std)
+def _volatility(f: SeriesBatch, a: np.ndarray, s: StrategySettings, at: np.ndarray) -> dict[str, np.ndarray]:
+    lo_bb = max(int(at[0]) + 2 - s.bb_rank_window - s.bb_period, 0)  # the first bar the oldest ranked width needs
+    up, mid, lo, width = bollinger(f.close[:, lo_bb:], s.bb_period, s.bb_std)
+    b = at - lo_bb
     x_adx, pdi, mdi = adx(f.high, f.low, f.close, s.adx_period, a if s.adx_period == s.atr_period else None)
-    vr = volume_ratio(f.volume[:, -(s.volume_period + 1) :], s.volume_period)[:, -1]
-    c_t, band = f.close[:, -1], up[:, -1] - lo[:, -1]
+    lo_v = max(int(at[0]) - s.volume_period, 0)
+    vr = volume_ratio(f.volume[:, lo_v:], s.volume_period)[:, at - lo_v]
+    c_t, band = f.close[:, at], up[:, b] - lo[:, b]
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
-            "atr_pct": a[:, -1] / c_t,
-            "bb_width": width[:, -1],
-            "bb_rank": _rank_last(up - lo, s.bb_rank_window),
-            "bb_pos": np.where(band > 0, (c_t - mid[:, -1]) / band, 0.0) + 0 * band,
-            "adx": x_adx[:, -1] / 100,
-            "di_diff": (pdi[:, -1] - mdi[:, -1]) / 100,
+            "atr_pct": a[:, at] / c_t,
+            "bb_width": width[:, b],
+            "bb_rank": _rank_at(up - lo, s.bb_rank_window, b),
+            "bb_pos": np.where(band > 0, (c_t - mid[:, b]) / band, 0.0) + 0 * band,
+            "adx": x_adx[:, at] / 100,
+            "di_diff": (pdi[:, at] - mdi[:, at]) / 100,
             "volume_ratio": np.clip(np.where(np.isnan(vr), 1.0, vr), 0, 20),
         }
 
 # %% ../../nbs/analysis/22_features.ipynb #677c1335
-def _structure(f: SeriesBatch, a: np.ndarray, s: StrategySettings) -> dict[str, np.ndarray]:
+def _structure(f: SeriesBatch, a: np.ndarray, s: StrategySettings, at: np.ndarray) -> dict[str, np.ndarray]:
     st = market_structure(f.high, f.low, f.close, s.swing_window)
-    bull_top, _, _, bear_bottom = nearest_blocks(f.open, f.high, f.low, f.close, st, a, s.ob_lookback, s.ob_impulse_atr)
-    gaps = fair_value_gaps(f.high, f.low)
-    n, rows = f.close.shape[1], np.arange(f.close.shape[0])
-    last = _ffill_index(st.breaks != 0)[:, -1]
-    c_t, atr_t = f.close[:, -1], a[:, -1]
+    blocks = (f.open, f.high, f.low, f.close, st, a)
+    if len(at) == 1 and at[0] == f.close.shape[1] - 1:  # the scan's case: one vectorised pass, nothing compiled
+        bull_top, _, _, bear_bottom = (x[:, None] for x in nearest_blocks(*blocks, s.ob_lookback, s.ob_impulse_atr))
+    else:
+        bull_top, _, _, bear_bottom = nearest_blocks_at(*blocks, at, s.ob_lookback, s.ob_impulse_atr)
+    direction = np.concatenate([np.zeros((f.close.shape[0], 1)), np.cumsum(fair_value_gaps(f.high, f.low).direction, 1)], 1)
+    last = _ffill_index(st.breaks != 0)[:, at]
+    c_t, atr_t = f.close[:, at], a[:, at]
 
     def dist(level, sign):
         d = np.clip(sign * (c_t - level) / atr_t, -OB_NONE, OB_NONE)
@@ -151,12 +161,12 @@ def _structure(f: SeriesBatch, a: np.ndarray, s: StrategySettings) -> dict[str, 
 
     with np.errstate(divide="ignore", invalid="ignore"):
         return {
-            "structure": st.trend[:, -1].astype(float),
-            "break_age": np.where(last >= 0, np.minimum(n - 1 - last, 100) / 100, 1.0),
-            "break_choch": np.where(last >= 0, st.choch[rows, np.maximum(last, 0)] != 0, 0).astype(float),
+            "structure": st.trend[:, at].astype(float),
+            "break_age": np.where(last >= 0, np.minimum(at - last, 100) / 100, 1.0),
+            "break_choch": np.where(last >= 0, np.take_along_axis(st.choch, np.maximum(last, 0), 1) != 0, 0).astype(float),
             "ob_below": dist(bull_top, 1),
             "ob_above": dist(bear_bottom, -1),
-            "fvg": gaps.direction[:, -10:].sum(1) / 10,
+            "fvg": (direction[:, at + 1] - direction[:, np.maximum(at - 9, 0)]) / 10,
         }
 
 # %% ../../nbs/analysis/22_features.ipynb #cd8fa4a6
@@ -184,23 +194,40 @@ class Measures:
         return f"Measures({len(self.symbols)} symbols, {self.timeframes}, {int(self.valid.sum())} valid)"
 
 # %% ../../nbs/analysis/22_features.ipynb #f5bd2931
+def measure_timeframe(
+    f: SeriesBatch, s: StrategySettings, at: np.ndarray | Sequence[int]
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    "One timeframe's columns at the bars `at` (sorted, distinct), `(rows, len(at))` each; and the close, ATR and bars seen there."
+    at = np.asarray(at, np.int64)
+    a = atr(f.high, f.low, f.close, s.atr_period)
+    cols = {**_trend_momentum(f.close, a, s, at), **_volatility(f, a, s, at), **_structure(f, a, s, at)}
+    return cols, f.close[:, at], a[:, at], at + 1 - first_valid(f.close)[:, None]
+
+
+def combine_roles(parts, s: StrategySettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "Values `(..., N_FEATURES)` and close, ATR, bars `(..., 3)` from the slow, mid and fast parts, invalid rows blanked."
+    shape = parts[0][1].shape
+    values = np.full((*shape, N_FEATURES), np.nan)
+    for role, (cols, _, _, _) in zip(ROLES, parts, strict=True):
+        for name, v in cols.items():
+            values[..., COLUMN[f"{role}_{name}"]] = v
+    values[..., COLUMN["side"]] = 0.0
+    close, atr_t, bars = (np.stack([p[k] for p in parts], axis=-1) for k in (1, 2, 3))
+    bad = (bars < warmup_bars(s)).any(-1) | ~np.isfinite(values).all(-1) | ~(atr_t > 0).all(-1)
+    values[bad] = np.nan
+    return values, close, atr_t, bars
+
+
 def measure(batch: AnalysisBatch, s: StrategySettings | None = None) -> Measures:
     "Every feature of every symbol at the last bar, float64, plus closes, ATRs and bar counts."
     s = s or StrategySettings()
     tfs = timeframe_roles(batch)
-    n = len(batch)
-    values = np.full((n, N_FEATURES), np.nan)
-    close, atr_t, bars = np.full((n, 3), np.nan), np.full((n, 3), np.nan), np.zeros((n, 3), np.int64)
-    for k, (role, tf) in enumerate(zip(ROLES, tfs, strict=True)):
-        f = batch.frames[tf]
-        a = atr(f.high, f.low, f.close, s.atr_period)
-        cols = {**_trend_momentum(f.close, a[:, -1], s), **_volatility(f, a, s), **_structure(f, a, s)}
-        for name, v in cols.items():
-            values[:, COLUMN[f"{role}_{name}"]] = v
-        close[:, k], atr_t[:, k], bars[:, k] = f.close[:, -1], a[:, -1], f.close.shape[1] - first_valid(f.close)
-    values[:, COLUMN["side"]] = 0.0
-    bad = (bars < warmup_bars(s)).any(axis=1) | ~np.isfinite(values).all(axis=1) | ~(atr_t > 0).all(axis=1)
-    values[bad] = np.nan
+    if min(batch.frames[tf].close.shape[1] for tf in tfs) == 0:
+        n = len(batch)
+        return Measures(tuple(batch.symbols), tfs, np.full((n, N_FEATURES), np.nan), *(np.full((n, 3), np.nan),) * 2,
+                        np.zeros((n, 3), np.int64))
+    parts = [measure_timeframe(batch.frames[tf], s, [batch.frames[tf].close.shape[1] - 1]) for tf in tfs]
+    values, close, atr_t, bars = (x[:, 0] for x in combine_roles(parts, s))
     return Measures(tuple(batch.symbols), tfs, values, close, atr_t, bars)
 
 # %% ../../nbs/analysis/22_features.ipynb #736faf50

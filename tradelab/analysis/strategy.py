@@ -16,8 +16,8 @@ from .features import ROLES, SCHEMA_VERSION, Measures, measure, orient
 from ..records import AnalysisBatch, Side, Signal
 
 # %% auto #0
-__all__ = ['log', 'DIRECTIONAL', 'components', 'rule_score', 'Scorer', 'RuleScorer', 'ProbabilityModel', 'analyze_batch',
-           'signals_from_measures']
+__all__ = ['log', 'DIRECTIONAL', 'components', 'rule_score', 'Scorer', 'RuleScorer', 'ProbabilityModel', 'signal_of_row',
+           'analyze_batch', 'scored_rows', 'signals_from_measures']
 
 # %% ../../nbs/analysis/23_strategy.ipynb #504b7247
 log = logging.getLogger(__name__)
@@ -106,21 +106,22 @@ def _model_probability(model: ProbabilityModel, X: np.ndarray) -> np.ndarray:
     return p
 
 # %% ../../nbs/analysis/23_strategy.ipynb #4c4e660e
-def _signal(batch, m, i, side, conf, rule, prob, model, row, s) -> Signal | None:
+def signal_of_row(symbol: str, now_ms: int, m: Measures, i: int, side, conf, rule, prob, model, row, s) -> Signal | None:
+    "The signal of row `i` of `m` for `symbol` at `now_ms`, or None when its stop or target would not be a price."
     entry, risk = float(m.close[i, 2]), float(m.atr[i, 1]) * s.atr_stop_mult
     stop, target = entry - int(side) * risk, entry + int(side) * risk * s.reward_risk
     if stop <= 0 or target <= 0:
-        log.debug("%s: a %s from %.6g would put its stop at %.6g; skipped", batch.symbols[i], Side(int(side)).name, entry, stop)
+        log.debug("%s: a %s from %.6g would put its stop at %.6g; skipped", symbol, Side(int(side)).name, entry, stop)
         return None
     return Signal(
-        batch.symbols[i],
+        symbol,
         Side(int(side)),
         entry,
         stop,
         target,
         float(conf),
         row,
-        int(batch.now_ms),
+        int(now_ms),
         score=float(rule),
         model_prob=None if prob is None else float(prob),
         model_version=None if model is None else str(model.version),
@@ -138,15 +139,14 @@ def analyze_batch(
     return signals_from_measures(batch, measure(batch, strategy), strategy, model, blend, scorer)
 
 # %% ../../nbs/analysis/23_strategy.ipynb #f877b48f
-def signals_from_measures(
-    batch: AnalysisBatch,
+def scored_rows(
     m: Measures,
     strategy: StrategySettings,
     model: ProbabilityModel | None = None,
     blend: float = 0.5,
     scorer: Scorer | None = None,
-) -> list[Signal]:
-    "`analyze_batch` after the measuring: reuse `m` when only weights or thresholds change."
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    "Rows of `m` whose confidence reaches `min_confidence`: (rows, sides, confidence, rule score, model probability, oriented X)."
     if not 0.0 <= blend <= 1.0:
         raise ConfigError(f"model blend must be in 0..1, got {blend}")
     raw = np.asarray((scorer or RuleScorer()).score(m, strategy), dtype=np.float64)
@@ -157,9 +157,24 @@ def signals_from_measures(
     rule = np.abs(raw[cand])
     prob = _model_probability(model, X) if model is not None and len(cand) else None
     conf = rule if prob is None else (1.0 - blend) * rule + blend * prob
+    k = np.flatnonzero(conf >= strategy.min_confidence)
+    return cand[k], sides[k], conf[k], rule[k], None if prob is None else prob[k], X[k]
+
+
+def signals_from_measures(
+    batch: AnalysisBatch,
+    m: Measures,
+    strategy: StrategySettings,
+    model: ProbabilityModel | None = None,
+    blend: float = 0.5,
+    scorer: Scorer | None = None,
+) -> list[Signal]:
+    "`analyze_batch` after the measuring: reuse `m` when only weights or thresholds change."
+    rows, sides, conf, rule, prob, X = scored_rows(m, strategy, model, blend, scorer)
     out = []
-    for k in np.flatnonzero(conf >= strategy.min_confidence):
-        sig = _signal(batch, m, cand[k], sides[k], conf[k], rule[k], None if prob is None else prob[k], model, X[k], strategy)
+    for k, i in enumerate(rows):
+        p = None if prob is None else prob[k]
+        sig = signal_of_row(batch.symbols[i], batch.now_ms, m, i, sides[k], conf[k], rule[k], p, model, X[k], strategy)
         if sig is not None:
             out.append(sig)
     return out

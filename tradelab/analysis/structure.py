@@ -13,7 +13,8 @@ from ..errors import DataError
 from .indicators import _rows
 
 # %% auto #0
-__all__ = ['swings', 'Structure', 'market_structure', 'OrderBlocks', 'order_blocks', 'nearest_blocks', 'Gaps', 'fair_value_gaps']
+__all__ = ['swings', 'Structure', 'market_structure', 'OrderBlocks', 'order_blocks', 'nearest_blocks', 'nearest_blocks_at',
+           'Gaps', 'fair_value_gaps']
 
 # %% ../../nbs/analysis/21_structure.ipynb #ed59375d
 def _extreme(a: np.ndarray, k: int, sign: float) -> np.ndarray:
@@ -182,6 +183,68 @@ def nearest_blocks(
     bull_top, bull_bottom, bear_top, bear_bottom = (
         x[0] if one else x for sign in (1, -1) for x in _nearest_side(o, h, lo, c, brk, a, lookback, impulse_atr, sign)
     )
+    return bull_top, bull_bottom, bear_top, bear_bottom
+
+# %% ../../nbs/analysis/21_structure.ipynb #90323c69
+def _walk_nearest(c, starts, bars, near, far, sign, at, out_near, out_far):  # noqa: C901 (one loop for numba to compile whole)
+    "Per row, bar by bar: drop the blocks a close went through, add those formed, keep the nearest at the bars `at`."
+    alive = np.empty(bars.shape[0], np.int64)
+    for r in range(c.shape[0]):
+        k, na, q, end = starts[r], 0, 0, starts[r + 1]
+        for t in range(at[-1] + 1 if at.shape[0] else 0):
+            x, keep = c[r, t], 0
+            for i in range(na):  # a close through the far edge, or a missing close, ends a block
+                if sign * (x - far[alive[i]]) >= 0:
+                    alive[keep] = alive[i]
+                    keep += 1
+            na = keep
+            while k < end and bars[k] == t:
+                if far[k] == far[k]:
+                    alive[na] = k
+                    na += 1
+                k += 1
+            if q < at.shape[0] and at[q] == t:
+                best, gap = -1, np.inf
+                for i in range(na if x == x else 0):
+                    g = max(sign * (x - near[alive[i]]), 0.0)
+                    if g <= gap:  # alive is in bar order: on equal gaps the later block wins
+                        best, gap = alive[i], g
+                if best >= 0:
+                    out_near[r, q], out_far[r, q] = near[best], far[best]
+                q += 1
+
+
+_WALK: list = []
+
+
+def _compiled_walk():
+    "`_walk_nearest` compiled (and cached on disk) on first use."
+    if not _WALK:
+        import numba  # on first use only: the live scan never walks, so its workers skip numba's import
+
+        _WALK.append(numba.njit(cache=True, nogil=True)(_walk_nearest))
+    return _WALK[0]
+
+# %% ../../nbs/analysis/21_structure.ipynb #9c470771
+def nearest_blocks_at(
+    open_, high, low, close, structure: Structure, atr, at, lookback: int = 10, impulse_atr: float = 1.0, compiled: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "`nearest_blocks` as seen at each bar of `at` (sorted, distinct): four arrays `(rows, len(at))` (`(len(at),)` for a series)."
+    (o, one), (h, _), (lo, _), (c, _), (a, _) = _rows(open_), _rows(high), _rows(low), _rows(close), _rows(atr)
+    at = np.asarray(at, np.int64)
+    if at.size and (np.diff(at) <= 0).any() | (at[0] < 0) | (at[-1] >= c.shape[1]):
+        raise DataError(f"bars to measure at must be sorted, distinct and within 0..{c.shape[1] - 1}")
+    brk, m, walk = np.atleast_2d(structure.breaks), c.shape[0], _compiled_walk() if compiled else _walk_nearest
+    out = []
+    for sign in (1, -1):
+        rows, bars, j = _formations(o, h, lo, c, brk, a, lookback, impulse_atr, sign)
+        top, bottom = h[rows, j], lo[rows, j]
+        near, far = (top, bottom) if sign > 0 else (bottom, top)
+        got_near, got_far = np.full((m, len(at)), np.nan), np.full((m, len(at)), np.nan)
+        starts = np.searchsorted(rows, np.arange(m + 1))
+        walk(np.ascontiguousarray(c), starts, bars.astype(np.int64), near, far, float(sign), at, got_near, got_far)
+        out += [got_near, got_far] if sign > 0 else [got_far, got_near]
+    bull_top, bull_bottom, bear_top, bear_bottom = (x[0] if one else x for x in out)
     return bull_top, bull_bottom, bear_top, bear_bottom
 
 # %% ../../nbs/analysis/21_structure.ipynb #3ef53c9a
