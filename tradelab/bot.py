@@ -31,13 +31,13 @@ from tradelab.errors import (
     StorageError,
     TemporaryExchangeError,
 )
-from .trading.execution import ExecutionBackend, PaperExecution, Refusal
+from .trading.execution import ExecutionBackend, PaperExecution
 from .loops import CycleRecord, Loop
 from .storage.performance import PerformanceManager
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .trading.positions import Kind, Position
 from .records import PriceSnapshot, Signal, SymbolInfo
-from .trading.risk import BreakerStore, CircuitBreaker, catch_up
+from .trading.risk import BreakerStore, CircuitBreaker, catch_up, hear_closes, open_ranked
 from .storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
 from .timing import StageTimes
 from .data.universe import Universe
@@ -267,21 +267,8 @@ async def refresh_universe(c: Components) -> tuple[str, ...]:
 
 # %% ../nbs/50_bot.ipynb #14c1a7c7
 async def open_real(c: Components, ranked: Sequence[Signal]) -> tuple[list[Position], list[int]]:
-    "Ranks 1..K through the breaker to the execution backend; (positions opened, ranks refused)."
-    opened, refused = [], []
-    for rank, sig in enumerate(ranked[: c.settings.trading.max_trades], start=1):
-        decision = c.breaker.check_entry(sig.symbol)
-        if not decision.allowed:
-            refused.append(rank)
-            continue
-        async with c.run.lock:
-            out = await c.execution.open(sig, rank=rank, size_factor=decision.size_factor)
-        if isinstance(out, Refusal):
-            c.breaker.record(out)
-            refused.append(rank)
-            continue
-        opened.append(out)
-    return opened, refused
+    "Ranks 1..K through the breaker to the execution backend (the policy a backtest replays); (opened, ranks refused)."
+    return await open_ranked(ranked, c.settings.trading.max_trades, c.breaker, c.execution, c.run.lock)
 
 # %% ../nbs/50_bot.ipynb #2abcba0b
 async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
@@ -353,9 +340,7 @@ def record_closes(c: Components, closed_real: Sequence[Position], closed_virtual
 def update_breaker(c: Components, closed_real: Sequence[Position]) -> EquityPoint:
     "The breaker hears each closed real trade, in order, then the equity; the tick's equity point."
     ex = c.execution
-    for p in closed_real:
-        c.breaker.on_trade_closed(p.realized_pnl, ex.balance, ex.unrealized_pnl())
-    c.breaker.on_equity(ex.balance, ex.unrealized_pnl())
+    hear_closes(c.breaker, ex, closed_real)
     point = EquityPoint(
         c.clock.now_ms(),
         ex.equity(),

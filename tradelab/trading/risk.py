@@ -9,6 +9,7 @@ import enum
 import logging
 import math
 from collections import deque
+from contextlib import AbstractAsyncContextManager
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
@@ -16,12 +17,15 @@ from typing import Protocol, Self, runtime_checkable
 from ..clock import Clock
 from ..config import RiskSettings
 from ..errors import DataError
-from .execution import Refusal, RefusalReason
+from ..records import Signal
+from .execution import ExecutionBackend, Refusal, RefusalReason
+from .positions import Position
 
 # %% auto #0
 __all__ = ['log', 'WIN_RATE_ALPHA', 'BREAKER_FIELDS', 'Level', 'StateConfig', 'Decision', 'level_for', 'entry_decision',
            'BreakerRow', 'StateRepository', 'RefusalLog', 'BreakerStore', 'after_close', 'log_level_change',
-           'check_state', 'breaker_row', 'state_of_row', 'BreakerLevels', 'CircuitBreaker', 'catch_up']
+           'check_state', 'breaker_row', 'state_of_row', 'BreakerLevels', 'CircuitBreaker', 'catch_up', 'open_ranked',
+           'hear_closes']
 
 # %% ../../nbs/trading/37_risk.ipynb #9533e323
 log = logging.getLogger(__name__)
@@ -342,3 +346,37 @@ def catch_up(breaker: CircuitBreaker, archived_pnls: Sequence[float], balance: f
             s,
         )
     return len(missed)
+
+# %% ../../nbs/trading/37_risk.ipynb #efd0eaf5
+async def open_ranked(
+    ranked: Sequence[Signal],
+    max_trades: int,
+    breaker: CircuitBreaker,
+    execution: ExecutionBackend,
+    lock: AbstractAsyncContextManager | None = None,
+) -> tuple[list[Position], list[int]]:
+    "Ranks 1..`max_trades` through the breaker to the execution backend; (positions opened, ranks refused)."
+    opened, refused = [], []
+    for rank, sig in enumerate(ranked[:max_trades], start=1):
+        decision = breaker.check_entry(sig.symbol)
+        if not decision.allowed:
+            refused.append(rank)
+            continue
+        if lock is None:
+            out = await execution.open(sig, rank=rank, size_factor=decision.size_factor)
+        else:
+            async with lock:
+                out = await execution.open(sig, rank=rank, size_factor=decision.size_factor)
+        if isinstance(out, Refusal):
+            breaker.record(out)
+            refused.append(rank)
+            continue
+        opened.append(out)
+    return opened, refused
+
+
+def hear_closes(breaker: CircuitBreaker, execution: ExecutionBackend, closed_real: Sequence[Position]) -> Level:
+    "The breaker hears each closed real trade, in order, then the equity; its level."
+    for p in closed_real:
+        breaker.on_trade_closed(p.realized_pnl, execution.balance, execution.unrealized_pnl())
+    return breaker.on_equity(execution.balance, execution.unrealized_pnl())
