@@ -27,10 +27,10 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
     from tradelab.sim.source import MarketSource
 
 # %% auto #0
-__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'COMMANDS', 'Option', 'opt',
-           'int_list', 'name_list', 'parser', 'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config',
-           'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run',
-           'cmd_demo', 'Command', 'main']
+__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'COMMANDS',
+           'Option', 'opt', 'int_list', 'name_list', 'parser', 'settings_from', 'Benchmark', 'benchmarks',
+           'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source',
+           'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'cmd_backtest', 'Command', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -362,6 +362,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(summary.to_json() if args.json else summary.to_text())
     return 0
 
+# %% ../nbs/90_cli.ipynb #d669c743
+BACKTEST_OPTIONS = (
+    opt("--data", type=Path, metavar="PARQUET", nargs="+", required=True, help="kline file(s) in the shared data's schema"),
+    opt("--start", help="first cycle (YYYY-MM-DD or an ISO time, UTC); earlier bars only warm the features up"),
+    opt("--end", help="last cycle (YYYY-MM-DD or an ISO time, UTC)"),
+    opt("--symbols", type=name_list, help="comma-separated symbols (default: every symbol of the files)"),
+    opt("--top", type=int, help="only the N symbols with the most quote volume before the start"),
+    opt("--json", action="store_true", help="print the report as one JSON object"),
+)
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    "`tradelab backtest`: history through the bot's policy; the figures of both books."
+    from tradelab.backtest.replay import run_backtest  # the backtest loads the analysis stack: only for this command
+
+    bt = run_backtest(args.data, settings_from(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top)
+    if args.json:
+        print(bt.to_json())
+        return 0
+    print(f"{len(bt.symbols)} symbols of {bt.source}, {bt.cycles} cycles on {', '.join(bt.timeframes)}; breaker {bt.breaker}")
+    for book in ("real", "virtual"):
+        f = getattr(bt, book)
+        lo, hi = f["expectancy_r_95"]
+        print(f"{book:>7}: {f['trades']} trades, win rate {f['win_rate']:.1%}, expectancy {f['mean_r']:+.3f} R "
+              f"(95 % {lo:+.3f} .. {hi:+.3f}), profit factor {f['profit_factor']:.2f}, return {f['return_pct']:+.2f} %, "
+              f"max drawdown {f['max_drawdown_pct']:.2f} %")
+    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in bt.seconds.items()) + f"; funding: {bt.funding}")
+    return 0
+
 # %% ../nbs/90_cli.ipynb #bc7cc3bb
 @dataclass(frozen=True)
 class Command:
@@ -387,6 +416,8 @@ COMMANDS: dict[str, Command] = {
         (opt("--home", help="directory of the database and caches (default: the 'home' setting)"),),
     ),
     "demo": Command("the whole system offline: simulator and bot at high speed, then a summary", cmd_demo, DEMO_OPTIONS),
+    "backtest": Command("replay kline files through the bot's policy: figures of the real and virtual books", cmd_backtest,
+                        BACKTEST_OPTIONS),
 }
 "Subcommand -> `Command`; `bench` is dispatched to `cmd_bench` with the rest of the line."
 
