@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..analysis.features import N_FEATURES, Measures, aggregate, combine_roles, measure_timeframe, warmup_bars
+from ..analysis.features import N_FEATURES, Measures, aggregate, combine_roles, measure_timeframe, timeframe_roles, warmup_bars
 from ..analysis.pool import rank_signals
 from ..analysis.strategy import ProbabilityModel, Scorer, scored_rows, signal_of_row
 from ..clock import interval_ms
@@ -177,11 +177,8 @@ def load_history(
 
 # %% ../../nbs/backtest/41_history.ipynb #b9d60cf4
 def roles_of(h: History) -> tuple[str, str, str]:
-    "The history's three timeframes, slow, mid, fast."
-    tfs = sorted(h.frames, key=interval_ms, reverse=True)
-    if len(tfs) != 3:
-        raise DataError(f"the strategy needs three timeframes (slow, mid, fast); data.timeframes has {tfs}")
-    return tfs[0], tfs[1], tfs[2]
+    "The history's three timeframes, slow, mid, fast (the scan's rule, `timeframe_roles`)."
+    return timeframe_roles(AnalysisBatch(h.symbols, h.frames, 0))
 
 
 def cycle_times(h: History, start_ms: int | None = None, end_ms: int | None = None) -> np.ndarray:
