@@ -116,11 +116,11 @@ def _trend_momentum(c: np.ndarray, a: np.ndarray, s: StrategySettings, at: np.nd
 # %% ../../nbs/analysis/22_features.ipynb #351a9dde
 def _rank_at(x: np.ndarray, window: int, at: np.ndarray) -> np.ndarray:
     "Rank of `x` at each bar of `at` among its `window` values ending there: 0 lowest .. 1 highest, ties (to 1e-9) halved."
-    idx = at[:, None] + np.arange(1 - window, 1)
-    w = np.where(idx >= 0, x[:, np.maximum(idx, 0)], np.nan)  # (rows, len(at), window)
-    cur, ok = w[..., -1:], ~np.isnan(w)
-    tie = np.abs(w - cur) <= 1e-9 * np.abs(cur)
-    less, eq, cnt = ((w < cur) & ~tie & ok).sum(-1), (tie & ok).sum(-1) - 1, ok.sum(-1) - 1
+    padded = np.concatenate([np.full((x.shape[0], window - 1), np.nan), x], axis=1)
+    w = np.lib.stride_tricks.sliding_window_view(padded, window, axis=1)[:, at]  # (rows, len(at), window), a view
+    cur = x[:, at, None]
+    lo, hi = cur - 1e-9 * np.abs(cur), cur + 1e-9 * np.abs(cur)
+    less, eq, cnt = (w < lo).sum(-1), ((w >= lo) & (w <= hi)).sum(-1) - 1, (~np.isnan(w)).sum(-1) - 1
     return np.where(np.isnan(cur[..., 0]), np.nan, np.where(cnt > 0, (less + 0.5 * eq) / np.maximum(cnt, 1), 0.5))
 
 # %% ../../nbs/analysis/22_features.ipynb #f7009afd

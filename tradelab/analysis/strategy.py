@@ -110,12 +110,13 @@ def signal_of_row(symbol: str, now_ms: int, m: Measures, i: int, side, conf, rul
     "The signal of row `i` of `m` for `symbol` at `now_ms`, or None when its stop or target would not be a price."
     entry, risk = float(m.close[i, 2]), float(m.atr[i, 1]) * s.atr_stop_mult
     stop, target = entry - int(side) * risk, entry + int(side) * risk * s.reward_risk
+    side = Side.LONG if side > 0 else Side.SHORT  # not Side(int(side)): a backtest builds a signal per cycle
     if stop <= 0 or target <= 0:
-        log.debug("%s: a %s from %.6g would put its stop at %.6g; skipped", symbol, Side(int(side)).name, entry, stop)
+        log.debug("%s: a %s from %.6g would put its stop at %.6g; skipped", symbol, side.name, entry, stop)
         return None
     return Signal(
         symbol,
-        Side(int(side)),
+        side,
         entry,
         stop,
         target,
@@ -152,6 +153,8 @@ def scored_rows(
     raw = np.asarray((scorer or RuleScorer()).score(m, strategy), dtype=np.float64)
     raw = np.where(m.valid & np.isfinite(raw), np.clip(raw, -1.0, 1.0), 0.0)
     cand = np.flatnonzero(raw != 0)
+    if model is None:  # the rule alone is the confidence: only rows at the floor need their features oriented
+        cand = cand[np.abs(raw[cand]) >= strategy.min_confidence]
     sides = np.sign(raw[cand]).astype(int)
     X = orient(m.values[cand].astype(np.float32), sides)
     rule = np.abs(raw[cand])

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..analysis.features import N_FEATURES, Measures, aggregate, combine_roles, measure_timeframe, timeframe_roles, warmup_bars
-from ..analysis.pool import rank_signals
 from ..analysis.strategy import ProbabilityModel, Scorer, scored_rows, signal_of_row
 from ..clock import interval_ms
 from ..config import INTERVALS, StrategySettings
@@ -205,6 +204,19 @@ def _role_part(h: History, tf: str, idx: np.ndarray, s: StrategySettings):
     return {k: take(v) for k, v in cols.items()}, take(close), take(atr_t), np.where(ok, bars[:, j], 0)
 
 
+def _candidates(part: History, roles, idx, strategy, model, blend, scorer) -> dict[str, np.ndarray]:
+    "The (symbol, cycle) rows of `part` that pass the confidence floor, as arrays: no signal built yet."
+    parts = [_role_part(part, tf, i, strategy) for tf, i in zip(roles, idx, strict=True)]
+    values, close, atr_t, bars = combine_roles(parts, strategy)
+    n_c = values.shape[1]
+    flat = (values.reshape(-1, N_FEATURES), close.reshape(-1, 3), atr_t.reshape(-1, 3), bars.reshape(-1, 3))
+    m = Measures(part.symbols, roles, *flat)
+    rows, sides, conf, rule, prob, X = scored_rows(m, strategy, model, blend, scorer)
+    p = np.full(len(rows), np.nan) if prob is None else prob
+    return {"cycle": rows % n_c, "row": rows // n_c, "side": sides, "conf": conf, "rule": rule, "prob": p, "X": X,
+            "close": m.close[rows], "atr": m.atr[rows]}
+
+# %% ../../nbs/backtest/41_history.ipynb #a1b2c3d4
 def history_signals(
     h: History,
     strategy: StrategySettings,
@@ -212,25 +224,27 @@ def history_signals(
     model: ProbabilityModel | None = None,
     blend: float = 0.5,
     scorer: Scorer | None = None,
+    keep: int | None = None,
     chunk: int = 32,
 ) -> list[list[Signal]]:
-    "The ranked signals of every cycle, as `analyze_batch` would give them, from features computed once per symbol chunk."
+    "Every cycle's ranked signals as `analyze_batch` gives them (the best `keep` of each, if given), features computed once."
     roles = roles_of(h)
-    out: list[list[Signal]] = [[] for _ in cycles_ms]
     idx = [bar_index(h, tf, cycles_ms) for tf in roles]
-    n_c = len(cycles_ms)
-    for lo in range(0, len(h.symbols), chunk):
-        part = h.take(slice(lo, lo + chunk))
-        parts = [_role_part(part, tf, i, strategy) for tf, i in zip(roles, idx, strict=True)]
-        values, close, atr_t, bars = combine_roles(parts, strategy)
-        m = Measures(tuple(np.repeat(part.symbols, n_c)), roles, values.reshape(-1, N_FEATURES),
-                     close.reshape(-1, 3), atr_t.reshape(-1, 3), bars.reshape(-1, 3))
-        rows, sides, conf, rule, prob, X = scored_rows(m, strategy, model, blend, scorer)
-        for k, i in enumerate(rows):
-            c = int(i % n_c)
-            p = None if prob is None else prob[k]
-            sym, when = part.symbols[i // n_c], int(cycles_ms[c])
-            sig = signal_of_row(sym, when, m, int(i), sides[k], conf[k], rule[k], p, model, X[k], strategy)
-            if sig is not None:
-                out[c].append(sig)
-    return [rank_signals(s) for s in out]
+    found = [_candidates(h.take(slice(lo, lo + chunk)), roles, idx, strategy, model, blend, scorer) | {"lo": lo}
+             for lo in range(0, len(h.symbols), chunk)]
+    c = {k: np.concatenate([f[k] + (f["lo"] if k == "row" else 0) for f in found]) for k in found[0] if k != "lo"}
+    order = np.lexsort((c["row"], -c["conf"], c["cycle"]))  # rank_signals' order: symbols are sorted by name
+    c = {k: v[order] for k, v in c.items()}
+    levels = Measures(h.symbols, roles, c["X"], c["close"], c["atr"], np.zeros((len(order), 3), np.int64))
+    rank = np.arange(len(order)) - np.searchsorted(c["cycle"], c["cycle"])
+    out: list[list[Signal]] = [[] for _ in cycles_ms]
+    for j in range(len(order)) if keep is None else np.flatnonzero(rank < keep + 2):  # 2 spare for levels that are no price
+        cyc = int(c["cycle"][j])
+        if keep is not None and len(out[cyc]) >= keep:
+            continue
+        p = None if model is None else c["prob"][j]
+        sig = signal_of_row(h.symbols[c["row"][j]], int(cycles_ms[cyc]), levels, int(j), c["side"][j], c["conf"][j],
+                            c["rule"][j], p, model, c["X"][j], strategy)
+        if sig is not None:
+            out[cyc].append(sig)
+    return out

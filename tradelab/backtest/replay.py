@@ -206,7 +206,8 @@ def run_backtest(
     cyc = cycle_times(h, to_ms(start, "start"), to_ms(end, "end"))
     if not len(cyc):
         raise DataError(f"{h.source}: no cycle between the start and the end asked for")
-    signals = history_signals(h, settings.strategy, cyc)
+    t = settings.trading  # the policy reaches the virtual ranks past what it holds, never further
+    signals = history_signals(h, settings.strategy, cyc, keep=max(t.virtual_until, t.max_trades) + t.max_open_positions)
     t2 = time.perf_counter()
     with quiet():
         r = run_coroutine(replay(h, settings, cyc, signals, progress))

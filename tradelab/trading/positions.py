@@ -113,9 +113,10 @@ def exit_rules(side, entry, stop, target, expiry_ms, price, high, low, now_ms, s
     stop_hit = side * (adv - stop) <= 0
     target_hit = (side * (fav - target) >= 0) & ~stop_hit
     expired = (now_ms >= expiry_ms) & ~stop_hit & ~target_hit
-    code = np.select([stop_hit, target_hit, expired], [EXIT_STOP, EXIT_TARGET, EXIT_EXPIRY], NO_EXIT)
+    code = EXIT_STOP * stop_hit + EXIT_TARGET * target_hit + EXIT_EXPIRY * expired  # exclusive: the sum names the exit
     stop_fill = np.where(side * (price - stop) < 0, price, stop) * (1 - side * slip)
-    exit_price = np.select([stop_hit, target_hit, expired], [stop_fill, target, price * (1 - side * slip)], np.nan)
+    market = np.where(expired, price * (1 - side * slip), np.nan)
+    exit_price = np.where(stop_hit, stop_fill, np.where(target_hit, target, market))
     gap = np.maximum(side * (entry - stop), side * (entry - price))
     mfe = np.minimum(side * (fav - entry), side * (target - entry))
     mae = np.minimum(side * (entry - adv), gap)
