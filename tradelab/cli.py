@@ -94,9 +94,13 @@ class Benchmark:
 def benchmarks() -> dict[str, Benchmark]:
     "Benchmark name -> `Benchmark`."
     # imported here, not at the top: the benchmarks load the whole package (about 3 s), only `tradelab bench` needs them
-    from tradelab.bench import analysis, bot, indicators, klines, sim, slots, store, virtual
+    from tradelab.bench import analysis, backtest, bot, indicators, klines, sim, slots, store, virtual
 
-    return {**_measure_benchmarks(analysis, bot, indicators), **_system_benchmarks(klines, sim, slots, store, virtual)}
+    return {
+        **_measure_benchmarks(analysis, bot, indicators),
+        **_system_benchmarks(klines, sim, slots, store, virtual),
+        **_research_benchmarks(backtest),
+    }
 
 # %% ../nbs/90_cli.ipynb #eed2fc0d
 def _measure_benchmarks(analysis: ModuleType, bot: ModuleType, indicators: ModuleType) -> dict[str, Benchmark]:
@@ -185,6 +189,20 @@ def _system_benchmarks(
                 opt("--updates", type=int, default=5, help="timed updates per size (median reported)"),
                 opt("--per-position-cap", type=int, default=20_000, help="per-position loop over at most this many positions"),
                 opt("--seed", type=int, default=0),
+            ),
+        ),
+    }
+
+# %% ../nbs/90_cli.ipynb #0c2c3c72
+def _research_benchmarks(backtest: ModuleType) -> dict[str, Benchmark]:
+    return {
+        "backtest": Benchmark(
+            "candles per second of the whole backtest, with and without loading, against vectorbt on the same entries",
+            backtest.run,
+            (
+                opt("--data", type=Path, default=None, help="15m kline file (default: the shared data, else a synthetic market)"),
+                opt("--symbols", type=int, default=200, help="the most traded symbols to replay (default 200)"),
+                opt("--days", type=float, default=90.0, help="days of bars from the file's start (default 90)"),
             ),
         ),
     }
