@@ -382,31 +382,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # %% ../nbs/90_cli.ipynb #d669c743
 BACKTEST_OPTIONS = (
-    opt("--data", type=Path, metavar="PARQUET", nargs="+", required=True, help="kline file(s) in the shared data's schema"),
+    opt("--data", type=Path, metavar="PARQUET", nargs="+", help="kline file(s) in the shared data's schema"),
     opt("--start", help="first cycle (YYYY-MM-DD or an ISO time, UTC); earlier bars only warm the features up"),
     opt("--end", help="last cycle (YYYY-MM-DD or an ISO time, UTC)"),
     opt("--symbols", type=name_list, help="comma-separated symbols (default: every symbol of the files)"),
     opt("--top", type=int, help="only the N symbols with the most quote volume before the start"),
+    opt("--out", type=Path, metavar="DIR", help="write report.json, archive.sqlite, trades.parquet and report.html here"),
+    opt("--compare", type=Path, nargs=2, metavar=("A", "B"), help="two reports (folders or report.json) side by side"),
     opt("--json", action="store_true", help="print the report as one JSON object"),
 )
 
 
-def cmd_backtest(args: argparse.Namespace) -> int:
-    "`tradelab backtest`: history through the bot's policy; the figures of both books."
-    from tradelab.backtest.replay import run_backtest  # the backtest loads the analysis stack: only for this command
-
-    bt = run_backtest(args.data, settings_from(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top)
-    if args.json:
-        print(bt.to_json())
-        return 0
+def _print_books(bt) -> None:
     print(f"{len(bt.symbols)} symbols of {bt.source}, {bt.cycles} cycles on {', '.join(bt.timeframes)}; breaker {bt.breaker}")
     for book in ("real", "virtual"):
         f = getattr(bt, book)
         lo, hi = f["expectancy_r_95"]
         print(f"{book:>7}: {f['trades']} trades, win rate {f['win_rate']:.1%}, expectancy {f['mean_r']:+.3f} R "
               f"(95 % {lo:+.3f} .. {hi:+.3f}), profit factor {f['profit_factor']:.2f}, return {f['return_pct']:+.2f} %, "
-              f"max drawdown {f['max_drawdown_pct']:.2f} %")
+              f"max drawdown {f['max_drawdown_pct']:.2f} %, Sharpe {f['sharpe']:.2f}")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in bt.seconds.items()) + f"; funding: {bt.funding}")
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    "`tradelab backtest`: history through the bot's policy; the figures of both books, and the report files with --out."
+    from tradelab.backtest import compare_reports, run_backtest, write_report  # loads the analysis stack: only here
+
+    if args.compare:
+        print(compare_reports(*args.compare).to_string())
+        return 0
+    if not args.data:
+        raise ConfigError("tradelab backtest needs --data FILE (or --compare A B)")
+    bt = run_backtest(args.data, settings_from(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top)
+    written = write_report(bt, args.out) if args.out else {}
+    print(bt.to_json()) if args.json else _print_books(bt)
+    if written and not args.json:
+        print("report: " + ", ".join(str(p) for p in written.values()))
     return 0
 
 # %% ../nbs/90_cli.ipynb #bc7cc3bb

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .history import History, cycle_times, history_signals, load_history, to_ms
 from ..clock import TestClock
@@ -30,8 +31,8 @@ from ..trading.risk import CircuitBreaker, hear_closes, open_ranked
 from ..trading.virtual import VirtualPositionManager
 
 # %% auto #0
-__all__ = ['BarPrices', 'EquityCurve', 'Replay', 'contracts_for', 'quiet', 'replay', 'run_coroutine', 'book_figures', 'Backtest',
-           'run_backtest']
+__all__ = ['BarPrices', 'EquityCurve', 'Replay', 'contracts_for', 'quiet', 'replay', 'ratios', 'run_coroutine', 'book_figures',
+           'Backtest', 'run_backtest']
 
 # %% ../../nbs/backtest/43_replay.ipynb #3f68e99c
 class BarPrices:
@@ -137,6 +138,23 @@ async def replay(
             progress(c)
     return Replay(real, virt, curve, breaker, len(cycles_ms), len(execution.positions))
 
+# %% ../../nbs/backtest/43_replay.ipynb #11f3a2ab
+def ratios(times_ms: Sequence[int], equity: Sequence[float]) -> dict[str, float]:
+    "Sharpe and Sortino of daily returns (annualised over 365 days), and Calmar (annual return over max drawdown)."
+    s = pd.Series(np.asarray(equity, float), index=pd.to_datetime(np.asarray(times_ms, np.int64), unit="ms", utc=True))
+    daily = s.resample("1D").last().dropna()
+    r = daily.diff().dropna() / s.iloc[0]  # daily PnL over the starting equity: the virtual book sizes on it, never compounds
+    if len(r) < 2 or not r.std() > 0:
+        return {"sharpe": math.nan, "sortino": math.nan, "calmar": math.nan}
+    down, years = r[r < 0].std(), max((s.index[-1] - s.index[0]).total_seconds() / (365 * 86_400), 1e-9)
+    dd = float((1 - s / s.cummax()).max())
+    annual = (s.iloc[-1] / s.iloc[0] - 1) / years
+    return {
+        "sharpe": float(r.mean() / r.std() * math.sqrt(365)),
+        "sortino": float(r.mean() / down * math.sqrt(365)) if down > 0 else math.nan,
+        "calmar": float(annual / dd) if dd > 0 else math.nan,
+    }
+
 # %% ../../nbs/backtest/43_replay.ipynb #4a55d2a0
 def run_coroutine(coro):
     "Run `coro` to its end: here if no event loop runs, else (a notebook's kernel) on a thread of its own."
@@ -148,7 +166,7 @@ def run_coroutine(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-def book_figures(closed: Sequence[Position], equity: Sequence[float], start_equity: float) -> dict:
+def book_figures(closed: Sequence[Position], times_ms: Sequence[int], equity: Sequence[float], start_equity: float) -> dict:
     "Trades, win rate, expectancy in R with a 95 % interval, profit factor, net PnL, fees, funding, return, max drawdown."
     out = summarize(closed)
     r = np.array([p.r_multiple for p in closed], np.float64)
@@ -162,7 +180,7 @@ def book_figures(closed: Sequence[Position], equity: Sequence[float], start_equi
         "profit_factor": gains / losses if losses > 0 else math.inf if gains > 0 else math.nan,
         "return_pct": 100 * (eq[-1] / start_equity - 1),
         "max_drawdown_pct": 100 * float((1 - eq / peak).max()),
-    }
+    } | ratios(times_ms, equity)
 
 
 @dataclass
@@ -212,10 +230,10 @@ def run_backtest(
     with quiet():
         r = run_coroutine(replay(h, settings, cyc, signals, progress))
     t3 = time.perf_counter()
-    eq0 = settings.trading.starting_equity
+    eq0, e = settings.trading.starting_equity, r.equity
     return Backtest(
         h.source, h.symbols, tuple(settings.data.timeframes), int(cyc[0]), int(cyc[-1]), len(cyc),
         int(np.isfinite(h.frames[h.fast].close).sum()),
-        book_figures(r.real, r.equity.real, eq0), book_figures(r.virtual, r.equity.virtual, eq0),
+        book_figures(r.real, e.time_ms, e.real, eq0), book_figures(r.virtual, e.time_ms, e.virtual, eq0),
         r.breaker.level.name, {"load": t1 - t0, "signals": t2 - t1, "replay": t3 - t2}, r,
     )
