@@ -27,10 +27,10 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
     from tradelab.sim.source import MarketSource
 
 # %% auto #0
-__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'COMMANDS',
-           'Option', 'opt', 'int_list', 'name_list', 'parser', 'settings_from', 'Benchmark', 'benchmarks',
+__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'TUNE_OPTIONS',
+           'COMMANDS', 'Option', 'opt', 'int_list', 'name_list', 'parser', 'settings_from', 'Benchmark', 'benchmarks',
            'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source',
-           'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'cmd_backtest', 'Command', 'main']
+           'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'cmd_backtest', 'cmd_tune', 'Command', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -420,6 +420,45 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         print("report: " + ", ".join(str(p) for p in written.values()))
     return 0
 
+# %% ../nbs/90_cli.ipynb #e4126238
+TUNE_OPTIONS = (
+    opt("--data", type=Path, metavar="PARQUET", nargs="+", required=True, help="kline file(s) in the shared data's schema"),
+    opt("--start", help="start of the first train window (default: as soon as every feature is defined)"),
+    opt("--end", help="end of the last test window"),
+    opt("--symbols", type=name_list, help="comma-separated symbols (default: every symbol of the files)"),
+    opt("--top", type=int, help="only the N symbols with the most quote volume before the start"),
+    opt("--trials", type=int, default=32, help="Optuna trials per fold (default 32)"),
+    opt("--folds", type=int, default=2, help="walk-forward folds (default 2)"),
+    opt("--workers", type=int, default=2, help="worker processes of the LocalCluster (default 2)"),
+    opt("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler instead of a LocalCluster (tcp://host:8786)"),
+    opt("--seed", type=int, default=0, help="seed of the sampler (default 0)"),
+    opt("--out", type=Path, metavar="DIR", help="write summary.json, the study's plots and the out-of-sample report here"),
+    opt("--json", action="store_true", help="print the per-fold summary as one JSON object"),
+)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    "`tradelab tune`: walk-forward Optuna search on Dask; each fold's choice and its out-of-sample figures."
+    from tradelab.backtest.tune import save_tuning, tune  # Optuna and Dask load slowly: only for this command
+
+    settings = settings_from(args)
+    if args.trials < 1 or args.workers < 1:
+        raise ConfigError(f"--trials and --workers must be at least 1, got {args.trials} and {args.workers}")
+    result = tune(args.data, settings, trials=args.trials, folds=args.folds, start=args.start, end=args.end,
+                  symbols=args.symbols, top_n=args.top, scheduler=args.scheduler, workers=args.workers, seed=args.seed)
+    if args.out:
+        save_tuning(result, args.data, settings, args.out)
+    s = result.summary()
+    if args.json:
+        print(json.dumps(s, default=float))
+        return 0
+    for k, f in enumerate(s["folds"], start=1):
+        got = "no trial traded enough" if f["test"] is None else f"{f['test']['objective_r']:+.3f} R per trade"
+        print(f"fold {k}: train {f['train_window'][0][:10]}..{f['train_window'][1][:10]} ({f['completed']} of {f['trials']} "
+              f"trials), test {f['test_window'][0][:10]}..{f['test_window'][1][:10]}: tuned {got}, "
+              f"defaults {f['default_test']['objective_r']:+.3f} R per trade")
+    return 0
+
 # %% ../nbs/90_cli.ipynb #bc7cc3bb
 @dataclass(frozen=True)
 class Command:
@@ -447,6 +486,8 @@ COMMANDS: dict[str, Command] = {
     "demo": Command("the whole system offline: simulator and bot at high speed, then a summary", cmd_demo, DEMO_OPTIONS),
     "backtest": Command("replay kline files through the bot's policy: figures of the real and virtual books", cmd_backtest,
                         BACKTEST_OPTIONS),
+    "tune": Command("search strategy parameters walk-forward with Optuna on Dask; out-of-sample figures per fold", cmd_tune,
+                    TUNE_OPTIONS),
 }
 "Subcommand -> `Command`; `bench` is dispatched to `cmd_bench` with the rest of the line."
 
