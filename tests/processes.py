@@ -92,3 +92,11 @@ def kill_session(proc: subprocess.Popen) -> None:
     with suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+
+
+def sigterm_and_time(proc: subprocess.Popen, timeout_s: float = 30) -> tuple[float, int]:
+    "SIGTERM to `proc`: (seconds until it exited, its exit status)."
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=timeout_s)
+    return time.monotonic() - t0, code

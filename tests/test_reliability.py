@@ -8,7 +8,6 @@ mounts (which needs root; without it those checks are skipped and say why).
 import asyncio
 import logging
 import re
-import signal
 import sqlite3
 import subprocess
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from processes import bot_env, command, heartbeats, kill_session, sim_json, sim_process, start_bot, wait_for
+from processes import bot_env, command, heartbeats, kill_session, sigterm_and_time, sim_json, sim_process, start_bot, wait_for
 from tradelab.bot import BotState, TradingBot
 from tradelab.clock import TestClock
 from tradelab.config import RiskSettings, load_settings
@@ -103,10 +102,7 @@ def test_sigterm_ends_a_run_within_ten_seconds_while_a_ban_holds_its_requests(tm
             sim_json(f"{url}/_sim/faults", {"force_status": 418})
             wait_for(lambda: "banned this IP" in log_file.read_text(), 10, "the ban to reach the bot")
             time.sleep(2.5)  # requests of both loops now wait for the ban to end
-            t0 = time.monotonic()
-            bot.send_signal(signal.SIGTERM)
-            code = bot.wait(timeout=30)
-            took = time.monotonic() - t0
+            took, code = sigterm_and_time(bot)
         finally:
             kill_session(bot)
     text = log_file.read_text()
@@ -150,10 +146,7 @@ def test_a_full_disk_stops_entries_keeps_monitoring_and_exits_on_sigterm(tmp_pat
             ticks = heartbeats(log_file, "scan")
             wait_for(lambda: heartbeats(log_file, "scan") >= ticks + 2, 30, "scans after the disk filled")
             assert bot.poll() is None
-            t0 = time.monotonic()
-            bot.send_signal(signal.SIGTERM)
-            code = bot.wait(timeout=30)
-            took = time.monotonic() - t0
+            took, code = sigterm_and_time(bot)
         finally:
             kill_session(bot)
         text = log_file.read_text()

@@ -85,7 +85,7 @@ def quiet(names=("tradelab.trading", "tradelab.trading.execution", "tradelab.tra
     loggers = [logging.getLogger(n) for n in names]
     old = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))  # quieter, never louder than the caller asked
     try:
         yield
     finally:

@@ -9,7 +9,8 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,14 +171,27 @@ class TuneResult:
                            "test": figs(f.test), "default_test": figs(f.default_test)} for f in self.folds]}
 
 # %% ../../nbs/backtest/45_tune.ipynb #fb4d0c52
-def _client(scheduler: str | None, workers: int) -> Client:
-    "A client of the cluster at `scheduler`, or of a new LocalCluster of `workers` processes."
-    if scheduler is None:
-        return Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None))
+@contextmanager
+def _client(scheduler: str | None, workers: int) -> Iterator[Client]:
+    "A client of the cluster at `scheduler`, or of a new LocalCluster of `workers` processes; the cluster's chatter kept down."
+    chatter = logging.getLogger("distributed")
+    level = chatter.level
+    chatter.setLevel(max(chatter.getEffectiveLevel(), logging.WARNING))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial otherwise
     try:
-        return Client(scheduler, timeout="10s")
-    except (OSError, TimeoutError) as e:
-        raise ConfigError(f"--scheduler {scheduler}: no Dask scheduler answered ({e.__class__.__name__})") from None
+        if scheduler is None:
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                              silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+                yield client
+            return
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(f"--scheduler {scheduler}: no Dask scheduler answered ({e.__class__.__name__})") from None
+        with client:
+            yield client
+    finally:
+        chatter.setLevel(level)
 
 # %% ../../nbs/backtest/45_tune.ipynb #78eafc60
 def tune(
@@ -208,8 +222,6 @@ def tune(
     with _client(scheduler, workers) as client:
         parallel = max(len(client.scheduler_info()["workers"]), 1)
         results = [_run_fold(client, job, fold, trials, parallel, seed + k) for k, fold in enumerate(plan)]
-        if scheduler is None:
-            client.cluster.close()
     return TuneResult(h.source, h.symbols, results, parallel, scheduler or "LocalCluster")
 
 # %% ../../nbs/backtest/45_tune.ipynb #f6c4c480
