@@ -35,6 +35,7 @@ from .trading.execution import ExecutionBackend, PaperExecution
 from .loops import CycleRecord, Loop
 from .storage.performance import PerformanceManager
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
+from .analysis.strategy import scorer_named
 from .trading.positions import Kind, Position
 from .records import PriceSnapshot, Signal, SymbolInfo
 from .trading.risk import BreakerStore, CircuitBreaker, catch_up, hear_closes, open_ranked
@@ -207,6 +208,7 @@ async def start_step(what: str, step: Callable[[], Awaitable[T]], url: str) -> T
 async def build_components(settings: Settings, clock: Clock, stack: AsyncExitStack) -> Components:
     "Every collaborator, in order of dependence; `stack` learns how to close each, in reverse."
     s = settings
+    scorer_named(s.strategy.name)  # a wrong strategy name is one line at start, not a failure in every scan
     s.home_dir.mkdir(parents=True, exist_ok=True)
     db = Database(s.home_dir / s.bot.db_file)
     stack.callback(db.close)

@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
 __all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'TUNE_OPTIONS',
            'COMMANDS', 'Option', 'opt', 'int_list', 'name_list', 'parser', 'settings_from', 'Benchmark', 'benchmarks',
            'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source',
-           'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'cmd_backtest', 'cmd_tune', 'Command', 'main']
+           'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'research_settings', 'cmd_backtest', 'cmd_tune', 'Command',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -387,10 +388,22 @@ BACKTEST_OPTIONS = (
     opt("--end", help="last cycle (YYYY-MM-DD or an ISO time, UTC)"),
     opt("--symbols", type=name_list, help="comma-separated symbols (default: every symbol of the files)"),
     opt("--top", type=int, help="only the N symbols with the most quote volume before the start"),
+    opt("--strategy", metavar="NAME", help="strategy.name for this run: multi_timeframe, rsi_bollinger or module:scorer"),
     opt("--out", type=Path, metavar="DIR", help="write report.json, archive.sqlite, trades.parquet and report.html here"),
     opt("--compare", type=Path, nargs=2, metavar=("A", "B"), help="two reports (folders or report.json) side by side"),
     opt("--json", action="store_true", help="print the report as one JSON object"),
 )
+
+
+def research_settings(args: argparse.Namespace) -> Settings:
+    "The settings of a backtest or tuning run: the configuration, with `--strategy` in place and checked at once."
+    from tradelab.analysis.strategy import scorer_named  # loads the analysis stack: only for research commands
+
+    settings = settings_from(args)
+    if args.strategy:
+        settings = settings.model_copy(update={"strategy": settings.strategy.model_copy(update={"name": args.strategy})})
+    scorer_named(settings.strategy.name)
+    return settings
 
 
 def _print_books(bt) -> None:
@@ -413,7 +426,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise ConfigError("tradelab backtest needs --data FILE (or --compare A B)")
-    bt = run_backtest(args.data, settings_from(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top)
+    bt = run_backtest(args.data, research_settings(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top)
     written = write_report(bt, args.out) if args.out else {}
     print(bt.to_json()) if args.json else _print_books(bt)
     if written and not args.json:
@@ -427,6 +440,7 @@ TUNE_OPTIONS = (
     opt("--end", help="end of the last test window"),
     opt("--symbols", type=name_list, help="comma-separated symbols (default: every symbol of the files)"),
     opt("--top", type=int, help="only the N symbols with the most quote volume before the start"),
+    opt("--strategy", metavar="NAME", help="strategy.name to tune: multi_timeframe, rsi_bollinger or module:scorer"),
     opt("--trials", type=int, default=32, help="Optuna trials per fold (default 32)"),
     opt("--folds", type=int, default=2, help="walk-forward folds (default 2)"),
     opt("--workers", type=int, default=2, help="worker processes of the LocalCluster (default 2)"),
@@ -441,7 +455,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     "`tradelab tune`: walk-forward Optuna search on Dask; each fold's choice and its out-of-sample figures."
     from tradelab.backtest.tune import save_tuning, tune  # Optuna and Dask load slowly: only for this command
 
-    settings = settings_from(args)
+    settings = research_settings(args)
     if args.trials < 1 or args.workers < 1:
         raise ConfigError(f"--trials and --workers must be at least 1, got {args.trials} and {args.workers}")
     result = tune(args.data, settings, trials=args.trials, folds=args.folds, start=args.start, end=args.end,

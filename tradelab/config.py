@@ -125,8 +125,9 @@ class UniverseSettings(_Section):
 
 # %% ../nbs/01_config.ipynb #ad27c366
 class StrategySettings(_Section):
-    "The multi-timeframe score and the trade it proposes."
+    "The strategy, by name, and its parameters: the score and the trade it proposes."
 
+    name: str = Field("multi_timeframe", min_length=1, description="a registered strategy, or module:attribute")
     w_trend: float = Field(0.4, ge=0)
     w_structure: float = Field(0.2, ge=0)
     w_orderblock: float = Field(0.2, ge=0)

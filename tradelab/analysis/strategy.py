@@ -5,7 +5,10 @@
 # %% ../../nbs/analysis/23_strategy.ipynb #68576d2d
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -16,8 +19,9 @@ from .features import ROLES, SCHEMA_VERSION, Measures, measure, orient
 from ..records import AnalysisBatch, Side, Signal
 
 # %% auto #0
-__all__ = ['log', 'DIRECTIONAL', 'components', 'rule_score', 'Scorer', 'RuleScorer', 'ProbabilityModel', 'signal_of_row',
-           'analyze_batch', 'scored_rows', 'signals_from_measures']
+__all__ = ['log', 'DIRECTIONAL', 'STRATEGIES', 'components', 'rule_score', 'Scorer', 'RuleScorer', 'RsiBollinger',
+           'register_strategy', 'scorer_named', 'ProbabilityModel', 'signal_of_row', 'analyze_batch', 'scored_rows',
+           'signals_from_measures']
 
 # %% ../../nbs/analysis/23_strategy.ipynb #504b7247
 log = logging.getLogger(__name__)
@@ -78,6 +82,48 @@ class RuleScorer:
 
     def __repr__(self):
         return "RuleScorer()"
+
+# %% ../../nbs/analysis/23_strategy.ipynb #24369382
+class RsiBollinger:
+    "Mean reversion: long below `rsi_low` at or under the lower band, short above `rsi_high` at or over the upper band."
+
+    def __init__(self, rsi_low: float = 30.0, rsi_high: float = 70.0):
+        self.rsi_low, self.rsi_high = rsi_low, rsi_high
+
+    def score(self, m: Measures, s: StrategySettings) -> np.ndarray:
+        rsi, pos = m.column("mid_rsi") * 100 + 50, m.column("mid_bb_pos")
+        long, short = (rsi < self.rsi_low) & (pos <= -0.5), (rsi > self.rsi_high) & (pos >= 0.5)
+        depth_long = np.clip((self.rsi_low - rsi) / self.rsi_low + (-0.5 - pos), 0, 1)
+        depth_short = np.clip((rsi - self.rsi_high) / (100 - self.rsi_high) + (pos - 0.5), 0, 1)
+        return np.where(long, 0.6 + 0.4 * depth_long, np.where(short, -(0.6 + 0.4 * depth_short), 0.0))
+
+    def __repr__(self):
+        return f"RsiBollinger(rsi_low={self.rsi_low:g}, rsi_high={self.rsi_high:g})"
+
+
+STRATEGIES: dict[str, Callable[[], Scorer]] = {"multi_timeframe": RuleScorer, "rsi_bollinger": RsiBollinger}
+"Registered strategies by name; `register_strategy` adds one."
+
+
+def register_strategy(name: str, factory: Callable[[], Scorer]) -> None:
+    "Make `strategy.name = name` choose the scorer `factory()` returns."
+    STRATEGIES[name] = factory
+
+
+@functools.lru_cache(maxsize=32)
+def scorer_named(name: str) -> Scorer:
+    "The scorer `strategy.name` names: a registered strategy, or `package.module:attribute` (a class is instantiated)."
+    if name in STRATEGIES:
+        return STRATEGIES[name]()
+    module, _, attr = name.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attr) if attr else None
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"strategy.name {name!r}: cannot load it ({e})") from None
+    scorer = found() if isinstance(found, type) else found
+    if not isinstance(scorer, Scorer):
+        raise ConfigError(f"strategy.name {name!r}: not a registered strategy ({', '.join(STRATEGIES)}) nor a module:scorer")
+    return scorer
 
 # %% ../../nbs/analysis/23_strategy.ipynb #7fb27b941602401d91542211134fc71a
 @runtime_checkable
@@ -150,7 +196,7 @@ def scored_rows(
     "Rows of `m` whose confidence reaches `min_confidence`: (rows, sides, confidence, rule score, model probability, oriented X)."
     if not 0.0 <= blend <= 1.0:
         raise ConfigError(f"model blend must be in 0..1, got {blend}")
-    raw = np.asarray((scorer or RuleScorer()).score(m, strategy), dtype=np.float64)
+    raw = np.asarray((scorer or scorer_named(strategy.name)).score(m, strategy), dtype=np.float64)
     raw = np.where(m.valid & np.isfinite(raw), np.clip(raw, -1.0, 1.0), 0.0)
     cand = np.flatnonzero(raw != 0)
     if model is None:  # the rule alone is the confidence: only rows at the floor need their features oriented
