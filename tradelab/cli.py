@@ -389,6 +389,7 @@ BACKTEST_OPTIONS = (
     opt("--symbols", type=name_list, help="comma-separated symbols (default: every symbol of the files)"),
     opt("--top", type=int, help="only the N symbols with the most quote volume before the start"),
     opt("--strategy", metavar="NAME", help="strategy.name for this run: multi_timeframe, rsi_bollinger or module:scorer"),
+    opt("--funding", type=Path, metavar="PARQUET", help="funding rates paid (symbol, fundingTime, fundingRate)"),
     opt("--out", type=Path, metavar="DIR", help="write report.json, archive.sqlite, trades.parquet and report.html here"),
     opt("--compare", type=Path, nargs=2, metavar=("A", "B"), help="two reports (folders or report.json) side by side"),
     opt("--json", action="store_true", help="print the report as one JSON object"),
@@ -426,7 +427,8 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise ConfigError("tradelab backtest needs --data FILE (or --compare A B)")
-    bt = run_backtest(args.data, research_settings(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top)
+    bt = run_backtest(args.data, research_settings(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top,
+                      funding=args.funding)
     written = write_report(bt, args.out) if args.out else {}
     print(bt.to_json()) if args.json else _print_books(bt)
     if written and not args.json:

@@ -23,7 +23,7 @@ from ..records import AnalysisBatch, SeriesBatch, Signal
 
 # %% auto #0
 __all__ = ['KLINE_COLUMNS', 'SERIES_FIELDS', 'to_ms', 'base_interval', 'History', 'history_from_frame', 'load_history',
-           'roles_of', 'cycle_times', 'bar_index', 'history_signals']
+           'FundingHistory', 'load_funding', 'roles_of', 'cycle_times', 'bar_index', 'history_signals']
 
 # %% ../../nbs/backtest/41_history.ipynb #e5887aa4
 KLINE_COLUMNS = ("symbol", "open_time", "open", "high", "low", "close", "volume")
@@ -173,6 +173,44 @@ def load_history(
     if top_n is not None:
         df = df[df["symbol"].isin(_most_traded(df, lo if lo is not None else int(df["open_time"].min()), top_n))]
     return history_from_frame(df, timeframes, source)
+
+# %% ../../nbs/backtest/41_history.ipynb #95b4c5d0
+@dataclass(slots=True)
+class FundingHistory:
+    "Funding rates paid per symbol, by time (ms), from a file of `GET /fapi/v1/fundingRate` rows."
+
+    source: str
+    times: dict[str, np.ndarray]
+    rates: dict[str, np.ndarray]
+
+    def rates_at(self, now_ms: int) -> dict[str, float]:
+        "The last rate each symbol paid at or before `now_ms` (symbols with none yet are left out)."
+        out = {}
+        for s, t in self.times.items():
+            i = int(np.searchsorted(t, now_ms, side="right")) - 1
+            if i >= 0:
+                out[s] = float(self.rates[s][i])
+        return out
+
+    def __repr__(self):
+        return f"FundingHistory({len(self.times)} symbols from {self.source})"
+
+
+def load_funding(path: str | Path) -> FundingHistory:
+    "A funding-rate file (Parquet; Binance's camelCase names or snake_case) as a `FundingHistory`."
+    path = Path(path)
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+    df = df.rename(columns={"fundingTime": "funding_time", "fundingRate": "funding_rate"})
+    missing = [c for c in ("symbol", "funding_time", "funding_rate") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: not a funding-rate file, it has no column(s) {missing}")
+    df = df.sort_values(["symbol", "funding_time"], kind="stable")
+    groups = {str(s): g for s, g in df.groupby("symbol")}
+    return FundingHistory(path.name, {s: g["funding_time"].to_numpy(np.int64) for s, g in groups.items()},
+                          {s: g["funding_rate"].to_numpy(np.float64) for s, g in groups.items()})
 
 # %% ../../nbs/backtest/41_history.ipynb #b9d60cf4
 def roles_of(h: History) -> tuple[str, str, str]:

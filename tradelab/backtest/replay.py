@@ -19,20 +19,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .history import History, cycle_times, history_signals, load_history, to_ms
+from .history import FundingHistory, History, cycle_times, history_signals, load_history, load_funding, to_ms
 from ..clock import TestClock
 from ..config import Settings
 from ..errors import DataError
 from ..records import PriceSnapshot, Signal, SymbolInfo
 from ..sim.source import generated_entry, symbol_info
 from ..trading.execution import PaperExecution
-from ..trading.positions import BarExtremes, Position, summarize
+from ..trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Position, summarize
 from ..trading.risk import CircuitBreaker, hear_closes, open_ranked
 from ..trading.virtual import VirtualPositionManager
 
 # %% auto #0
-__all__ = ['BarPrices', 'EquityCurve', 'Replay', 'contracts_for', 'quiet', 'replay', 'ratios', 'run_coroutine', 'book_figures',
-           'Backtest', 'run_backtest']
+__all__ = ['FUNDING_CONFIGURED', 'BarPrices', 'EquityCurve', 'Replay', 'contracts_for', 'quiet', 'replay', 'ratios',
+           'run_coroutine', 'book_figures', 'Backtest', 'run_backtest']
 
 # %% ../../nbs/backtest/43_replay.ipynb #3f68e99c
 class BarPrices:
@@ -99,6 +99,7 @@ async def replay(
     cycles_ms: np.ndarray,
     signals: Sequence[Sequence[Signal]],
     progress: Callable[[int], None] | None = None,
+    funding: FundingHistory | None = None,
 ) -> Replay:
     "The bot's policy at every cycle, through its own execution, virtual book and breaker; exits on bar opens, highs and lows."
     t = settings.trading
@@ -110,14 +111,16 @@ async def replay(
     col = np.searchsorted(f.open_time[0], cycles_ms)  # the bar that opens as each cycle closes
     row = {s: i for i, s in enumerate(h.symbols)}
     real, virt, curve = [], [], EquityCurve()
-    virtual_realized = 0.0
+    virtual_realized, c_ms = 0.0, int(cycles_ms[0])
     for c, now in enumerate(cycles_ms):
         now, b = int(now), int(col[c])
         clock.set_ms(now)
         snap = prices.at(f.open[:, b], now)
-        closed = await execution.update(snap)  # what is due at the open: expiries, gaps through a level
+        crossed = now // FUNDING_INTERVAL_MS != c_ms // FUNDING_INTERVAL_MS  # a funding time since the last cycle
+        rates, c_ms = (funding.rates_at(now) if funding is not None and crossed else None), now
+        closed = await execution.update(snap, funding_rates=rates)  # due at the open: expiries, gaps through a level
         hear_closes(breaker, execution, closed)
-        gone = await virtual.update_all_prices_async(prices)
+        gone = await virtual.update_all_prices_async(prices, funding_rates=rates)
         held = {p.symbol for p in execution.positions}
         ranked = [s for s in signals[c] if s.symbol not in held]
         _, refused = await open_ranked(ranked, t.max_trades, breaker, execution)
@@ -183,6 +186,9 @@ def book_figures(closed: Sequence[Position], times_ms: Sequence[int], equity: Se
     } | ratios(times_ms, equity)
 
 
+FUNDING_CONFIGURED = "configured rate (trading.funding_rate)"
+
+
 @dataclass
 class Backtest:
     "A finished backtest: what was replayed, its figures for the real and the virtual book, the trades, the times."
@@ -199,7 +205,7 @@ class Backtest:
     breaker: str
     seconds: dict[str, float]
     replay: Replay = field(repr=False)
-    funding: str = "configured rate (trading.funding_rate)"
+    funding: str = FUNDING_CONFIGURED
 
     def to_json(self) -> str:
         d = {k: v for k, v in vars(self).items() if k != "replay"}
@@ -215,9 +221,11 @@ def run_backtest(
     symbols: Sequence[str] | None = None,
     top_n: int | None = None,
     progress: Callable[[int], None] | None = None,
+    funding: str | Path | None = None,
 ) -> Backtest:
     "Load, score every cycle, replay through the bot's policy; the figures and the time each stage took."
     t0 = time.perf_counter()
+    rates = None if funding is None else load_funding(funding)
     tfs, s = settings.data.timeframes, settings.strategy
     h = load_history(paths, tfs, start=start, end=end, symbols=symbols, top_n=top_n, strategy=s)
     t1 = time.perf_counter()
@@ -228,7 +236,7 @@ def run_backtest(
     signals = history_signals(h, settings.strategy, cyc, keep=max(t.virtual_until, t.max_trades) + t.max_open_positions)
     t2 = time.perf_counter()
     with quiet():
-        r = run_coroutine(replay(h, settings, cyc, signals, progress))
+        r = run_coroutine(replay(h, settings, cyc, signals, progress, rates))
     t3 = time.perf_counter()
     eq0, e = settings.trading.starting_equity, r.equity
     return Backtest(
@@ -236,4 +244,5 @@ def run_backtest(
         int(np.isfinite(h.frames[h.fast].close).sum()),
         book_figures(r.real, e.time_ms, e.real, eq0), book_figures(r.virtual, e.time_ms, e.virtual, eq0),
         r.breaker.level.name, {"load": t1 - t0, "signals": t2 - t1, "replay": t3 - t2}, r,
+        f"history of {rates.source}, {len(rates.times)} symbols; others at trading.funding_rate" if rates else FUNDING_CONFIGURED,
     )
