@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
 __all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'TUNE_OPTIONS',
            'COMMANDS', 'Option', 'opt', 'int_list', 'name_list', 'parser', 'settings_from', 'Benchmark', 'benchmarks',
            'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source',
-           'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'research_settings', 'cmd_backtest', 'cmd_tune', 'Command',
-           'main']
+           'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'cmd_tune',
+           'Command', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -407,6 +407,22 @@ def research_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+class CycleBar:
+    "A progress bar of the replay's cycles on stderr (tqdm), made at the first cycle, when the total is known."
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm  # only a command at a terminal draws a bar
+
+            self.bar = tqdm(total=total, unit="cycle", desc="replay", leave=False, mininterval=0.25)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.bar.close()
+
+
 def _print_books(bt) -> None:
     print(f"{len(bt.symbols)} symbols of {bt.source}, {bt.cycles} cycles on {', '.join(bt.timeframes)}; breaker {bt.breaker}")
     for book in ("real", "virtual"):
@@ -428,7 +444,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     if not args.data:
         raise ConfigError("tradelab backtest needs --data FILE (or --compare A B)")
     bt = run_backtest(args.data, research_settings(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top,
-                      funding=args.funding)
+                      funding=args.funding, progress=None if args.json or not sys.stderr.isatty() else CycleBar())
     written = write_report(bt, args.out) if args.out else {}
     print(bt.to_json()) if args.json else _print_books(bt)
     if written and not args.json:

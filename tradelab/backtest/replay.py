@@ -98,7 +98,7 @@ async def replay(
     settings: Settings,
     cycles_ms: np.ndarray,
     signals: Sequence[Sequence[Signal]],
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     funding: FundingHistory | None = None,
 ) -> Replay:
     "The bot's policy at every cycle, through its own execution, virtual book and breaker; exits on bar opens, highs and lows."
@@ -138,7 +138,7 @@ async def replay(
         curve.real.append(execution.equity())
         curve.virtual.append(t.starting_equity + virtual_realized + virtual.book.unrealized_pnl())
         if progress is not None:
-            progress(c)
+            progress(c + 1, len(cycles_ms))
     return Replay(real, virt, curve, breaker, len(cycles_ms), len(execution.positions))
 
 # %% ../../nbs/backtest/43_replay.ipynb #11f3a2ab
@@ -220,7 +220,7 @@ def run_backtest(
     end: str | int | None = None,
     symbols: Sequence[str] | None = None,
     top_n: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     funding: str | Path | None = None,
 ) -> Backtest:
     "Load, score every cycle, replay through the bot's policy; the figures and the time each stage took."
