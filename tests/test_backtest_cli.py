@@ -7,10 +7,10 @@ import json
 import os
 import subprocess
 
-import pandas as pd
 import pytest
 
 from processes import command
+from tradelab.backtest.history import market_frame
 from tradelab.sim.synthetic import synthetic_market
 
 TIMEFRAMES = {"TRADELAB_DATA__TIMEFRAMES": '["1h", "15m", "5m"]', "TRADELAB_STRATEGY__MIN_CONFIDENCE": "0.45"}
@@ -21,9 +21,7 @@ def klines(tmp_path_factory):
     "Five-minute bars of a 16-day synthetic market, as a kline file in the shared data's schema."
     m = synthetic_market(12, 16, seed=4)
     path = tmp_path_factory.mktemp("data") / "k5.parquet"
-    pd.concat([pd.DataFrame({"symbol": s, "open_time": k.open_time, "open": k.open, "high": k.high, "low": k.low,
-                             "close": k.close, "volume": k.volume}) for s in m.symbols for k in [m.series(s, "5m")]]
-              ).to_parquet(path)
+    market_frame(m, "5m").to_parquet(path)
     return path
 
 

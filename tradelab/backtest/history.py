@@ -20,10 +20,11 @@ from ..clock import interval_ms
 from ..config import INTERVALS, StrategySettings
 from ..errors import DataError
 from ..records import AnalysisBatch, SeriesBatch, Signal
+from ..sim.source import MarketSource
 
 # %% auto #0
 __all__ = ['KLINE_COLUMNS', 'SERIES_FIELDS', 'to_ms', 'base_interval', 'History', 'history_from_frame', 'load_history',
-           'FundingHistory', 'load_funding', 'roles_of', 'cycle_times', 'bar_index', 'history_signals']
+           'market_frame', 'FundingHistory', 'load_funding', 'roles_of', 'cycle_times', 'bar_index', 'history_signals']
 
 # %% ../../nbs/backtest/41_history.ipynb #e5887aa4
 KLINE_COLUMNS = ("symbol", "open_time", "open", "high", "low", "close", "volume")
@@ -173,6 +174,16 @@ def load_history(
     if top_n is not None:
         df = df[df["symbol"].isin(_most_traded(df, lo if lo is not None else int(df["open_time"].min()), top_n))]
     return history_from_frame(df, timeframes, source)
+
+# %% ../../nbs/backtest/41_history.ipynb #6704505d
+def market_frame(market: MarketSource, interval: str) -> pd.DataFrame:
+    "Kline rows of a simulator market (synthetic or replayed) at `interval`, in the schema of the shared data."
+    parts = []
+    for s in market.symbols:
+        k = market.series(s, interval)
+        parts.append(pd.DataFrame({"symbol": s, "open_time": k.open_time, "open": k.open, "high": k.high,
+                                   "low": k.low, "close": k.close, "volume": k.volume}))
+    return pd.concat(parts, ignore_index=True)
 
 # %% ../../nbs/backtest/41_history.ipynb #95b4c5d0
 @dataclass(slots=True)

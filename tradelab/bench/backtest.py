@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..backtest.history import History, load_history
+from ..backtest.history import History, load_history, market_frame
 from ..backtest.replay import Backtest, run_backtest
 from ..config import load_settings, shared_data_dir
 from ..errors import ConfigError
@@ -36,11 +36,8 @@ def cpu_name() -> str:
 
 def synthetic_file(folder: Path, symbols: int, days: float, seed: int = 11) -> Path:
     "A synthetic market's 15m bars as a kline file, for machines without the shared data."
-    m = synthetic_market(symbols, days, seed=seed)
-    rows = [pd.DataFrame({"symbol": s, "open_time": k.open_time, "open": k.open, "high": k.high, "low": k.low,
-                          "close": k.close, "volume": k.volume}) for s in m.symbols for k in [m.series(s, "15m")]]
     path = folder / "synthetic_15m.parquet"
-    pd.concat(rows, ignore_index=True).to_parquet(path)
+    market_frame(synthetic_market(symbols, days, seed=seed), "15m").to_parquet(path)
     return path
 
 # %% ../../nbs/bench/44_backtest.ipynb #5761736b
