@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import multiprocessing as mp
+from multiprocessing import synchronize as mp_synchronize
 import os
 import queue
 import re
@@ -401,16 +402,20 @@ def _await_reports(reports, warmups: list[Future], workers: int) -> list[WorkerR
     return got
 
 # %% ../../nbs/analysis/25_pool.ipynb #b0473a88
+_SEMNAMES = threading.Lock()
+
+
 @contextlib.contextmanager
 def _run_semaphores() -> Iterator[None]:
-    "Semaphores created inside are named `run_prefix()-…` instead of multiprocessing's `mp-…`."
-    config = mp.current_process()._config  # type: ignore[attr-defined]  # the prefix has no public setting
-    before = config["semprefix"]
-    config["semprefix"] = f"/{run_prefix()}"
-    try:
-        yield
-    finally:
-        config["semprefix"] = before
+    "Semaphores created inside are named `run_prefix()-…` instead of `mp-…` (or a library's own); one block at a time."
+    names = mp_synchronize.SemLock
+    with _SEMNAMES:  # the naming is process-wide: a second block would restore it under the first one's feet
+        before = names.__dict__["_make_name"]
+        names._make_name = staticmethod(lambda: f"/{run_prefix()}-{next(names._rand)}")  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            names._make_name = before  # type: ignore[attr-defined]
 
 # %% ../../nbs/analysis/25_pool.ipynb #136dae9f
 def _launch(
