@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .storage.archive import DataArchiver
 from .exchange.client import BinanceClient
-from .clock import Clock, LiveClock
+from .clock import Clock, LiveClock, bar_open_ms, interval_ms
 from .config import Settings
 from .data.service import DataService
 from tradelab.errors import (
@@ -36,7 +36,7 @@ from .loops import CycleRecord, Loop
 from .storage.performance import PerformanceManager
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .analysis.strategy import scorer_named
-from .trading.positions import Kind, Position
+from .trading.positions import BarExtremes, Kind, Position
 from .records import PriceSnapshot, Signal, SymbolInfo
 from .trading.risk import BreakerStore, CircuitBreaker, catch_up, hear_closes, open_ranked
 from .storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
@@ -48,8 +48,8 @@ from .trading.virtual import VirtualPositionManager
 __all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot',
            'RunState', 'Components', 'paper_balance', 'start_step', 'build_components', 'refresh_universe', 'open_real',
            'scan_once', 'SnapshotTap', 'store_real_marks', 'record_closes', 'update_breaker', 'storage_failed',
-           'storage_recovered', 'storage_watch', 'monitor_once', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of',
-           'close_real', 'BotControl']
+           'storage_recovered', 'storage_watch', 'mark_books', 'monitor_once', 'closed_bar_extremes', 'flush',
+           'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real', 'BotControl']
 
 # %% ../nbs/50_bot.ipynb #cfe32644
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class RunState:
     virtual_realized: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     storage_fault: str | None = None
+    bars_ms: int | None = None  # open time of the last fast bar whose high and low the books have seen
 
 # %% ../nbs/50_bot.ipynb #e16127d7
 @dataclass(eq=False)
@@ -274,11 +275,15 @@ async def open_real(c: Components, ranked: Sequence[Signal]) -> tuple[list[Posit
 
 # %% ../nbs/50_bot.ipynb #2abcba0b
 async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
-    "One scan: universe, refresh, analyse, rank, real entries, virtual entries; the cycle's figures."
+    "One scan: universe, refresh, settle the books, analyse, rank, real entries, virtual entries; the cycle's figures."
     with stages.stage("universe"):
         await refresh_universe(c)
     with stages.stage("refresh"):
         report = await c.data.refresh(c.run.symbols)
+    bars = closed_bar_extremes(c)
+    if len(c.execution.positions) or len(c.virtual):
+        with stages.stage("settle"):  # the bars since the last scan, then the prices now: before anything is ranked
+            await mark_books(c, StageTimes(), bars)
     with stages.stage("analyse"):
         signals = await c.analyzer.analyze_async(c.data.batch(c.run.symbols))
     with stages.stage("rank"):
@@ -376,17 +381,17 @@ def storage_watch(c: Components) -> Iterator[None]:
         raise
 
 # %% ../nbs/50_bot.ipynb #2ebbe23c
-async def monitor_once(c: Components, stages: StageTimes) -> dict[str, object]:
-    "One monitor tick: one price request, every position marked, closes archived, breaker updated."
+async def mark_books(c: Components, stages: StageTimes, bars: BarExtremes | None = None) -> dict[str, object]:
+    "One price request, every position marked (after `bars`, if given), closes archived, breaker updated."
     tap, fault = SnapshotTap(c.client), None
     with stages.stage("virtual"):
         try:
-            closed_virtual = await c.virtual.update_all_prices_async(tap)
+            closed_virtual = await c.virtual.update_all_prices_async(tap, bars)
         except StorageError as e:  # the prices came; the real positions are still marked and closed below
             closed_virtual, fault = [], e
     async with c.run.lock:
         with stages.stage("real"):
-            closed_real = await c.execution.update(tap.last)
+            closed_real = await c.execution.update(tap.last, bar_extremes=bars)
         with stages.stage("marks"):
             await asyncio.to_thread(store_real_marks, c)
     with stages.stage("performance"):
@@ -399,7 +404,6 @@ async def monitor_once(c: Components, stages: StageTimes) -> dict[str, object]:
         with stages.stage("storage"):
             await asyncio.to_thread(c.breaker.save)  # a write that must reach the disk
         storage_recovered(c)
-    c.run.counters["monitor_cycles"] += 1
     return {
         "closed": len(closed_real),
         "virtual_closed": len(closed_virtual),
@@ -408,6 +412,26 @@ async def monitor_once(c: Components, stages: StageTimes) -> dict[str, object]:
         "equity": round(point.real, 2),
         "breaker": c.breaker.level.name,
     }
+
+
+async def monitor_once(c: Components, stages: StageTimes) -> dict[str, object]:
+    "One monitor tick: `mark_books` at the last prices."
+    out = await mark_books(c, stages)
+    c.run.counters["monitor_cycles"] += 1
+    return out
+
+# %% ../nbs/50_bot.ipynb #ee177d23
+def closed_bar_extremes(c: Components) -> BarExtremes | None:
+    "Highs and lows of the fast bars closed since the last scan, for the symbols the books hold; from the data service."
+    fast = min(c.settings.data.timeframes, key=interval_ms)
+    step = interval_ms(fast)
+    last = bar_open_ms(c.clock.now_ms(), fast) - step  # the bar that closed last
+    since, c.run.bars_ms = (last if c.run.bars_ms is None else c.run.bars_ms + step), last
+    held = {p.symbol for p in c.execution.positions} | {p.symbol for p in c.virtual.positions}
+    kept = set(c.data.series)
+    klines = {s: c.data.read(s, fast, (last - since) // step + 1)[0] for s in held if (s, fast) in kept}
+    bx = BarExtremes.from_klines(klines, since) if since <= last else None
+    return bx if bx is not None and bx.by_symbol else None
 
 # %% ../nbs/50_bot.ipynb #06bf91dc
 def flush(c: Components) -> None:

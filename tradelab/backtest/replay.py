@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from .history import FundingHistory, History, cycle_times, history_signals, load
 from ..clock import TestClock
 from ..config import Settings
 from ..errors import DataError
-from ..records import PriceSnapshot, Signal, SymbolInfo
+from ..records import PriceSnapshot, SeriesBatch, Signal, SymbolInfo
 from ..sim.source import generated_entry, symbol_info
 from ..trading.execution import PaperExecution
 from ..trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Position, summarize
@@ -92,6 +92,17 @@ def quiet(names=("tradelab.trading", "tradelab.trading.execution", "tradelab.tra
         for lg, lv in zip(loggers, old, strict=True):
             lg.setLevel(lv)
 
+# %% ../../nbs/backtest/43_replay.ipynb #8eb7dd6e
+def _bars_since(f: SeriesBatch, row: dict[str, int], a: int, b: int, *books: Sequence[Position]) -> BarExtremes | None:
+    "The highs and lows of fast bars `a:b` (those closed since the last cycle) of the symbols the books hold."
+    syms = {p.symbol for book in books for p in book}
+    if a >= b or not syms:
+        return None
+    r = np.array([row[s] for s in syms])
+    hi, lo = np.fmax.reduce(f.high[r, a:b], axis=1), np.fmin.reduce(f.low[r, a:b], axis=1)  # NaN: no bar
+    return BarExtremes(int(f.open_time[0, a]), dict(zip(syms, zip(hi.tolist(), lo.tolist(), strict=True), strict=True)))
+
+
 # %% ../../nbs/backtest/43_replay.ipynb #9ab8432a
 async def replay(
     h: History,
@@ -100,11 +111,12 @@ async def replay(
     signals: Sequence[Sequence[Signal]],
     progress: Callable[[int, int], None] | None = None,
     funding: FundingHistory | None = None,
+    contracts: Mapping[str, SymbolInfo] | None = None,
 ) -> Replay:
-    "The bot's policy at every cycle, through its own execution, virtual book and breaker; exits on bar opens, highs and lows."
+    "The bot's policy at every cycle, through its own execution, virtual book and breaker; exits on bar highs, lows and opens."
     t = settings.trading
     clock, prices = TestClock(int(cycles_ms[0])), BarPrices(h.symbols)
-    execution = PaperExecution(t, clock, contracts_for(h), prices)
+    execution = PaperExecution(t, clock, dict(contracts or contracts_for(h)), prices)
     virtual = VirtualPositionManager(settings, clock)
     breaker = CircuitBreaker(settings.risk, clock, t.starting_equity)
     f = h.frames[h.fast]
@@ -118,19 +130,14 @@ async def replay(
         snap = prices.at(f.open[:, b], now)
         crossed = now // FUNDING_INTERVAL_MS != c_ms // FUNDING_INTERVAL_MS  # a funding time since the last cycle
         rates, c_ms = (funding.rates_at(now) if funding is not None and crossed else None), now
-        closed = await execution.update(snap, funding_rates=rates)  # due at the open: expiries, gaps through a level
+        bx = _bars_since(f, row, int(col[c - 1]) if c else b, b, execution.positions, virtual.positions)
+        closed = await execution.update(snap, bar_extremes=bx, funding_rates=rates)  # the bars since, then the open
         hear_closes(breaker, execution, closed)
-        gone = await virtual.update_all_prices_async(prices, funding_rates=rates)
+        gone = await virtual.update_all_prices_async(prices, bx, funding_rates=rates)
         held = {p.symbol for p in execution.positions}
         ranked = [s for s in signals[c] if s.symbol not in held]
         _, refused = await open_ranked(ranked, t.max_trades, breaker, execution)
         await virtual.open_signals(ranked, refused)
-        syms = {p.symbol for p in execution.positions} | {p.symbol for p in virtual.positions}
-        bx = BarExtremes(now, {s: (float(f.high[row[s], b]), float(f.low[row[s], b])) for s in syms})
-        late = await execution.update(snap, bar_extremes=bx)  # what the bar then touched, the stop first
-        hear_closes(breaker, execution, late)
-        closed += late
-        gone += await virtual.update_all_prices_async(prices, bx)
         real += closed
         virt += gone
         virtual_realized += sum(p.realized_pnl for p in gone)

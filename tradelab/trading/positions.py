@@ -114,10 +114,11 @@ def exit_rules(side, entry, stop, target, expiry_ms, price, high, low, now_ms, s
     target_hit = (side * (fav - target) >= 0) & ~stop_hit
     expired = (now_ms >= expiry_ms) & ~stop_hit & ~target_hit
     code = EXIT_STOP * stop_hit + EXIT_TARGET * target_hit + EXIT_EXPIRY * expired  # exclusive: the sum names the exit
-    stop_fill = np.where(side * (price - stop) < 0, price, stop) * (1 - side * slip)
+    touched = side * (np.where(side > 0, low, high) - stop) <= 0  # by the bars, before the price (NaN: no bars)
+    stop_fill = np.where(~touched & (side * (price - stop) < 0), price, stop) * (1 - side * slip)
     market = np.where(expired, price * (1 - side * slip), np.nan)
     exit_price = np.where(stop_hit, stop_fill, np.where(target_hit, target, market))
-    gap = np.maximum(side * (entry - stop), side * (entry - price))
+    gap = np.where(touched, side * (entry - stop), np.maximum(side * (entry - stop), side * (entry - price)))
     mfe = np.minimum(side * (fav - entry), side * (target - entry))
     mae = np.minimum(side * (entry - adv), gap)
     return code.astype(np.int8), exit_price, mfe, mae
