@@ -46,10 +46,10 @@ from .trading.virtual import VirtualPositionManager
 
 # %% auto #0
 __all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot',
-           'RunState', 'Components', 'paper_balance', 'start_step', 'build_components', 'refresh_universe', 'open_real',
-           'scan_once', 'SnapshotTap', 'store_real_marks', 'record_closes', 'update_breaker', 'storage_failed',
-           'storage_recovered', 'storage_watch', 'mark_books', 'monitor_once', 'closed_bar_extremes', 'flush',
-           'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real', 'BotControl']
+           'RunState', 'Components', 'paper_balance', 'start_step', 'check_intervals', 'build_components',
+           'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap', 'store_real_marks', 'record_closes',
+           'update_breaker', 'storage_failed', 'storage_recovered', 'storage_watch', 'mark_books', 'monitor_once',
+           'closed_bar_extremes', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real', 'BotControl']
 
 # %% ../nbs/50_bot.ipynb #cfe32644
 log = logging.getLogger(__name__)
@@ -205,6 +205,18 @@ async def start_step(what: str, step: Callable[[], Awaitable[T]], url: str) -> T
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
+# %% ../nbs/50_bot.ipynb #0105a847
+async def check_intervals(client: BinanceClient, contracts: Mapping[str, SymbolInfo], timeframes: Sequence[str]) -> None:
+    "One bar of each timeframe of one symbol; `ConfigError` naming the first timeframe the exchange refuses."
+    for tf in timeframes if contracts else ():
+        try:
+            await client.get_klines(next(iter(contracts)), tf, limit=1)
+        except ExchangeRejected as e:
+            raise ConfigError(
+                f"data.timeframes {list(timeframes)}: the exchange refuses {tf} klines ({e}); "
+                "configure timeframes it serves (a replayed file serves its own interval and multiples of it)"
+            ) from None
+
 # %% ../nbs/50_bot.ipynb #3eab4d2a
 async def build_components(settings: Settings, clock: Clock, stack: AsyncExitStack) -> Components:
     "Every collaborator, in order of dependence; `stack` learns how to close each, in reverse."
@@ -217,6 +229,7 @@ async def build_components(settings: Settings, clock: Clock, stack: AsyncExitSta
     client = await stack.enter_async_context(BinanceClient(s.exchange, clock))
     await start_step("exchange clock sync", client.sync_clock, s.exchange.url)
     contracts = await start_step("exchange contracts", lambda: client.contracts(s.universe.quote), s.exchange.url)
+    await start_step("kline intervals", lambda: check_intervals(client, contracts, s.data.timeframes), s.exchange.url)
     pool = await stack.enter_async_context(GlobalProcessPool(s.pool, model_path=s.model.path))
     data = await stack.enter_async_context(DataService(s, client, clock))  # loads the warm cache; saves it on close
     open_real = positions.load_open(Kind.REAL)

@@ -11,8 +11,10 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings, settings_toml
-from .errors import ConfigError, TradelabError
+from .errors import ConfigError, DataError, TradelabError, UsageError
 from .sim.rules import Faults
 
 if TYPE_CHECKING:  # for annotations only: the source module is imported where a command runs
@@ -28,10 +30,10 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
 
 # %% auto #0
 __all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'TUNE_OPTIONS',
-           'COMMANDS', 'Option', 'opt', 'int_list', 'name_list', 'parser', 'settings_from', 'Benchmark', 'benchmarks',
-           'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source',
-           'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'cmd_tune',
-           'Command', 'main']
+           'COMMANDS', 'Option', 'opt', 'int_list', 'name_list', 'positive', 'Parser', 'parser', 'settings_from',
+           'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train',
+           'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'research_settings', 'CycleBar',
+           'cmd_backtest', 'cmd_tune', 'Command', 'package_version', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -62,6 +64,21 @@ def name_list(text: str) -> tuple[str, ...]:
     "`'a, b'` -> `('a', 'b')`; an `argparse` type."
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
+
+def positive(kind: type) -> Callable[[str], Any]:
+    "An `argparse` type: a number of `kind` (int or float) above zero."
+
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {text!r}") from None
+        if not (x > 0 and math.isfinite(x)):
+            raise argparse.ArgumentTypeError(f"must be above zero and finite, got {text}")
+        return x
+
+    return parse
+
 # %% ../nbs/90_cli.ipynb #b9322e74
 COMMON = (
     opt("--config", metavar="PATH", help="TOML settings file (TRADELAB_* variables override it)"),
@@ -69,9 +86,16 @@ COMMON = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    "An `ArgumentParser` whose mistakes are a `UsageError` (one line, status 2), not its usage text and an exit."
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} ('{self.prog} --help' lists the options)")
+
+
 def parser(prog: str, options: Sequence[Option], description: str = "") -> argparse.ArgumentParser:
-    "An `ArgumentParser` with the common options and `options`."
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    "A `Parser` with the common options and `options`."
+    p = Parser(prog=prog, description=description)
     for o in (*COMMON, *options):
         p.add_argument(*o.flags, **o.kwargs)
     return p
@@ -111,11 +135,11 @@ def _measure_benchmarks(analysis: ModuleType, bot: ModuleType, indicators: Modul
             analysis.run,
             (
                 opt("--symbols", type=int_list, default=(50, 200, 500), help="comma-separated numbers of symbols"),
-                opt("--cycles", type=int, default=5, help="timed cycles per mode and size (after one warm-up)"),
-                opt("--count-cycles", type=int, default=100, help="batched cycles over which pool creations are counted"),
-                opt("--workers", type=int, default=None, help="pool workers (default: one per core)"),
+                opt("--cycles", type=positive(int), default=5, help="timed cycles per mode and size (after one warm-up)"),
+                opt("--count-cycles", type=positive(int), default=100, help="batched cycles counting pool creations"),
+                opt("--workers", type=positive(int), default=None, help="pool workers (default: one per core)"),
                 opt("--model", type=Path, default=None, help="ONNX model (default: train a bootstrap model)"),
-                opt("--per-symbol-cycles", type=int, default=1, help="timed cycles of the one-task-per-symbol mode"),
+                opt("--per-symbol-cycles", type=positive(int), default=1, help="timed cycles of the one-task-per-symbol mode"),
                 opt("--seed", type=int, default=0),
             ),
             takes_settings=True,
@@ -124,16 +148,20 @@ def _measure_benchmarks(analysis: ModuleType, bot: ModuleType, indicators: Modul
             "monitor lateness: the bot's two loops against one loop doing both",
             bot.run,
             (
-                opt("--symbols", type=int, default=40, help="synthetic symbols scanned (default 40)"),
-                opt("--minutes", type=float, default=40.0, help="simulated minutes per run (default 40)"),
-                opt("--speed", type=float, default=240.0, help="simulated seconds per real second (default 240)"),
+                opt("--symbols", type=positive(int), default=40, help="synthetic symbols scanned (default 40)"),
+                opt("--minutes", type=positive(float), default=40.0, help="simulated minutes per run (default 40)"),
+                opt("--speed", type=positive(float), default=240.0, help="simulated seconds per real second (default 240)"),
                 opt("--seed", type=int, default=7),
             ),
         ),
         "indicators": Benchmark(
             "eight indicators on one batch against the same calls symbol by symbol",
             indicators.run,
-            (opt("--symbols", type=int, default=500), opt("--bars", type=int, default=200), opt("--repeat", type=int, default=5)),
+            (
+                opt("--symbols", type=positive(int), default=500),
+                opt("--bars", type=positive(int), default=200),
+                opt("--repeat", type=positive(int), default=5),
+            ),
         ),
     }
 
@@ -146,9 +174,9 @@ def _system_benchmarks(
             "requests, weight and staleness of the refresh policies",
             klines.run,
             (
-                opt("--symbols", type=int, default=20, help="synthetic symbols (default 20)"),
-                opt("--hours", type=float, default=6.0, help="simulated hours (default 6)"),
-                opt("--cycle-s", type=float, default=60.0, help="seconds between scan cycles (default 60)"),
+                opt("--symbols", type=positive(int), default=20, help="synthetic symbols (default 20)"),
+                opt("--hours", type=positive(float), default=6.0, help="simulated hours (default 6)"),
+                opt("--cycle-s", type=positive(float), default=60.0, help="seconds between scan cycles (default 60)"),
                 opt("--seed", type=int, default=0, help="seed of the synthetic market"),
                 opt(
                     "--policies",
@@ -164,22 +192,22 @@ def _system_benchmarks(
             "the simulator's klines request rate against ping",
             sim.run,
             (
-                opt("--symbols", type=int, default=100, help="synthetic symbols served (x 3 intervals)"),
-                opt("--requests", type=int, default=3000, help="requests per measurement"),
-                opt("--clients", type=int, default=8, help="concurrent connections"),
+                opt("--symbols", type=positive(int), default=100, help="synthetic symbols served (x 3 intervals)"),
+                opt("--requests", type=positive(int), default=3000, help="requests per measurement"),
+                opt("--clients", type=positive(int), default=8, help="concurrent connections"),
             ),
         ),
         "slots": Benchmark(
             "memory and attribute access of the slotted classes against the same classes without slots",
             slots.run,
-            (opt("--objects", type=int, default=100_000), opt("--repeat", type=int, default=5)),
+            (opt("--objects", type=positive(int), default=100_000), opt("--repeat", type=positive(int), default=5)),
         ),
         "store": Benchmark(
             "SQLite: one transaction per batch of positions against one commit per position",
             store.run,
             (
-                opt("--rows", type=int, default=10_000, help="positions written in one transaction"),
-                opt("--baseline-rows", type=int, default=1_000, help="positions written with a commit each (the baseline)"),
+                opt("--rows", type=positive(int), default=10_000, help="positions written in one transaction"),
+                opt("--baseline-rows", type=positive(int), default=1_000, help="positions written one commit each (baseline)"),
             ),
         ),
         "virtual": Benchmark(
@@ -187,8 +215,8 @@ def _system_benchmarks(
             virtual.run,
             (
                 opt("--sizes", type=int_list, default=(200, 2_000, 20_000), help="open virtual positions, comma-separated"),
-                opt("--updates", type=int, default=5, help="timed updates per size (median reported)"),
-                opt("--per-position-cap", type=int, default=20_000, help="per-position loop over at most this many positions"),
+                opt("--updates", type=positive(int), default=5, help="timed updates per size (median reported)"),
+                opt("--per-position-cap", type=positive(int), default=20_000, help="per-position loop over at most this many"),
                 opt("--seed", type=int, default=0),
             ),
         ),
@@ -202,8 +230,8 @@ def _research_benchmarks(backtest: ModuleType) -> dict[str, Benchmark]:
             backtest.run,
             (
                 opt("--data", type=Path, default=None, help="15m kline file (default: the shared data, else a synthetic market)"),
-                opt("--symbols", type=int, default=200, help="the most traded symbols to replay (default 200)"),
-                opt("--days", type=float, default=90.0, help="days of bars from the file's start (default 90)"),
+                opt("--symbols", type=positive(int), default=200, help="the most traded symbols to replay (default 200)"),
+                opt("--days", type=positive(float), default=90.0, help="days of bars from the file's start (default 90)"),
             ),
         ),
     }
@@ -213,7 +241,7 @@ def run_benchmark(name: str, argv: Sequence[str] = (), env: Mapping[str, str] | 
     "Run benchmark `name` with command-line style `argv`; the result as a dict."
     table = benchmarks()
     if name not in table:
-        raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(sorted(table))}")
+        raise UsageError(f"unknown benchmark {name!r}; available: {', '.join(sorted(table))}")
     b = table[name]
     args = parser(f"tradelab bench {name}", b.options, b.help).parse_args(list(argv))
     kwargs = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
@@ -250,11 +278,11 @@ def cmd_bench(argv: Sequence[str], env: Mapping[str, str] | None) -> int:
 TRAIN_OPTIONS = (
     opt("--data", required=True, type=Path, help="training file (Parquet; schema in tradelab.analysis.model)"),
     opt("--out", required=True, type=Path, help="where to write the ONNX model"),
-    opt("--synthetic", type=int, metavar="N_SYMBOLS", help="first write a bootstrap set from N synthetic symbols"),
-    opt("--days", type=int, default=30, help="days of synthetic market (with --synthetic)"),
+    opt("--synthetic", type=positive(int), metavar="N_SYMBOLS", help="first write a bootstrap set from N synthetic symbols"),
+    opt("--days", type=positive(int), default=30, help="days of synthetic market (with --synthetic)"),
     opt("--seed", type=int, default=0),
     opt("--valid-fraction", type=float, default=0.2, help="most recent share of rows held out"),
-    opt("--max-iter", type=int, default=150, help="boosting iterations"),
+    opt("--max-iter", type=positive(int), default=150, help="boosting iterations"),
 )
 
 # %% ../nbs/90_cli.ipynb #7568fa1c
@@ -267,7 +295,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.synthetic:
         if args.data.exists():
-            raise ConfigError(f"--data {args.data} already exists; --synthetic writes a new file")
+            raise UsageError(f"--data {args.data} already exists; --synthetic writes a new file")
         synthetic_training_set(args.data, args.synthetic, args.days, args.seed, settings)
     print(train_model(args.data, args.out, valid_fraction=args.valid_fraction, max_iter=args.max_iter, seed=args.seed))
     return 0
@@ -280,7 +308,7 @@ def parse_start(text: str) -> int:
     try:
         t = datetime.datetime.fromisoformat(text)
     except ValueError as e:
-        raise ConfigError(f"--start: {text!r} is neither ms since the epoch nor an ISO date/time") from e
+        raise UsageError(f"--start: {text!r} is neither ms since the epoch nor an ISO date/time") from e
     if t.tzinfo is None:
         t = t.replace(tzinfo=datetime.UTC)
     return int(t.timestamp() * 1000)
@@ -291,16 +319,16 @@ FAULT_KNOBS = tuple(f.name for f in dataclasses.fields(Faults) if f.name not in 
 
 SIM_OPTIONS = (
     opt("--data", metavar="PARQUET", help="a kline file in the shared schema to replay"),
-    opt("--synthetic", type=int, metavar="N", help="serve N synthetic symbols"),
-    opt("--days", type=float, default=30, help="days of synthetic 1m bars (default 30)"),
+    opt("--synthetic", type=positive(int), metavar="N", help="serve N synthetic symbols"),
+    opt("--days", type=positive(float), default=30, help="days of synthetic 1m bars (default 30)"),
     opt("--seed", type=int, default=0, help="seed of the synthetic market"),
     opt("--symbols", type=name_list, help="comma-separated symbols to load from --data (default: all)"),
     opt("--host", default="127.0.0.1"),
     opt("--port", type=int, default=0, help="0: any free port"),
     opt("--start", help="simulated start, UTC: ISO date/time or ms since the epoch"),
-    opt("--speed", type=float, default=1.0, help="simulated seconds per real second"),
+    opt("--speed", type=positive(float), default=1.0, help="simulated seconds per real second"),
     opt("--stepped", action="store_true", help="time moves only through POST /_sim/clock"),
-    opt("--weight-limit", type=int, default=2400, help="request weight per simulated minute"),
+    opt("--weight-limit", type=positive(int), default=2400, help="request weight per simulated minute"),
     *(opt("--" + k.replace("_", "-"), type=float, default=getattr(Faults(), k)) for k in FAULT_KNOBS),
     opt("--fault-seed", type=int, default=0, help="seed of the fault decisions"),
 )
@@ -309,7 +337,7 @@ SIM_OPTIONS = (
 def sim_source(args: argparse.Namespace) -> MarketSource:
     "The market `tradelab sim` serves: the `--data` file (some `--symbols`) or `--synthetic N` symbols."
     if (args.data is None) == (args.synthetic is None):
-        raise ConfigError("tradelab sim: give exactly one of --data PARQUET and --synthetic N")
+        raise UsageError("tradelab sim: give exactly one of --data PARQUET and --synthetic N")
     # imported here: reading Parquet loads pyarrow, which `tradelab --help` should not wait for
     from tradelab.sim.source import load_parquet_market
     from tradelab.sim.synthetic import synthetic_market
@@ -330,7 +358,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve_until_signal(SimServer(source, clock, args.host, args.port, faults, args.weight_limit)))
     except OSError as e:  # the address is taken, unknown or not ours: a mistake in the arguments, not a bug
-        raise ConfigError(f"--host {args.host} --port {args.port}: cannot serve there ({e.strerror or e})") from None
+        raise UsageError(f"--host {args.host} --port {args.port}: cannot serve there ({e.strerror or e})") from None
     return 0
 
 # %% ../nbs/90_cli.ipynb #db6c32d2
@@ -357,9 +385,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # %% ../nbs/90_cli.ipynb #88c39512
 DEMO_OPTIONS = (
-    opt("--hours", type=float, default=2.0, help="simulated hours to run (default 2)"),
-    opt("--speed", type=float, default=240.0, help="simulated seconds per real second (default 240)"),
-    opt("--symbols", type=int, default=40, help="synthetic symbols in the market and the universe (default 40)"),
+    opt("--hours", type=positive(float), default=2.0, help="simulated hours to run (default 2)"),
+    opt("--speed", type=positive(float), default=240.0, help="simulated seconds per real second (default 240)"),
+    opt("--symbols", type=positive(int), default=40, help="synthetic symbols in the market and the universe (default 40)"),
     opt("--seed", type=int, default=7, help="seed of the synthetic market (default 7)"),
     opt("--data", type=Path, metavar="PARQUET", help="replay real 1m klines from this file instead (e.g. klines_1m.parquet)"),
     opt("--home", type=Path, help="keep the database and caches here (default: a temporary directory, removed)"),
@@ -387,7 +415,7 @@ BACKTEST_OPTIONS = (
     opt("--start", help="first cycle (YYYY-MM-DD or an ISO time, UTC); earlier bars only warm the features up"),
     opt("--end", help="last cycle (YYYY-MM-DD or an ISO time, UTC)"),
     opt("--symbols", type=name_list, help="comma-separated symbols (default: every symbol of the files)"),
-    opt("--top", type=int, help="only the N symbols with the most quote volume before the start"),
+    opt("--top", type=positive(int), help="only the N symbols with the most quote volume before the start"),
     opt("--strategy", metavar="NAME", help="strategy.name for this run: multi_timeframe, rsi_bollinger or module:scorer"),
     opt("--funding", type=Path, metavar="PARQUET", help="funding rates paid (symbol, fundingTime, fundingRate)"),
     opt("--out", type=Path, metavar="DIR", help="write report.json, archive.sqlite, trades.parquet and report.html here"),
@@ -442,7 +470,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         print(compare_reports(*args.compare).to_string())
         return 0
     if not args.data:
-        raise ConfigError("tradelab backtest needs --data FILE (or --compare A B)")
+        raise UsageError("tradelab backtest needs --data FILE (or --compare A B)")
     bt = run_backtest(args.data, research_settings(args), start=args.start, end=args.end, symbols=args.symbols, top_n=args.top,
                       funding=args.funding, progress=None if args.json or not sys.stderr.isatty() else CycleBar())
     written = write_report(bt, args.out) if args.out else {}
@@ -457,11 +485,11 @@ TUNE_OPTIONS = (
     opt("--start", help="start of the first train window (default: as soon as every feature is defined)"),
     opt("--end", help="end of the last test window"),
     opt("--symbols", type=name_list, help="comma-separated symbols (default: every symbol of the files)"),
-    opt("--top", type=int, help="only the N symbols with the most quote volume before the start"),
+    opt("--top", type=positive(int), help="only the N symbols with the most quote volume before the start"),
     opt("--strategy", metavar="NAME", help="strategy.name to tune: multi_timeframe, rsi_bollinger or module:scorer"),
-    opt("--trials", type=int, default=32, help="Optuna trials per fold (default 32)"),
-    opt("--folds", type=int, default=2, help="walk-forward folds (default 2)"),
-    opt("--workers", type=int, default=2, help="worker processes of the LocalCluster (default 2)"),
+    opt("--trials", type=positive(int), default=32, help="Optuna trials per fold (default 32)"),
+    opt("--folds", type=positive(int), default=2, help="walk-forward folds (default 2)"),
+    opt("--workers", type=positive(int), default=2, help="worker processes of the LocalCluster (default 2)"),
     opt("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler instead of a LocalCluster (tcp://host:8786)"),
     opt("--seed", type=int, default=0, help="seed of the sampler (default 0)"),
     opt("--out", type=Path, metavar="DIR", help="write summary.json, the study's plots and the out-of-sample report here"),
@@ -475,7 +503,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     settings = research_settings(args)
     if args.trials < 1 or args.workers < 1:
-        raise ConfigError(f"--trials and --workers must be at least 1, got {args.trials} and {args.workers}")
+        raise UsageError(f"--trials and --workers must be at least 1, got {args.trials} and {args.workers}")
     result = tune(args.data, settings, trials=args.trials, folds=args.folds, start=args.start, end=args.end,
                   symbols=args.symbols, top_n=args.top, scheduler=args.scheduler, workers=args.workers, seed=args.seed)
     if args.out:
@@ -534,13 +562,24 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 # %% ../nbs/90_cli.ipynb #5509b28c
+def package_version() -> str:
+    "The installed version of tradelab."
+    try:
+        return version("tradelab")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _run(argv: list[str], env: Mapping[str, str] | None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"tradelab {package_version()}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        raise ConfigError(f"unknown command {name!r}; commands: {', '.join(COMMANDS)}")
+        raise UsageError(f"unknown command {name!r}; commands: {', '.join(COMMANDS)} ('tradelab --help' says what each does)")
     if name == "bench":
         _logging(rest[rest.index("--log-level") + 1] if "--log-level" in rest[:-1] else "INFO")
         return cmd_bench(rest, env)
@@ -556,8 +595,14 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     "Entry point of the `tradelab` console command."
     try:
         return _run(list(sys.argv[1:] if argv is None else argv), os.environ if env is None else env)
+    except UsageError as e:
+        print(f"tradelab: usage error: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"tradelab: configuration error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # the data the user pointed at: their input, like a setting
+        print(f"tradelab: data error: {e}", file=sys.stderr)
         return 2
     except TradelabError as e:
         print(f"tradelab: {type(e).__name__}: {e}", file=sys.stderr)

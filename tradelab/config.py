@@ -341,7 +341,7 @@ def _describe(err: ValidationError) -> str:
         shown = "********" if _is_secret(e["loc"]) else repr(e.get("input"))
         got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {shown})"
         lines.append(f"config key '{key}': {msg}{got}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return "invalid configuration: " + "; ".join(lines)  # one line, however many keys are wrong
 
 # %% ../nbs/01_config.ipynb #756e4c6a
 def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides) -> Settings:

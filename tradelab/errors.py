@@ -8,9 +8,10 @@ from __future__ import annotations
 import enum
 
 # %% auto #0
-__all__ = ['Policy', 'TradelabError', 'ConfigError', 'DataError', 'ModelError', 'SchemaMismatch', 'StateError', 'StorageError',
-           'ExchangeError', 'TemporaryExchangeError', 'ClockDriftError', 'MalformedResponse', 'ExchangeRejected',
-           'UnknownSymbol', 'OrderRejected', 'AuthenticationError', 'RateLimited', 'IpBanned', 'policy_for']
+__all__ = ['Policy', 'TradelabError', 'ConfigError', 'UsageError', 'DataError', 'ModelError', 'SchemaMismatch', 'StateError',
+           'StorageError', 'ExchangeError', 'TemporaryExchangeError', 'ClockDriftError', 'MalformedResponse',
+           'ExchangeRejected', 'UnknownSymbol', 'OrderRejected', 'AuthenticationError', 'RateLimited', 'IpBanned',
+           'policy_for']
 
 # %% ../nbs/00_errors.ipynb #4acd0edb
 class Policy(enum.Enum):
@@ -32,6 +33,10 @@ class ConfigError(TradelabError):
     "A setting is unknown, out of range or missing; the message names the key."
 
     policy = Policy.STOP
+
+# %% ../nbs/00_errors.ipynb #bedd996c
+class UsageError(ConfigError):
+    "A command line tradelab cannot act on; the message names the option or command."
 
 # %% ../nbs/00_errors.ipynb #3889e22f
 class DataError(TradelabError):

@@ -14,7 +14,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from .sim.synthetic import synthetic_market
 # %% auto #0
 __all__ = ['log', 'STOP_GRACE_S', 'EXIT_DEADLINE_S', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'exit_now', 'ExitDeadline',
            'until_stopped', 'serve', 'run_headless', 'DemoOptions', 'at_url', 'demo_settings', 'demo_market',
-           'DemoSummary', 'stage_summary', 'run_demo', 'check_demo_home', 'demo']
+           'with_bars_in', 'DemoSummary', 'stage_summary', 'run_demo', 'check_demo_home', 'demo']
 
 # %% ../nbs/51_runner.ipynb #b366263a
 log = logging.getLogger(__name__)
@@ -165,8 +165,10 @@ def demo_settings(
     return load_settings(config, env=env, home=str(home), **over)
 
 # %% ../nbs/51_runner.ipynb #2ba779f4
-def demo_market(symbols: int, hours: float, seed: int, data: str | Path | None = None) -> tuple[MarketSource, int]:
-    "The demo's market (synthetic, or the real klines file `data`) and its start, `HISTORY_DAYS` in."
+def demo_market(
+    symbols: int, hours: float, seed: int, data: str | Path | None = None, timeframes: Sequence[str] = ()
+) -> tuple[MarketSource, int]:
+    "The demo's market (synthetic, or the real klines file `data`, which must serve `timeframes`) and its start."
     if data is None:
         market = synthetic_market(symbols, HISTORY_DAYS + hours / 24 + 0.5, seed)
     else:
@@ -176,7 +178,26 @@ def demo_market(symbols: int, hours: float, seed: int, data: str | Path | None =
     if start + hours * 3_600_000 > market.span_ms[1]:
         left_h = (market.span_ms[1] - start) / 3.6e6
         raise ConfigError(f"--hours {hours:g}: {market!r} ends {left_h:.1f} h after the demo's start")
-    return market, start
+    if missing := [tf for tf in timeframes if tf not in market.intervals]:
+        can = ", ".join(market.intervals[:8])
+        raise ConfigError(
+            f"--data {data}: its {market.base_interval} bars cannot serve data.timeframes {missing}; it serves {can}"
+        )
+    return with_bars_in(market, start, start + int(hours * 3_600_000)), start
+
+
+def with_bars_in(market: MarketSource, start_ms: int, end_ms: int) -> MarketSource:
+    "`market` less the symbols with no bar in `[start_ms, end_ms)`, named in one warning; `ConfigError` if none is left."
+    series = {s: market.series(s) for s in market.symbols}
+    keep = [s for s, b in series.items() if ((b.open_time >= start_ms) & (b.open_time < end_ms)).any()]
+    if not keep:
+        raise ConfigError(f"{market.source}: no symbol has a bar in the demo's window; choose --hours or another file")
+    if len(keep) < len(series):
+        gone = sorted(set(series) - set(keep))
+        n = f"{len(gone)} of {len(series)}"
+        log.warning("%s symbols have no bar in the demo's window and are left out: %s", n, ", ".join(gone))
+        return MarketSource({s: series[s] for s in keep}, {s: market.entries[s] for s in keep}, market.source)
+    return market
 
 # %% ../nbs/51_runner.ipynb #6fd27889
 @dataclass(frozen=True)
@@ -277,7 +298,8 @@ async def run_demo(
     "Simulator and bot for `opts.hours` simulated hours at `opts.speed`; the summary (None if the bot failed) and the bot."
     t0 = time.perf_counter()
     settings = demo_settings(PENDING_URL, home, opts.symbols, config, env)  # bad settings stop us here
-    market, start = await asyncio.to_thread(demo_market, opts.symbols, opts.hours, opts.seed, opts.data)
+    tfs = settings.data.timeframes
+    market, start = await asyncio.to_thread(demo_market, opts.symbols, opts.hours, opts.seed, opts.data, tfs)
     clock = SimClock(start, opts.speed)
     async with SimServer(market, clock) as sim:
         bot = TradingBot(at_url(settings, sim.url), clock=clock)

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..clock import interval_ms
@@ -380,7 +381,10 @@ def load_parquet_market(path: str | Path, symbols=None, exchange_info: str | Pat
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such kline file")
-    names, codes, cols = _read_table(path, None if symbols is None else set(symbols))
+    try:
+        names, codes, cols = _read_table(path, None if symbols is None else set(symbols))
+    except (pa.ArrowException, OSError) as e:  # not Parquet, truncated, unreadable: say so in one line
+        raise DataError(f"{path}: not a readable Parquet kline file ({str(e).splitlines()[0]})") from None
     if symbols is not None and (absent := sorted(set(symbols) - set(names[np.unique(codes)]))):
         raise DataError(f"{path}: no bars for {absent}")
     codes, cols = _sorted(codes, cols)
