@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,10 +31,11 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
 
 # %% auto #0
 __all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'TUNE_OPTIONS',
-           'COMMANDS', 'Option', 'opt', 'int_list', 'name_list', 'positive', 'Parser', 'parser', 'settings_from',
-           'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train',
-           'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run', 'cmd_demo', 'research_settings', 'CycleBar',
-           'cmd_backtest', 'cmd_tune', 'Command', 'package_version', 'main']
+           'COMMANDS', 'LOG_FORMAT', 'Option', 'opt', 'int_list', 'name_list', 'positive', 'Parser', 'parser',
+           'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench',
+           'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run', 'BarSafeHandler', 'demo_log',
+           'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'cmd_tune', 'Command',
+           'package_version', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def positive(kind: type) -> Callable[[str], Any]:
 # %% ../nbs/90_cli.ipynb #b9322e74
 COMMON = (
     opt("--config", metavar="PATH", help="TOML settings file (TRADELAB_* variables override it)"),
-    opt("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]),
+    opt("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="console log level (default INFO; demo: WARNING)"),
 )
 
 
@@ -386,27 +388,76 @@ def cmd_run(args: argparse.Namespace) -> int:
 # %% ../nbs/90_cli.ipynb #88c39512
 DEMO_OPTIONS = (
     opt("--hours", type=positive(float), default=2.0, help="simulated hours to run (default 2)"),
-    opt("--speed", type=positive(float), default=240.0, help="simulated seconds per real second (default 240)"),
+    opt("--speed", type=positive(float), help="at most this many simulated s per real s (default: as fast as it goes)"),
     opt("--symbols", type=positive(int), default=40, help="synthetic symbols in the market and the universe (default 40)"),
     opt("--seed", type=int, default=7, help="seed of the synthetic market (default 7)"),
     opt("--data", type=Path, metavar="PARQUET", help="replay real 1m klines from this file instead (e.g. klines_1m.parquet)"),
     opt("--home", type=Path, help="keep the database and caches here (default: a temporary directory, removed)"),
+    opt("--log-file", type=Path, help="the full log (default: tradelab.log in --home, else in the system's temporary folder)"),
     opt("--json", action="store_true", help="print the summary as one JSON object"),
 )
 
 # %% ../nbs/90_cli.ipynb #719f3b42
+class BarSafeHandler(logging.Handler):
+    "A console handler that writes above a tqdm bar (`tqdm.write`), not through it."
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm  # the demo's console only
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def demo_log(args: argparse.Namespace) -> Path:
+    "Send the full log to the demo's log file and only `--log-level` (default WARNING) to the console; the file's path."
+    home = args.home.expanduser() if args.home else None
+    path = args.log_file or (home / "tradelab.log" if home else Path(tempfile.gettempdir()) / "tradelab-demo.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h, level in ((logging.FileHandler(path, mode="w"), "DEBUG"), (BarSafeHandler(), args.log_level or "WARNING")):
+        h.setLevel(level)
+        h.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(h)
+    root.setLevel(min(logging.INFO, logging.getLevelName(args.log_level or "INFO")))
+    return path
+
+
+class DemoBar:
+    "The demo's progress on stderr: simulated hours, scans, trades, PnL (tqdm)."
+
+    def __init__(self, hours: float) -> None:
+        from tqdm import tqdm  # only the demo draws this bar
+
+        self.bar = tqdm(total=round(hours * 60), unit="sim min", desc="demo", mininterval=0.5, file=sys.stderr,
+                        bar_format="{desc} {n_fmt}/{total_fmt} simulated min{postfix} |{bar:20}| {elapsed}")
+
+    def __call__(self, bot: Any, hours_done: float) -> None:
+        n = bot.components.run.counters
+        self.bar.set_postfix_str(f"scans {n['scan_cycles']}, trades {n['opened']} opened {n['closed']} closed, "
+                                 f"equity {bot.components.execution.equity() - bot.settings.trading.starting_equity:+.2f}",
+                                 refresh=False)
+        self.bar.update(round(hours_done * 60) - self.bar.n)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    "`tradelab demo`: simulator and bot in this process; the summary."
+    "`tradelab demo`: simulator and bot in this process, a progress bar, the summary; the full log in a file."
     from tradelab.runner import DemoOptions, demo  # the bot loads the whole package (about 3 s): only for this command
 
     if args.home is not None:
         check_home(args.home.expanduser(), "--home")
+    log_file = demo_log(args)
     opts = DemoOptions(args.hours, args.speed, args.symbols, args.seed, args.data, args.home)
-    summary, bot = demo(opts, args.config, args.env)
+    bar = DemoBar(args.hours)
+    try:
+        summary, bot = demo(opts, args.config, args.env, progress=bar)
+    finally:
+        bar.bar.close()
     if summary is None:
-        print(f"tradelab demo: the bot stopped early: {bot.error}", file=sys.stderr)
+        print(f"tradelab demo: the bot stopped early: {bot.error} (log: {log_file})", file=sys.stderr)
         return 1
-    print(summary.to_json() if args.json else summary.to_text())
+    print(json.dumps(json.loads(summary.to_json()) | {"log_file": str(log_file)}) if args.json
+          else f"{summary.to_text()}\nfull log: {log_file}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #d669c743
@@ -558,8 +609,11 @@ def _overview() -> str:
     return f"usage: tradelab COMMAND [options]\n\ncommands:\n{rows}\n\n'tradelab COMMAND --help' for a command's options."
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _logging(level: str | None) -> None:
+    logging.basicConfig(level=level or "INFO", format=LOG_FORMAT)
 
 # %% ../nbs/90_cli.ipynb #5509b28c
 def package_version() -> str:

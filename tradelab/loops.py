@@ -86,13 +86,15 @@ class ConditionLog:
         self.key, self.count = None, 0
 
 # %% ../nbs/45_loops.ipynb #f049a71c
-def log_overrun(name: str, cycle: int, period_s: float, overruns: int) -> None:
+def log_overrun(name: str, cycle: int, period_s: float, overruns: int, took_s: float | None = None) -> None:
     "Log that cycle `cycle` of loop `name` overran its period: the first overrun as a warning, the later ones at DEBUG."
+    took = "" if took_s is None else f" took {took_s:.1f} s of clock time and"
     log.log(
         logging.WARNING if overruns == 1 else logging.DEBUG,
-        "%s cycle %d overran its %g s period; ticks were skipped (%d overruns so far; later ones are counted, not logged)",
+        "%s cycle %d%s overran its %g s period; ticks were skipped (%d overruns so far; later ones are counted, not logged)",
         name,
         cycle,
+        took,
         period_s,
         overruns,
     )
@@ -176,6 +178,11 @@ class Loop(CycleRunner):
             self.on_fatal(self, e)
 
     @property
+    def hold_until_ms(self) -> int:
+        "Until when a rate limit holds the loop's next cycle (0: no hold)."
+        return self._hold_until_ms
+
+    @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
@@ -209,7 +216,7 @@ class Loop(CycleRunner):
             nxt = next_due_ms(self.clock.now_ms(), self.period_s, self.offset_s, self._hold_until_ms)
             if nxt - due > round(self.period_s * 1000) and nxt > self._hold_until_ms:
                 self.overruns += 1
-                log_overrun(self.name, self.cycles, self.period_s, self.overruns)
+                log_overrun(self.name, self.cycles, self.period_s, self.overruns, (self.clock.now_ms() - due) / 1000)
             due = nxt
 
     def __repr__(self):

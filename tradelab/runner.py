@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -15,24 +16,26 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .exchange.client import TICKER_PRICE
-from .bot import BotState, TradingBot
-from .clock import SimClock, sleep_until
+from .bot import TradingBot
+from .clock import TestClock
 from .config import Settings, load_settings
-from .errors import ConfigError
-from .loops import CycleRecord
+from .errors import ConfigError, TradelabError
+from .loops import CycleRecord, Loop, next_due_ms
 from .sim.source import MarketSource, load_parquet_market
 from .trading.positions import Kind
 from .sim.server import SimServer
 from .sim.synthetic import synthetic_market
 
 # %% auto #0
-__all__ = ['log', 'STOP_GRACE_S', 'EXIT_DEADLINE_S', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'exit_now', 'ExitDeadline',
-           'until_stopped', 'serve', 'run_headless', 'DemoOptions', 'at_url', 'demo_settings', 'demo_market',
-           'with_bars_in', 'DemoSummary', 'stage_summary', 'run_demo', 'check_demo_home', 'demo']
+__all__ = ['log', 'STOP_GRACE_S', 'EXIT_DEADLINE_S', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'SUMMARY_MEANING', 'T',
+           'exit_now', 'ExitDeadline', 'until_stopped', 'serve', 'run_headless', 'DemoOptions', 'at_url',
+           'demo_settings', 'demo_market', 'with_bars_in', 'RunSummary', 'stage_summary', 'drive', 'run_stepped',
+           'run_demo', 'check_demo_home', 'demo']
 
 # %% ../nbs/51_runner.ipynb #b366263a
 log = logging.getLogger(__name__)
@@ -93,9 +96,12 @@ async def until_stopped(step: Awaitable[object], stop: asyncio.Event) -> bool:
 
 # %% ../nbs/51_runner.ipynb #fb5dcdb2
 async def serve(
-    bot: TradingBot, stop_signals=(signal.SIGINT, signal.SIGTERM), deadline: ExitDeadline | None = None
+    bot: TradingBot,
+    stop_signals=(signal.SIGINT, signal.SIGTERM),
+    deadline: ExitDeadline | None = None,
+    before_stop: Callable[[TradingBot], None] | None = None,
 ) -> int:
-    "Run `bot` until a signal in `stop_signals` or a fatal error, then stop it in order; the exit code."
+    "Run `bot` until a signal in `stop_signals` or a fatal error, then stop it in order (`before_stop` first); the exit code."
     loop, stop, deadline = asyncio.get_running_loop(), asyncio.Event(), deadline or ExitDeadline()
     for sig in stop_signals:
         loop.add_signal_handler(sig, deadline.signalled, stop)
@@ -106,6 +112,10 @@ async def serve(
         if stop.is_set():
             log.info("stop signal received; shutting down in order")
     finally:
+        if before_stop is not None and bot.components is not None:
+            await asyncio.gather(bot.scan.stop(STOP_GRACE_S), bot.monitor.stop(STOP_GRACE_S))  # only finished cycles
+            with contextlib.suppress(TradelabError):  # a summary that cannot be made must not keep the bot from stopping
+                before_stop(bot)
         await bot.stop(STOP_GRACE_S)
         deadline.disarm()
         for sig in stop_signals:
@@ -114,16 +124,26 @@ async def serve(
 
 # %% ../nbs/51_runner.ipynb #69fd516b
 def run_headless(settings: Settings) -> int:
-    "`tradelab run`: the bot on `settings` until SIGINT or SIGTERM; the exit code."
-    return asyncio.run(serve(TradingBot(settings)))
+    "`tradelab run`: the bot on `settings` until SIGINT or SIGTERM; a closing summary on stdout; the exit code."
+    bot, t0, said = TradingBot(settings), time.perf_counter(), []
+    start_ms = bot.clock.now_ms()
+
+    def summarise(b: TradingBot) -> None:
+        opts = DemoOptions((b.clock.now_ms() - start_ms) / 3_600_000, 1.0, settings.universe.top_n, home=settings.home_dir)
+        said.append(_summary(b, opts, time.perf_counter() - t0))
+
+    code = asyncio.run(serve(bot, before_stop=summarise))
+    if said:
+        print(said[0].to_text(), flush=True)
+    return code
 
 # %% ../nbs/51_runner.ipynb #70c99836
 @dataclass(frozen=True)
 class DemoOptions:
-    "What `tradelab demo` is asked for: simulated hours, clock speed, universe size, seed, a real kline file, a home."
+    "What `tradelab demo` is asked for: simulated hours, pace (None: as fast as it goes), universe size, seed, a file, a home."
 
     hours: float = 2.0
-    speed: float = 240.0
+    speed: float | None = None
     symbols: int = 40
     seed: int = 7
     data: Path | None = None
@@ -199,19 +219,48 @@ def with_bars_in(market: MarketSource, start_ms: int, end_ms: int) -> MarketSour
         return MarketSource({s: series[s] for s in keep}, {s: market.entries[s] for s in keep}, market.source)
     return market
 
+# %% ../nbs/51_runner.ipynb #9b5c3837
+SUMMARY_MEANING = {
+    "simulated_hours": "market time the bot ran, in hours (simulated in a demo)",
+    "wall_s": "real seconds the demo took, start-up included",
+    "speed": "pace asked for, simulated seconds per real second",
+    "seed": "seed of the synthetic market: the same seed gives the same figures",
+    "symbols": "symbols the scan covered",
+    "scan_cycles": "scans: universe, klines, analysis, ranking, entries",
+    "monitor_cycles": "monitor ticks: one price request, every position marked",
+    "failed_cycles": "cycles that ended in an error (each logged)",
+    "signals": "signals that passed the confidence floor, all scans",
+    "trades_opened": "paper trades opened (ranks 1..K)",
+    "trades_refused": "entries the breaker or the exchange rules refused",
+    "trades_closed": "paper trades closed: stop, target or expiry",
+    "virtual_opened": "virtual positions opened (the ranks after K, and refused ones)",
+    "virtual_closed": "virtual positions closed",
+    "win_rate_real": "share of closed paper trades that made money",
+    "win_rate_virtual": "the same for virtual positions",
+    "pnl_real": "realised PnL of paper trades, fees and funding included (USDT)",
+    "pnl_virtual": "the same for virtual positions",
+    "breaker_level": "circuit breaker at the end (NORMAL, REDUCED, NO_NEW_ENTRIES, HALTED)",
+    "model": "the ONNX model that scored signals",
+    "price_requests": "all-symbol price requests (one per tick, one per settling scan)",
+    "requests": "requests the simulator answered",
+    "weight": "request weight they cost in all (the exchange allows 2400 a minute)",
+    "home": "where the database, caches and log were kept",
+}
+"What each figure of `RunSummary` means, as `to_text` prints it."
+
 # %% ../nbs/51_runner.ipynb #6fd27889
 @dataclass(frozen=True)
-class DemoSummary:
-    "What `tradelab demo` did."
+class RunSummary:
+    "What `tradelab demo` or `tradelab run` did."
 
     simulated_hours: float
     wall_s: float
-    speed: float
+    speed: float | None
+    seed: int | None
     symbols: int
     scan_cycles: int
     monitor_cycles: int
     failed_cycles: int
-    overruns: int
     signals: int
     trades_opened: int
     trades_refused: int
@@ -235,11 +284,16 @@ class DemoSummary:
         return json.dumps(asdict(self), indent=None)
 
     def to_text(self) -> str:
-        "The summary as `key: value` lines, stage times last."
-        lines = [f"{k.replace('_', ' ')}: {v}" for k, v in asdict(self).items() if k != "stage_ms"]
+        "The summary as a table: each figure, its value, what it means; the slowest stages last."
+        d = asdict(self) | {"speed": self.speed or "as fast as it goes", "model": self.model or "none: the rule score alone",
+                            "home": self.home or "a temporary directory, removed", "seed": "none: a real market" if self.seed is None else self.seed}
+        rows = [(k.replace("_", " "), str(d[k]), SUMMARY_MEANING[k]) for k in SUMMARY_MEANING]
+        w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+        lines = [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
         for loop, stages in self.stage_ms.items():
-            times = ", ".join(f"{k} {v['mean']:.1f} / {v['max']:.1f}" for k, v in stages.items())
-            lines.append(f"{loop} stages (mean / max ms): {times}")
+            top = sorted(stages.items(), key=lambda kv: -kv[1]["mean"])[:4]
+            times = ", ".join(f"{k} {v['mean']:.1f} / {v['max']:.1f}" for k, v in top)
+            lines.append(f"{loop} stages, mean / max ms of real time: {times}")
         return "\n".join(lines)
 
 # %% ../nbs/51_runner.ipynb #64e8b54f
@@ -256,22 +310,23 @@ def _rate(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 4)
 
 # %% ../nbs/51_runner.ipynb #635adac7
-def _summary(bot: TradingBot, sim: SimServer, opts: DemoOptions, wall_s: float) -> DemoSummary:
+def _summary(bot: TradingBot, opts: DemoOptions, wall_s: float, seed: int | None = None) -> RunSummary:
+    "The figures of `bot`, its loops stopped and its components still open; requests as its client counted them."
     c = bot.components
-    assert c is not None  # the demo summarises a bot that was initialised
+    assert c is not None  # a summary is of a bot that was initialised
     n = c.run.counters
     c.performance.reconcile(c.db)  # the figures agree with the archive, or StateError
     real, virtual = c.performance.stats(Kind.REAL), c.performance.stats(Kind.VIRTUAL)
-    st = sim.stats()
-    return DemoSummary(
+    st = c.client.stats
+    return RunSummary(
         simulated_hours=opts.hours,
         wall_s=round(wall_s, 2),
         speed=opts.speed,
+        seed=seed,
         symbols=len(c.run.symbols),
         scan_cycles=bot.scan.cycles,
         monitor_cycles=bot.monitor.cycles,
         failed_cycles=bot.scan.failures + bot.monitor.failures,
-        overruns=bot.scan.overruns + bot.monitor.overruns,
         signals=n["signals"],
         trades_opened=n["opened"],
         trades_refused=n["refused"],
@@ -284,36 +339,75 @@ def _summary(bot: TradingBot, sim: SimServer, opts: DemoOptions, wall_s: float) 
         pnl_virtual=round(virtual.total_pnl, 2),
         breaker_level=c.breaker.level.name,
         model=None if c.pool.model is None else c.pool.model.version,
-        price_requests=st["endpoints"].get(TICKER_PRICE, {}).get("requests", 0),
-        requests=st["requests"],
-        weight=st["weight"],
+        price_requests=st.by_endpoint.get(f"GET {TICKER_PRICE}", 0),
+        requests=st.governor.requests,
+        weight=st.governor.weight_sent,
         stage_ms={"scan": stage_summary(list(bot.scan.history)), "monitor": stage_summary(list(bot.monitor.history))},
         home=None if opts.home is None else str(opts.home),
     )
 
+# %% ../nbs/51_runner.ipynb #db22fcd0
+T = TypeVar("T")
+
+
+async def drive(step: Awaitable[T], clock: TestClock, poll_s: float = 0.02) -> T:
+    "Await `step` with `clock` stopped, except when `step` waits on the clock: then time jumps to the wake."
+    task = asyncio.ensure_future(step)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and (wake := clock.next_wake_ms()) is not None:
+            clock.set_ms(wake)
+    return task.result()
+
+
+async def run_stepped(
+    loops: Sequence[Loop],
+    clock: TestClock,
+    end_ms: int,
+    after: Callable[[Loop, CycleRecord], bool] | None = None,
+    speed: float | None = None,
+) -> None:
+    "Every cycle of `loops` due up to `end_ms`, in time order, on `clock`; stop early when `after(loop, record)` is true."
+    start_ms, t0 = clock.now_ms(), time.perf_counter()
+    due = [next_due_ms(start_ms, lp.period_s, lp.offset_s, lp.hold_until_ms) for lp in loops]
+    while min(due) <= end_ms:
+        i = due.index(min(due))
+        clock.set_ms(max(due[i], clock.now_ms()))
+        if speed is not None:  # pace: simulated time no faster than `speed` x real time
+            await asyncio.sleep(max(0.0, (clock.now_ms() - start_ms) / 1000 / speed - (time.perf_counter() - t0)))
+        rec = await drive(loops[i].run_once(), clock)
+        lp = loops[i]
+        due[i] = next_due_ms(clock.now_ms(), lp.period_s, lp.offset_s, lp.hold_until_ms)
+        if after is not None and after(lp, rec):
+            return
+
 # %% ../nbs/51_runner.ipynb #d0762c54
 async def run_demo(
-    opts: DemoOptions, home: str | Path, config: str | Path | None = None, env: Mapping[str, str] | None = None
-) -> tuple[DemoSummary | None, TradingBot]:
-    "Simulator and bot for `opts.hours` simulated hours at `opts.speed`; the summary (None if the bot failed) and the bot."
+    opts: DemoOptions,
+    home: str | Path,
+    config: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    progress: Callable[[TradingBot, float], None] | None = None,
+) -> tuple[RunSummary | None, TradingBot]:
+    "Simulator and bot for `opts.hours` simulated hours, stepped; the summary (None if the bot failed) and the bot."
     t0 = time.perf_counter()
     settings = demo_settings(PENDING_URL, home, opts.symbols, config, env)  # bad settings stop us here
     tfs = settings.data.timeframes
     market, start = await asyncio.to_thread(demo_market, opts.symbols, opts.hours, opts.seed, opts.data, tfs)
-    clock = SimClock(start, opts.speed)
+    clock = TestClock(start)
     async with SimServer(market, clock) as sim:
         bot = TradingBot(at_url(settings, sim.url), clock=clock)
         try:
             await bot.initialize()
-            bot.start()
             end_ms = start + int(opts.hours * 3_600_000)
-            waits = [asyncio.create_task(sleep_until(clock, end_ms)), asyncio.create_task(bot.wait())]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for t in waits:
-                t.cancel()
-            running = bot.state is BotState.RUNNING
-            await asyncio.gather(bot.scan.stop(), bot.monitor.stop())  # the figures of finished cycles only
-            summary = _summary(bot, sim, opts, time.perf_counter() - t0) if running else None
+
+            def done(_loop: Loop, _rec: CycleRecord) -> bool:
+                if progress is not None:
+                    progress(bot, (clock.now_ms() - start) / 3_600_000)
+                return bot.error is not None
+
+            await run_stepped([bot.scan, bot.monitor], clock, end_ms, done, opts.speed)
+            summary = _summary(bot, opts, time.perf_counter() - t0, opts.seed) if bot.error is None else None
         finally:
             await bot.stop()
     return summary, bot
@@ -329,10 +423,13 @@ def check_demo_home(home: str | Path) -> None:
 
 # %% ../nbs/51_runner.ipynb #221a8557
 def demo(
-    opts: DemoOptions, config: str | Path | None = None, env: Mapping[str, str] | None = None
-) -> tuple[DemoSummary | None, TradingBot]:
+    opts: DemoOptions,
+    config: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    progress: Callable[[TradingBot, float], None] | None = None,
+) -> tuple[RunSummary | None, TradingBot]:
     "`tradelab demo`: `run_demo` in `opts.home` or a temporary directory removed afterwards."
     if opts.home is not None:
         check_demo_home(opts.home)
     with tempfile.TemporaryDirectory(prefix="tradelab-demo-") as tmp:
-        return asyncio.run(run_demo(opts, opts.home or tmp, config, env))
+        return asyncio.run(run_demo(opts, opts.home or tmp, config, env, progress))

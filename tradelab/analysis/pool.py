@@ -16,6 +16,7 @@ import queue
 import re
 import secrets
 import select
+import signal
 import sys
 import threading
 import time
@@ -124,6 +125,8 @@ def _init_worker(
 ) -> None:
     "Pool initializer: end with process `main_pid`, load the model once, report on `reports`; `peers` is the start-up barrier."
     global _worker
+    if mp.parent_process() is not None:  # a worker: Ctrl-C reaches the whole process group, the parent shuts us down
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if main_pid is not None:
         _exit_with(main_pid)
     state = _WorkerState(generation, peers)
