@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -30,12 +33,12 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
     from tradelab.sim.source import MarketSource
 
 # %% auto #0
-__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'TUNE_OPTIONS',
-           'COMMANDS', 'LOG_FORMAT', 'Option', 'opt', 'int_list', 'name_list', 'positive', 'Parser', 'parser',
-           'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench',
-           'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run', 'BarSafeHandler', 'demo_log',
-           'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'cmd_tune', 'Command',
-           'package_version', 'main']
+__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'LAB_OPTIONS',
+           'TUNE_OPTIONS', 'COMMANDS', 'LOG_FORMAT', 'Option', 'opt', 'int_list', 'name_list', 'positive', 'Parser',
+           'parser', 'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config', 'bench_overview',
+           'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run', 'BarSafeHandler',
+           'demo_log', 'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'notebooks_dir',
+           'lab_command', 'cmd_lab', 'cmd_tune', 'Command', 'package_version', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -530,6 +533,44 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         print("report: " + ", ".join(str(p) for p in written.values()))
     return 0
 
+# %% ../nbs/90_cli.ipynb #8fe82549
+LAB_OPTIONS = (
+    opt("--port", type=positive(int), help="the server's port (default: JupyterLab's, 8888 or the next free one)"),
+    opt("--no-browser", action="store_true", help="start the server without opening a browser"),
+    opt("--token", help="the server's access token (default: a random one JupyterLab prints)"),
+    opt("jupyter_args", nargs=argparse.REMAINDER, help="after --: options for JupyterLab itself"),
+)
+
+
+def notebooks_dir() -> Path | None:
+    "The `nbs/` folder of the source checkout this package runs from, if it has one."
+    spec = importlib.util.find_spec("tradelab")
+    if spec is None or spec.origin is None:
+        return None
+    here = Path(spec.origin).resolve().parent.parent / "nbs"
+    return here if (here / "quickstart.ipynb").is_file() else None
+
+
+def lab_command(args: argparse.Namespace) -> list[str]:
+    "The JupyterLab command line `tradelab lab` runs."
+    nbs = notebooks_dir()
+    if nbs is None:
+        raise UsageError("tradelab lab opens the notebooks of a source checkout; this install has none beside it "
+                         "(clone the repository and pip install -e it)")
+    cmd = [sys.executable, "-m", "jupyterlab", str(nbs / "quickstart.ipynb"), f"--ServerApp.root_dir={nbs}"]
+    cmd += [f"--port={args.port}"] if args.port else []
+    cmd += ["--no-browser"] if args.no_browser else []
+    cmd += [f"--IdentityProvider.token={args.token}"] if args.token is not None else []
+    cmd += ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []  # JupyterLab refuses root otherwise
+    return cmd + [a for a in args.jupyter_args if a != "--"]
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    "`tradelab lab`: JupyterLab on the quickstart until it is stopped (Ctrl-C)."
+    with contextlib.suppress(KeyboardInterrupt):
+        return subprocess.call(lab_command(args))
+    return 130
+
 # %% ../nbs/90_cli.ipynb #e4126238
 TUNE_OPTIONS = (
     opt("--data", type=Path, metavar="PARQUET", nargs="+", required=True, help="kline file(s) in the shared data's schema"),
@@ -581,6 +622,7 @@ class Command:
 
 # %% ../nbs/90_cli.ipynb #30cce909
 COMMANDS: dict[str, Command] = {
+    "lab": Command("open JupyterLab on the quickstart notebook (a source checkout's nbs/)", cmd_lab, LAB_OPTIONS),
     "config": Command(
         "print the effective configuration, secrets masked",
         cmd_config,
