@@ -296,3 +296,76 @@ def test_restart_in_a_new_process_catches_up_with_one_request_per_series(tmp_pat
     assert (result["requests"], result["weight"]) == (9, 9)   # one weight-1 request per series
     assert result["frames"] == truth
     assert (tmp_path / "klines.parquet").exists()
+
+
+def test_an_exchange_that_answers_short_is_asked_again_until_the_series_is_current(tmp_path):
+    "Every klines answer capped at 30 bars: the service keeps asking from where each answer ended, or says the series is stale."
+    market = synthetic_market(2, 3, seed=4)
+    start = market.span_ms[0] + 2 * DAY + 2_000
+
+    async def go():
+        async with exchange(market, start, str(tmp_path), data={"timeframes": ["1m"], "limits": {"1m": 100}}) as (
+                sim, clock, settings, client, svc):
+            sim.faults.update({"kline_cap": 30})
+            df = await svc.get_klines_incremental("SYN000USDT", "1m", limit=100)
+            first = (len(df), int(df.open_time.iloc[-1]), klines_count(sim)[0])
+            clock.advance(2 * 3600)  # two hours, 120 bars to catch up 30 at a time
+            rep = await svc.refresh(["SYN000USDT", "SYN001USDT"])
+            caught = [(f.fresh, f.last_open_ms) for f in rep.series]
+            sim.faults.update({"kline_cap": 1})
+            clock.advance(3600)  # 60 bars, 20 requests of one bar each: still behind
+            with records() as said:
+                rep = await svc.refresh(["SYN000USDT"])
+                try:
+                    await svc.get_klines_incremental("SYN001USDT", "1m", limit=100)
+                    raised = None
+                except Exception as e:  # noqa: BLE001 - the error itself is what is checked
+                    raised = e
+            assert_true_to(market, svc)
+            return first, caught, rep, [r.getMessage() for r in said if r.levelno == logging.WARNING], raised, clock.now_ms()
+
+    first, caught, rep, warnings, raised, now = asyncio.run(go())
+    newest = lambda t: (t - 2_000) // MIN * MIN - MIN  # noqa: E731 - the bar that closed last
+    assert first == (100, newest(start), 4)  # 30 + 30 + 30 + 10: four requests, the whole window
+    assert caught == [(True, newest(start + 2 * HOUR))] * 2
+    assert [f.fresh for f in rep.series] == [False] and rep.series[0].last_open_ms == newest(now) - 40 * MIN
+    assert any("answered 1 of" in w and "stale, not analysed" in w for w in warnings), warnings
+    assert type(raised).__name__ == "DataError" and "stale" in str(raised)
+
+
+def test_the_scan_never_ranks_a_symbol_whose_series_is_stale(tmp_path):
+    "Answers capped at one bar after an hour away: no series catches up, none is analysed; uncapped, all are again."
+    from tradelab.bot import TradingBot
+
+    market = synthetic_market(12, 3, seed=5)
+    clock = TestClock(market.span_ms[0] + 2 * DAY)
+
+    async def go():
+        async with SimServer(market, clock) as sim:
+            settings = load_settings(env={}, home=str(tmp_path), exchange={"base_url": sim.url, "max_retries": 0},
+                                     pool={"workers": 0},
+                                     data={"timeframes": ["15m", "5m", "1m"], "limits": {"15m": 100, "5m": 100, "1m": 100}})
+            bot = await TradingBot(settings, clock=clock).initialize()
+            analysed, real = [], bot.components.analyzer.analyze_async
+
+            async def seen(batch):  # our own analyser, wrapped to note what each scan analyses
+                analysed.append(set(batch.symbols))
+                return await real(batch)
+
+            bot.components.analyzer.analyze_async = seen
+            try:
+                recs = [await bot.scan.run_once()]
+                sim.faults.update({"kline_cap": 1})
+                clock.advance(3600)
+                recs.append(await bot.scan.run_once())
+                sim.faults.update({"kline_cap": 0})
+                clock.advance(60)
+                recs.append(await bot.scan.run_once())
+                return recs, analysed, set(bot.components.run.symbols)
+            finally:
+                await bot.stop()
+
+    recs, analysed, symbols = asyncio.run(go())
+    assert all(r.ok for r in recs) and len(symbols) == 12
+    assert [r.counts["stale_skipped"] for r in recs] == [0, 12, 0]
+    assert analysed == [symbols, set(), symbols]

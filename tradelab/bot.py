@@ -297,8 +297,9 @@ async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
     if len(c.execution.positions) or len(c.virtual):
         with stages.stage("settle"):  # the bars since the last scan, then the prices now: before anything is ranked
             await mark_books(c, StageTimes(), bars)
+    stale = {f.symbol for f in report.series if not f.fresh}  # a series behind the exchange is not analysed
     with stages.stage("analyse"):
-        signals = await c.analyzer.analyze_async(c.data.batch(c.run.symbols))
+        signals = await c.analyzer.analyze_async(c.data.batch([s for s in c.run.symbols if s not in stale]))
     with stages.stage("rank"):
         held = {p.symbol for p in c.execution.positions}
         ranked = [sig for sig in signals if sig.symbol not in held]
@@ -313,13 +314,15 @@ async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
     figures = {
         "symbols": len(c.run.symbols),
         "stale_series": len(report.stale),
+        "stale_skipped": len(stale),
         "signals": len(signals),
         "opened": len(opened),
         "refused": len(refused),
         "virtual_opened": len(followed),
         "entries_held": int(c.run.storage_fault is not None),
     }
-    c.run.counters.update({k: v for k, v in figures.items() if k in ("signals", "opened", "refused", "virtual_opened")})
+    counted = ("signals", "opened", "refused", "virtual_opened", "stale_skipped")
+    c.run.counters.update({k: v for k, v in figures.items() if k in counted})
     c.run.counters["scan_cycles"] += 1
     return figures | {"open": len(c.execution.positions), "virtual_open": len(c.virtual)}
 

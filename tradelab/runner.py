@@ -229,6 +229,7 @@ SUMMARY_MEANING = {
     "scan_cycles": "scans: universe, klines, analysis, ranking, entries",
     "monitor_cycles": "monitor ticks: one price request, every position marked",
     "failed_cycles": "cycles that ended in an error (each logged)",
+    "stale_skipped": "symbols left out of a scan because a series was behind the exchange",
     "signals": "signals that passed the confidence floor, all scans",
     "trades_opened": "paper trades opened (ranks 1..K)",
     "trades_refused": "entries the breaker or the exchange rules refused",
@@ -261,6 +262,7 @@ class RunSummary:
     scan_cycles: int
     monitor_cycles: int
     failed_cycles: int
+    stale_skipped: int
     signals: int
     trades_opened: int
     trades_refused: int
@@ -286,7 +288,8 @@ class RunSummary:
     def to_text(self) -> str:
         "The summary as a table: each figure, its value, what it means; the slowest stages last."
         d = asdict(self) | {"speed": self.speed or "as fast as it goes", "model": self.model or "none: the rule score alone",
-                            "home": self.home or "a temporary directory, removed", "seed": "none: a real market" if self.seed is None else self.seed}
+                            "home": self.home or "a temporary directory, removed",
+                            "seed": "none: a real market" if self.seed is None else self.seed}
         rows = [(k.replace("_", " "), str(d[k]), SUMMARY_MEANING[k]) for k in SUMMARY_MEANING]
         w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
         lines = [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
@@ -327,6 +330,7 @@ def _summary(bot: TradingBot, opts: DemoOptions, wall_s: float, seed: int | None
         scan_cycles=bot.scan.cycles,
         monitor_cycles=bot.monitor.cycles,
         failed_cycles=bot.scan.failures + bot.monitor.failures,
+        stale_skipped=n["stale_skipped"],
         signals=n["signals"],
         trades_opened=n["opened"],
         trades_refused=n["refused"],

@@ -27,10 +27,10 @@ from ..exchange.governor import kline_weight
 from ..records import Klines, AnalysisBatch, SeriesBatch
 
 # %% auto #0
-__all__ = ['log', 'INCREMENTAL_LIMIT', 'expected_open_ms', 'volatility_ttl_s', 'Due', 'SeriesState', 'due_reason', 'plan_refresh',
-           'FetchPlan', 'plan_fetch', 'series_plan', 'SeriesFreshness', 'RefreshReport', 'freshness', 'series_outcome',
-           'store_answer', 'AnomalyNotes', 'SharedTasks', 'KlineFetcher', 'bridgeable', 'restore', 'WarmCache',
-           'SeriesBook', 'MarketView', 'DataService']
+__all__ = ['log', 'INCREMENTAL_LIMIT', 'CATCH_UP_ROUNDS', 'expected_open_ms', 'volatility_ttl_s', 'Due', 'SeriesState',
+           'due_reason', 'plan_refresh', 'FetchPlan', 'plan_fetch', 'series_plan', 'SeriesFreshness', 'RefreshReport',
+           'freshness', 'series_outcome', 'store_answer', 'AnomalyNotes', 'SharedTasks', 'KlineFetcher', 'bridgeable',
+           'restore', 'WarmCache', 'SeriesBook', 'MarketView', 'DataService']
 
 # %% ../../nbs/data/15_service.ipynb #8a81e23c
 log = logging.getLogger(__name__)
@@ -286,6 +286,10 @@ class SharedTasks:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 # %% ../../nbs/data/15_service.ipynb #62e80d3a
+CATCH_UP_ROUNDS = 20
+"Requests one series may send in a cycle to catch up with an exchange that answers fewer bars than asked."
+
+
 class KlineFetcher:
     "The klines requests of a data service: one per series in flight, at most `max_concurrency` at once; answers stored."
 
@@ -310,9 +314,26 @@ class KlineFetcher:
         return self.tasks.run(st.key, lambda: self._update(st, due), f"klines {st.symbol} {st.interval}")
 
     async def _update(self, st: SeriesState, due: Due) -> SeriesFreshness:
+        now = self.clock.now_ms()
+        for _ in range(CATCH_UP_ROUNDS):  # a short answer while more bars have closed: ask again from where it ended
+            expected, asked, got, added = await self._request(st)
+            if st.buf.last_open >= expected - st.step_ms or not added:  # current, or only the newest late: next cycle
+                break
+        st.checked_ms = self.verified[st.symbol] = now
+        st.ttl_ms = int(1000 * volatility_ttl_s(st.buf.volatility(), self.data.ttl_floor_s, self.data.ttl_ceiling_s))
+        behind = (expected - st.buf.last_open) // st.step_ms
+        if behind > 1:
+            when = f"{pd.Timestamp(expected, unit='ms', tz='UTC'):%Y-%m-%d %H:%M} UTC"
+            self.notes.note(st, "behind", behind, f"the exchange answered {got} of {asked} bars asked, ending {behind} closed "
+                            f"bar(s) short of {when}: stale, not analysed, until an answer reaches it")
+        elif behind == 1:
+            self.notes.note(st, "late")
+        return freshness(st, now, self.delay_ms, due, True, added)
+
+    async def _request(self, st: SeriesState) -> tuple[int, int, int, int]:
+        "One klines request for `st`, stored: (the newest bar expected, bars asked, bars answered, bars added)."
         async with self._sem:
-            now = self.clock.now_ms()
-            expected = expected_open_ms(now, st.interval, self.delay_ms)
+            expected = expected_open_ms(self.clock.now_ms(), st.interval, self.delay_ms)
             plan = series_plan(st, expected)
             self.requests += 1
             self.weight += plan.weight
@@ -320,11 +341,7 @@ class KlineFetcher:
         added, found = store_answer(st, k, plan, self.clock.now_ms())
         for kind, n in found.items():
             self.notes.note(st, kind, n)
-        st.checked_ms = self.verified[st.symbol] = now
-        st.ttl_ms = int(1000 * volatility_ttl_s(st.buf.volatility(), self.data.ttl_floor_s, self.data.ttl_ceiling_s))
-        if st.buf.last_open < expected:
-            self.notes.note(st, "late")
-        return freshness(st, now, self.delay_ms, due, True, added)
+        return expected, plan.limit, len(k), added
 
     def outcome(self, st: SeriesState, now_ms: int, due: Due, result: object) -> SeriesFreshness:
         "What a refresh reports for `st` (`series_outcome`); a failed request is noted too."
@@ -514,13 +531,23 @@ class DataService(MarketView):
         "The last `limit` closed bars of a series, ascending by `open_time` (a request only when one can be new)."
         st = self.book.state(symbol, interval, limit)
         _raise_first((await self.fetcher.bring_up([st]))[1])
+        self._current(st)
         return st.buf.view(limit).to_frame()
 
     async def get_multi_timeframe_data(self, symbol: str) -> dict[str, pd.DataFrame]:
         "`{timeframe: DataFrame}` for `data.timeframes`, each with its configured limit, fetched concurrently."
         states = self.book.scan([symbol])
         _raise_first((await self.fetcher.bring_up(states))[1])
+        for st in states:
+            self._current(st)
         return {st.interval: st.buf.view(st.buf.keep).to_frame() for st in states}
+
+    def _current(self, st: SeriesState) -> None:
+        "`DataError` if `st` lacks more than its newest closed bar (which the exchange may not have published yet)."
+        expected = expected_open_ms(self.clock.now_ms(), st.interval, self.fetcher.delay_ms)
+        if (behind := (expected - st.buf.last_open) // st.step_ms) > 1:
+            raise DataError(f"{st.symbol} {st.interval}: the exchange's answers end {behind} closed bars short of now; "
+                            "the series is stale (asked again next time)")
 
     async def refresh(self, symbols: Sequence[str]) -> RefreshReport:
         "Bring every (symbol, timeframe) of a scan up to date; per-series errors are reported, not raised."

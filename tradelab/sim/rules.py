@@ -115,6 +115,7 @@ class Faults:
     duplicate_rate: float = 0.0
     disorder_rate: float = 0.0
     missing_rate: float = 0.0
+    kline_cap: int = 0
     force_status: int | None = None
     seed: int = 0
 
@@ -126,6 +127,7 @@ class Faults:
         checks = [(n, 0 <= getattr(self, n) <= 1, "in [0, 1]") for n in _RATES] + [
             ("latency_ms", 0 <= self.latency_ms <= 60_000, "in [0, 60000]"),
             ("timeout_s", 0 < self.timeout_s <= 120, "in (0, 120]"),
+            ("kline_cap", 0 <= self.kline_cap <= 1500, "in [0, 1500] (0: no cap)"),
             ("force_status", self.force_status in (None, 429, 418), "429, 418 or null"),
         ]
         for name, ok, allowed in checks:

@@ -94,6 +94,8 @@ def _klines(sim: SimServer, q, now: int) -> list[str]:
         raise Rejected(400, -1120, "Invalid interval.")
     start, end = param_int(q, "startTime"), param_int(q, "endTime")
     limit = param_int(q, "limit", 1, 1500) or 500
+    if sim.faults.kline_cap:  # an exchange that answers fewer bars than asked
+        limit = min(limit, int(sim.faults.kline_cap))
     if start is not None and end is not None and start > end:
         raise Rejected(400, -1023, "Start time is greater than end time.")
     return sim.replay.klines(symbol, interval, now, start, end, limit)
