@@ -146,3 +146,49 @@ def test_breaker_losing_streak_refuses_and_restores(tmp_path):
         assert again.restore() and again.to_dict() == b.to_dict()
         again.on_trade_closed(+50.0, bal + 50)
         assert again.level is Level.HALTED and not again.check_entry("ETHUSDT").allowed
+
+
+def test_paper_and_virtual_positions_pay_each_symbols_settled_funding(tmp_path):
+    "Across 08:00 UTC every open position, real or virtual, is charged its own symbol's rate, as premiumIndex gives it."
+    from tradelab.bot import TradingBot
+    from tradelab.config import load_settings
+
+    market = synthetic_market(20, 4, seed=9)
+    t_fund = (market.span_ms[0] // (8 * 3_600_000) + 8) * 8 * 3_600_000  # a funding time with history before it
+    clock = TestClock(t_fund - 40 * 60_000)
+
+    async def go():
+        async with SimServer(market, clock) as sim:
+            s = load_settings(env={}, home=str(tmp_path), exchange={"base_url": sim.url, "max_retries": 0}, pool={"workers": 0},
+                              strategy={"min_confidence": 0.4}, trading={"expiry_s": 86_400.0},
+                              data={"timeframes": ["15m", "5m", "1m"], "limits": {"15m": 100, "5m": 100, "1m": 100}})
+            bot = await TradingBot(s, clock=clock).initialize()
+            c = bot.components
+            try:
+                while clock.now_ms() < t_fund - 60_000:
+                    assert (await bot.scan.run_once()).ok and (await bot.monitor.run_once()).ok
+                    clock.advance(60)
+                held = [*c.execution.positions, *c.virtual.positions]
+                before = {p.id: (p.funding, p.size, int(p.side)) for p in held}
+                requests = sim.stats()["endpoints"].get("/fapi/v1/premiumIndex", {}).get("requests", 0)
+                clock.set_ms(t_fund + 5_000)
+                assert (await bot.monitor.run_once()).ok
+                c.virtual.book.sync()
+                marks = {p.id: p.mark for p in [*c.execution.marked_positions(), *c.virtual.positions]}
+                after = {p.id: p.funding for p in [*c.execution.positions, *c.virtual.positions]}
+                asked = sim.stats()["endpoints"].get("/fapi/v1/premiumIndex", {}).get("requests", 0) - requests
+                clock.advance(10)
+                assert (await bot.monitor.run_once()).ok  # no funding time since: not asked again
+                again = sim.stats()["endpoints"]["/fapi/v1/premiumIndex"]["requests"] - requests
+                return held, before, after, marks, asked, again
+            finally:
+                await bot.stop()
+
+    held, before, after, marks, asked, again = asyncio.run(go())
+    still = [p for p in held if p.id in after]
+    assert len(still) >= 3 and (asked, again) == (1, 1)
+    rates = {p.symbol: round(market.funding_rate(p.symbol, t_fund), 8) for p in still}  # as premiumIndex prints it
+    assert len(set(rates.values())) > 1  # each symbol its own rate
+    for p in still:
+        f0, size, side = before[p.id]
+        assert after[p.id] - f0 == pytest.approx(-side * rates[p.symbol] * marks[p.id] * size, rel=1e-9), p.symbol

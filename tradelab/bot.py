@@ -36,7 +36,7 @@ from .loops import CycleRecord, Loop
 from .storage.performance import PerformanceManager
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .analysis.strategy import scorer_named
-from .trading.positions import BarExtremes, Kind, Position
+from .trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Kind, Position
 from .records import PriceSnapshot, Signal, SymbolInfo
 from .trading.risk import BreakerStore, CircuitBreaker, catch_up, hear_closes, open_ranked
 from .storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
@@ -48,8 +48,9 @@ from .trading.virtual import VirtualPositionManager
 __all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot',
            'RunState', 'Components', 'paper_balance', 'start_step', 'check_intervals', 'build_components',
            'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap', 'store_real_marks', 'record_closes',
-           'update_breaker', 'storage_failed', 'storage_recovered', 'storage_watch', 'mark_books', 'monitor_once',
-           'closed_bar_extremes', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real', 'BotControl']
+           'update_breaker', 'storage_failed', 'storage_recovered', 'storage_watch', 'funding_due', 'mark_books',
+           'monitor_once', 'closed_bar_extremes', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real',
+           'BotControl']
 
 # %% ../nbs/50_bot.ipynb #cfe32644
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class RunState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     storage_fault: str | None = None
     bars_ms: int | None = None  # open time of the last fast bar whose high and low the books have seen
+    funding_ms: int | None = None  # when the settled funding rates were last asked for
 
 # %% ../nbs/50_bot.ipynb #e16127d7
 @dataclass(eq=False)
@@ -396,18 +398,34 @@ def storage_watch(c: Components) -> Iterator[None]:
         storage_failed(c, e)
         raise
 
+# %% ../nbs/50_bot.ipynb #8c41fdd4
+async def funding_due(c: Components) -> dict[str, float] | None:
+    "The exchange's settled funding rates, asked once after each funding time while positions are open; else None."
+    now, last = c.clock.now_ms(), c.run.funding_ms
+    if last is not None and now // FUNDING_INTERVAL_MS == last // FUNDING_INTERVAL_MS:
+        return None
+    c.run.funding_ms = now
+    if not (len(c.execution.positions) or len(c.virtual)):
+        return None
+    try:
+        return await c.client.funding_rates()
+    except (*TRANSIENT, ExchangeRejected) as e:
+        log.warning("funding rates unavailable (%s); this funding time is charged at trading.funding_rate", e)
+        return None
+
 # %% ../nbs/50_bot.ipynb #2ebbe23c
 async def mark_books(c: Components, stages: StageTimes, bars: BarExtremes | None = None) -> dict[str, object]:
     "One price request, every position marked (after `bars`, if given), closes archived, breaker updated."
     tap, fault = SnapshotTap(c.client), None
+    rates = await funding_due(c)
     with stages.stage("virtual"):
         try:
-            closed_virtual = await c.virtual.update_all_prices_async(tap, bars)
+            closed_virtual = await c.virtual.update_all_prices_async(tap, bars, funding_rates=rates)
         except StorageError as e:  # the prices came; the real positions are still marked and closed below
             closed_virtual, fault = [], e
     async with c.run.lock:
         with stages.stage("real"):
-            closed_real = await c.execution.update(tap.last, bar_extremes=bars)
+            closed_real = await c.execution.update(tap.last, bar_extremes=bars, funding_rates=rates)
         with stages.stage("marks"):
             await asyncio.to_thread(store_real_marks, c)
     with stages.stage("performance"):

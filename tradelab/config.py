@@ -195,7 +195,7 @@ class TradingSettings(_Section):
     slippage_bps: float = Field(2.0, ge=0, le=500)
     expiry_s: float = Field(24 * 3600.0, gt=0, le=90 * 86_400, description="a position expires after this long (at most 90 days)")
     funding_rate: float = Field(
-        0.0001, ge=-0.03, le=0.03, description="funding per 8 h for paper and virtual positions when premiumIndex is not used"
+        0.0001, ge=-0.03, le=0.03, description="funding per 8 h for paper and virtual positions where the exchange gives no rate"
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -38,17 +39,18 @@ from .signing import Credentials, encode_query
 from ..records import Klines, PriceSnapshot, SymbolInfo, parse_klines
 
 # %% auto #0
-__all__ = ['log', 'EXCHANGE_INFO', 'KLINES', 'TIME', 'TICKER_PRICE', 'TICKER_24H', 'CODE_ERRORS', 'parse_symbol', 'ExchangeInfo',
-           'parse_exchange_info', 'parse_prices', 'Tickers24h', 'parse_tickers_24h', 'error_for', 'decode_json',
-           'check_symbol', 'kline_params', 'closed_bars', 'open_session', 'transport_error', 'HttpSession', 'may_retry',
-           'RequestLoop', 'ClockSync', 'parse_server_time', 'best_sync', 'ClientStats', 'BinanceConnection',
-           'BinanceClient']
+__all__ = ['log', 'EXCHANGE_INFO', 'KLINES', 'TIME', 'TICKER_PRICE', 'TICKER_24H', 'PREMIUM_INDEX', 'CODE_ERRORS', 'parse_symbol',
+           'ExchangeInfo', 'parse_exchange_info', 'parse_prices', 'Tickers24h', 'parse_tickers_24h',
+           'parse_funding_rates', 'error_for', 'decode_json', 'check_symbol', 'kline_params', 'closed_bars',
+           'open_session', 'transport_error', 'HttpSession', 'may_retry', 'RequestLoop', 'ClockSync',
+           'parse_server_time', 'best_sync', 'ClientStats', 'BinanceConnection', 'BinanceClient']
 
 # %% ../../nbs/exchange/05_client.ipynb #19c5b9cc
 log = logging.getLogger(__name__)
 
 EXCHANGE_INFO, KLINES, TIME = "/fapi/v1/exchangeInfo", "/fapi/v1/klines", "/fapi/v1/time"
 TICKER_PRICE, TICKER_24H = "/fapi/v2/ticker/price", "/fapi/v1/ticker/24hr"
+PREMIUM_INDEX = "/fapi/v1/premiumIndex"
 _NEEDED_FILTERS = ("PRICE_FILTER", "LOT_SIZE", "MARKET_LOT_SIZE", "MIN_NOTIONAL")
 
 # %% ../../nbs/exchange/05_client.ipynb #2fcbff26
@@ -187,6 +189,19 @@ def parse_tickers_24h(payload: Any, endpoint: str = f"GET {TICKER_24H}") -> Tick
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise MalformedResponse(f"undecodable 24-hour ticker entries ({e})", endpoint=endpoint) from e
+
+# %% ../../nbs/exchange/05_client.ipynb #dfb25347
+def parse_funding_rates(payload: Any, endpoint: str = f"GET {PREMIUM_INDEX}") -> dict[str, float]:
+    "Symbol -> the funding rate it settled last, from an all-symbol `premiumIndex` answer."
+    if not isinstance(payload, list):
+        raise MalformedResponse(f"expected a list, got {type(payload).__name__}", endpoint=endpoint)
+    try:
+        rates = {e["symbol"]: float(e["lastFundingRate"]) for e in payload if e.get("lastFundingRate") not in (None, "")}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MalformedResponse(f"undecodable premiumIndex entries ({e})", endpoint=endpoint) from e
+    if not all(math.isfinite(r) and abs(r) < 0.1 for r in rates.values()):
+        raise MalformedResponse("a funding rate outside (-10 %, 10 %)", endpoint=endpoint)
+    return rates
 
 # %% ../../nbs/exchange/05_client.ipynb #ffcbe00a
 CODE_ERRORS: Mapping[int, type[ExchangeError]] = MappingProxyType(
@@ -513,6 +528,10 @@ class BinanceClient(BinanceConnection):
         "Every last price in ONE request (weight 2)."
         parse = lambda payload, sent_ms: parse_prices(payload, sent_ms, self.stale_price_ms)
         return (await self._requests.request(TICKER_PRICE, parse=parse))[0]
+
+    async def funding_rates(self) -> dict[str, float]:
+        "Every perpetual's last settled funding rate in one request (weight 10)."
+        return (await self._requests.request(PREMIUM_INDEX, parse=lambda payload, _: parse_funding_rates(payload)))[0]
 
     async def tickers_24h(self) -> Tickers24h:
         "Every contract's 24-hour statistics in one request (weight 40): for the universe, not every cycle."

@@ -46,6 +46,7 @@ ONE_OR_ALL = MappingProxyType(
         "/fapi/v2/ticker/price": (1, 2),
         "/fapi/v1/ticker/24hr": (1, 40),
         "/fapi/v1/ticker/bookTicker": (2, 5),
+        "/fapi/v1/premiumIndex": (1, 10),
     }
 )
 FIXED_WEIGHT = MappingProxyType({"/fapi/v1/ping": 1, "/fapi/v1/time": 1, "/fapi/v1/exchangeInfo": 1})

@@ -152,7 +152,8 @@ FUNDING_MS = 8 * 3_600_000
 # %% ../../nbs/sim/12_server.ipynb #2e9d3f20
 def _premium_index(sim: SimServer, q, now: int) -> bytes:
     symbol, prices = param_symbol(q, sim.market, required=False), sim.replay.last_prices(now)
-    nxt = (now // FUNDING_MS + 1) * FUNDING_MS  # 00:00, 08:00, 16:00 UTC
+    last = now // FUNDING_MS * FUNDING_MS
+    nxt = last + FUNDING_MS  # 00:00, 08:00, 16:00 UTC
 
     def row(s):
         px = f"{prices[s][0]:.8f}"
@@ -161,7 +162,7 @@ def _premium_index(sim: SimServer, q, now: int) -> bytes:
             "markPrice": px,
             "indexPrice": px,
             "estimatedSettlePrice": px,
-            "lastFundingRate": "0.00010000",
+            "lastFundingRate": f"{sim.market.funding_rate(s, last):.8f}",
             "interestRate": "0.00010000",
             "nextFundingTime": nxt,
             "time": now,

@@ -21,9 +21,9 @@ from ..errors import ConfigError, DataError
 from ..records import Klines, SymbolInfo
 
 # %% auto #0
-__all__ = ['SERIES_COLUMNS', 'EXTRA_COLUMNS', 'interval_name', 'Series', 'aggregate', 'generated_filters', 'generated_entry',
-           'symbol_info', 'bar_decimals', 'base_interval_of', 'start_with_history', 'MarketSource',
-           'read_exchange_entries', 'load_parquet_market']
+__all__ = ['SERIES_COLUMNS', 'EXTRA_COLUMNS', 'FUNDING_MS', 'BASE_FUNDING', 'MAX_FUNDING', 'interval_name', 'Series', 'aggregate',
+           'generated_filters', 'generated_entry', 'symbol_info', 'bar_decimals', 'base_interval_of',
+           'start_with_history', 'MarketSource', 'read_exchange_entries', 'load_parquet_market']
 
 # %% ../../nbs/sim/10_source.ipynb #58b3d387
 def interval_name(ms: int) -> str:
@@ -247,6 +247,10 @@ def start_with_history(start_ms: int, end_ms: int, intervals: Sequence[str], his
     return start_ms + int(room) // base * base
 
 # %% ../../nbs/sim/10_source.ipynb #8a4c4da8
+FUNDING_MS, BASE_FUNDING, MAX_FUNDING = 8 * 3_600_000, 0.0001, 0.003
+"Funding every 8 h; the simulated rate: 0.01 % in a flat market, within +-0.3 %."
+
+
 class MarketSource:
     "Base-interval bars and `exchangeInfo` entries per symbol; coarser intervals aggregated lazily."
 
@@ -270,6 +274,14 @@ class MarketSource:
             raise DataError(f"{self.source}: unknown symbol {symbol!r}")
         s = self._series[key] = aggregate(self._series[(symbol, self.base_interval)], key[1])
         return s
+
+    def funding_rate(self, symbol: str, at_ms: int) -> float:
+        "The rate `symbol` settles at the funding time `at_ms`: 0.01 % plus a hundredth of its move over the 8 h before."
+        b = self.series(symbol)
+        i, j = (int(np.searchsorted(b.open_time, t, "left")) for t in (at_ms - FUNDING_MS, at_ms))
+        if j <= i:
+            return BASE_FUNDING
+        return float(np.clip(BASE_FUNDING + 0.01 * (b.close[j - 1] / b.open[i] - 1), -MAX_FUNDING, MAX_FUNDING))
 
     def decimals(self, symbol: str) -> tuple[int, int]:
         "(price, quantity) decimals for printing this symbol's bars."
