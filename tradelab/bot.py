@@ -279,7 +279,8 @@ async def refresh_universe(c: Components) -> tuple[str, ...]:
     if c.universe.refreshes != before:
         if c.run.symbols:
             await c.client.sync_clock()
-        log.info("universe: %d symbols, the top %d by 24 h quote volume", len(symbols), c.settings.universe.top_n)
+        log.info("universe: %d symbols, %s", len(symbols), "every TRADING perpetual" if c.settings.universe.top_n is None
+                 else f"the top {c.settings.universe.top_n} by 24 h quote volume")
     c.run.symbols = symbols
     return symbols
 

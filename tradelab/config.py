@@ -117,7 +117,7 @@ class DataSettings(_Section):
 class UniverseSettings(_Section):
     "Which symbols a scan covers."
 
-    top_n: int = Field(100, gt=0, le=1000)
+    top_n: int | None = Field(None, gt=0, le=2000, description="the most liquid N; None: every TRADING perpetual of the quote")
     quote: str = "USDT"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

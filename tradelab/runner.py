@@ -129,7 +129,7 @@ def run_headless(settings: Settings) -> int:
     start_ms = bot.clock.now_ms()
 
     def summarise(b: TradingBot) -> None:
-        opts = DemoOptions((b.clock.now_ms() - start_ms) / 3_600_000, 1.0, settings.universe.top_n, home=settings.home_dir)
+        opts = DemoOptions((b.clock.now_ms() - start_ms) / 3_600_000, 1.0, home=settings.home_dir)
         said.append(_summary(b, opts, time.perf_counter() - t0))
 
     code = asyncio.run(serve(bot, before_stop=summarise))

@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ from ..exchange.governor import kline_weight
 from ..records import Klines, AnalysisBatch, SeriesBatch
 
 # %% auto #0
-__all__ = ['log', 'INCREMENTAL_LIMIT', 'CATCH_UP_ROUNDS', 'expected_open_ms', 'volatility_ttl_s', 'Due', 'SeriesState',
-           'due_reason', 'plan_refresh', 'FetchPlan', 'plan_fetch', 'series_plan', 'SeriesFreshness', 'RefreshReport',
-           'freshness', 'series_outcome', 'store_answer', 'AnomalyNotes', 'SharedTasks', 'KlineFetcher', 'bridgeable',
-           'restore', 'WarmCache', 'SeriesBook', 'MarketView', 'DataService']
+__all__ = ['log', 'INCREMENTAL_LIMIT', 'FILL_REPORT_AT', 'REPORT_EVERY_S', 'CATCH_UP_ROUNDS', 'expected_open_ms',
+           'volatility_ttl_s', 'Due', 'SeriesState', 'due_reason', 'plan_refresh', 'FetchPlan', 'plan_fetch',
+           'series_plan', 'SeriesFreshness', 'RefreshReport', 'freshness', 'series_outcome', 'store_answer',
+           'AnomalyNotes', 'SharedTasks', 'reported', 'KlineFetcher', 'bridgeable', 'restore', 'WarmCache',
+           'SeriesBook', 'MarketView', 'DataService']
 
 # %% ../../nbs/data/15_service.ipynb #8a81e23c
 log = logging.getLogger(__name__)
@@ -286,8 +287,22 @@ class SharedTasks:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 # %% ../../nbs/data/15_service.ipynb #62e80d3a
+FILL_REPORT_AT, REPORT_EVERY_S = 300, 10.0
+"A refresh of this many series or more (a first fill of the whole market) says how far it is, every so many seconds."
 CATCH_UP_ROUNDS = 20
 "Requests one series may send in a cycle to catch up with an exchange that answers fewer bars than asked."
+
+
+async def reported(work: Sequence[Awaitable[Any]], what: str, every_s: float = REPORT_EVERY_S) -> list[Any]:
+    "`gather(*work, return_exceptions=True)`, with an INFO line every `every_s` seconds saying how many are done."
+    futures = [asyncio.ensure_future(w) for w in work]
+    log.info("%d %s to come, paced under the weight budget", len(futures), what.split()[0])
+    pending = set(futures)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=every_s)
+        if pending:
+            log.info("%d of %d %s", len(futures) - len(pending), len(futures), what)
+    return [f.exception() or f.result() if not f.cancelled() else asyncio.CancelledError() for f in futures]
 
 
 class KlineFetcher:
@@ -306,7 +321,9 @@ class KlineFetcher:
         "Request the due series among `states`; (the time planned at, key -> (why, freshness or the exception raised))."
         now = self.clock.now_ms()
         due = plan_refresh(states, now, self.delay_ms, self.verified)
-        results = await asyncio.gather(*(self.fetch(st, d) for st, d in due), return_exceptions=True)
+        work = [self.fetch(st, d) for st, d in due]
+        results = await (reported(work, "series fetched") if len(work) >= FILL_REPORT_AT else
+                         asyncio.gather(*work, return_exceptions=True))
         return now, {st.key: (d, r) for (st, d), r in zip(due, results, strict=True)}
 
     def fetch(self, st: SeriesState, due: Due) -> asyncio.Future[Any]:

@@ -44,12 +44,12 @@ class UniverseSnapshot:
 def rank_universe(
     tradable: Collection[str],
     tickers: Tickers24h,
-    top_n: int,
+    top_n: int | None,
     include: Collection[str] = (),
     exclude: Collection[str] = (),
     as_of_ms: int = 0,
 ) -> UniverseSnapshot:
-    "Tradable symbols by 24h quote volume: every `include`d one, the most liquid others up to `top_n`, no `exclude`d one."
+    "Tradable symbols by 24h quote volume: every `include`d one, the most liquid others up to `top_n` (None: all), no `exclude`d."
     names = np.array(sorted(tradable), dtype=object)
     idx = {s: i for i, s in enumerate(tickers.symbols)}
     pos = np.array([idx.get(s, -1) for s in names], dtype=np.int64)
@@ -59,7 +59,8 @@ def rank_universe(
     forced = np.isin(names, list(include)) & ~excluded
     order = np.lexsort((names, -qv))  # by volume, then by name
     keep = forced.copy()
-    keep[order[~forced[order] & ~excluded[order]][: max(0, top_n - int(forced.sum()))]] = True
+    room = len(names) if top_n is None else max(0, top_n - int(forced.sum()))
+    keep[order[~forced[order] & ~excluded[order]][:room]] = True
     chosen = order[keep[order]]
     unknown = tuple(sorted((set(include) | set(exclude)) - set(tradable)))
     return UniverseSnapshot(tuple(names[chosen]), qv[chosen], int(as_of_ms), len(names), unknown)
@@ -76,7 +77,7 @@ class Universe:
         self.refreshes = 0
 
     def __repr__(self):
-        return f"Universe(top {self.settings.top_n}, {self._snapshot!r})"
+        return f"Universe({'all' if self.settings.top_n is None else f'top {self.settings.top_n}'}, {self._snapshot!r})"
 
     def _fresh(self) -> UniverseSnapshot | None:
         "The last snapshot while it is younger than `universe.refresh_s`, else None."
