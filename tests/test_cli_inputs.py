@@ -54,7 +54,7 @@ def test_help_and_version_answer_at_every_level():
 
 
 def test_an_unknown_command_option_or_benchmark_is_a_usage_error():
-    one_line(tradelab("frobnicate"), "usage error", "unknown command 'frobnicate'", "commands: lab, config, bench")
+    one_line(tradelab("frobnicate"), "usage error", "unknown command 'frobnicate'", "commands: lab, docs, config, bench")
     one_line(tradelab("bench", "nothing"), "usage error", "unknown benchmark 'nothing'", "backtest")
     one_line(tradelab("demo", "--nope"), "usage error", "tradelab demo: unrecognized arguments: --nope", "--help")
     one_line(tradelab("backtest"), "usage error", "--data")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "tradelab"
-ROOT_MODULES = {"__init__", "_modidx", "errors", "config", "clock", "records", "timing", "loops", "bot", "runner", "cli", "panel"}
+ROOT_MODULES = {"__init__", "_modidx", "errors", "config", "clock", "records", "timing", "loops", "bot", "runner", "cli", "panel",
+                "docs"}
 SUBPACKAGES = ("exchange", "sim", "data", "analysis", "trading", "storage", "backtest", "bench")
 
 

@@ -34,11 +34,11 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
 
 # %% auto #0
 __all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'LAB_OPTIONS',
-           'TUNE_OPTIONS', 'COMMANDS', 'LOG_FORMAT', 'Option', 'opt', 'int_list', 'name_list', 'positive', 'Parser',
-           'parser', 'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config', 'bench_overview',
-           'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run', 'BarSafeHandler',
-           'demo_log', 'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'notebooks_dir',
-           'lab_command', 'cmd_lab', 'cmd_tune', 'Command', 'package_version', 'main']
+           'DOCS_OPTIONS', 'TUNE_OPTIONS', 'COMMANDS', 'LOG_FORMAT', 'Option', 'opt', 'int_list', 'name_list',
+           'positive', 'Parser', 'parser', 'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config',
+           'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run',
+           'BarSafeHandler', 'demo_log', 'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest',
+           'notebooks_dir', 'lab_command', 'cmd_lab', 'cmd_docs', 'cmd_tune', 'Command', 'package_version', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -571,6 +571,23 @@ def cmd_lab(args: argparse.Namespace) -> int:
         return subprocess.call(lab_command(args))
     return 130
 
+# %% ../nbs/90_cli.ipynb #6b6be71f
+DOCS_OPTIONS = (opt("--out", type=Path, help="the site's folder (default: _docs beside nbs/)"),)
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    "`tradelab docs`: the site of the checkout's notebooks; status 1 if a link is broken."
+    from tradelab.docs import build_docs  # nbconvert: only for this command
+
+    nbs = notebooks_dir()
+    if nbs is None:
+        raise UsageError("tradelab docs builds the notebooks of a source checkout; this install has none beside it")
+    site = build_docs(nbs, args.out or nbs.parent / "_docs")
+    for page, link in site.broken:
+        print(f"broken link in {page}: {link}", file=sys.stderr)
+    print(f"{len(site.pages)} pages in {site.out}; open {site.out / 'index.html'}")
+    return 1 if site.broken else 0
+
 # %% ../nbs/90_cli.ipynb #e4126238
 TUNE_OPTIONS = (
     opt("--data", type=Path, metavar="PARQUET", nargs="+", required=True, help="kline file(s) in the shared data's schema"),
@@ -623,6 +640,7 @@ class Command:
 # %% ../nbs/90_cli.ipynb #30cce909
 COMMANDS: dict[str, Command] = {
     "lab": Command("open JupyterLab on the quickstart notebook (a source checkout's nbs/)", cmd_lab, LAB_OPTIONS),
+    "docs": Command("build the documentation site: every notebook as a page, an index, links checked", cmd_docs, DOCS_OPTIONS),
     "config": Command(
         "print the effective configuration, secrets masked",
         cmd_config,

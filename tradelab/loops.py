@@ -178,8 +178,7 @@ class Loop(CycleRunner):
             self.on_fatal(self, e)
 
     @property
-    def hold_until_ms(self) -> int:
-        "Until when a rate limit holds the loop's next cycle (0: no hold)."
+    def hold_until_ms(self) -> int:  # until when a rate limit holds the next cycle (0: no hold)
         return self._hold_until_ms
 
     @property

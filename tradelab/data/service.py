@@ -27,11 +27,11 @@ from ..exchange.governor import kline_weight
 from ..records import Klines, AnalysisBatch, SeriesBatch
 
 # %% auto #0
-__all__ = ['log', 'INCREMENTAL_LIMIT', 'FILL_REPORT_AT', 'REPORT_EVERY_S', 'CATCH_UP_ROUNDS', 'expected_open_ms',
+__all__ = ['log', 'INCREMENTAL_LIMIT', 'CATCH_UP_ROUNDS', 'FILL_REPORT_AT', 'REPORT_EVERY_S', 'expected_open_ms',
            'volatility_ttl_s', 'Due', 'SeriesState', 'due_reason', 'plan_refresh', 'FetchPlan', 'plan_fetch',
            'series_plan', 'SeriesFreshness', 'RefreshReport', 'freshness', 'series_outcome', 'store_answer',
-           'AnomalyNotes', 'SharedTasks', 'reported', 'KlineFetcher', 'bridgeable', 'restore', 'WarmCache',
-           'SeriesBook', 'MarketView', 'DataService']
+           'AnomalyNotes', 'SharedTasks', 'reported', 'lag_note', 'KlineFetcher', 'bridgeable', 'restore', 'WarmCache',
+           'SeriesBook', 'MarketView', 'current_or_raise', 'DataService']
 
 # %% ../../nbs/data/15_service.ipynb #8a81e23c
 log = logging.getLogger(__name__)
@@ -286,11 +286,11 @@ class SharedTasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-# %% ../../nbs/data/15_service.ipynb #62e80d3a
-FILL_REPORT_AT, REPORT_EVERY_S = 300, 10.0
-"A refresh of this many series or more (a first fill of the whole market) says how far it is, every so many seconds."
+# %% ../../nbs/data/15_service.ipynb #6cea8b43
 CATCH_UP_ROUNDS = 20
 "Requests one series may send in a cycle to catch up with an exchange that answers fewer bars than asked."
+FILL_REPORT_AT, REPORT_EVERY_S = 300, 10.0
+"A refresh of this many series or more (a first fill of the whole market) says how far it is, every so many seconds."
 
 
 async def reported(work: Sequence[Awaitable[Any]], what: str, every_s: float = REPORT_EVERY_S) -> list[Any]:
@@ -305,6 +305,17 @@ async def reported(work: Sequence[Awaitable[Any]], what: str, every_s: float = R
     return [f.exception() or f.result() if not f.cancelled() else asyncio.CancelledError() for f in futures]
 
 
+
+def lag_note(st: SeriesState, expected: int, asked: int, got: int) -> tuple[str, int, str | None]:
+    "What to note of a series after its answers: behind by more than the newest bar, the newest late, or nothing."
+    behind = (expected - st.buf.last_open) // st.step_ms
+    if behind <= 1:
+        return ("late", 1, None) if behind == 1 else ("", 0, None)
+    when = f"{pd.Timestamp(expected, unit='ms', tz='UTC'):%Y-%m-%d %H:%M} UTC"
+    return "behind", int(behind), (f"the exchange answered {got} of {asked} bars asked, ending {behind} closed bar(s) short "
+                                   f"of {when}: stale, not analysed, until an answer reaches it")
+
+# %% ../../nbs/data/15_service.ipynb #62e80d3a
 class KlineFetcher:
     "The klines requests of a data service: one per series in flight, at most `max_concurrency` at once; answers stored."
 
@@ -338,13 +349,9 @@ class KlineFetcher:
                 break
         st.checked_ms = self.verified[st.symbol] = now
         st.ttl_ms = int(1000 * volatility_ttl_s(st.buf.volatility(), self.data.ttl_floor_s, self.data.ttl_ceiling_s))
-        behind = (expected - st.buf.last_open) // st.step_ms
-        if behind > 1:
-            when = f"{pd.Timestamp(expected, unit='ms', tz='UTC'):%Y-%m-%d %H:%M} UTC"
-            self.notes.note(st, "behind", behind, f"the exchange answered {got} of {asked} bars asked, ending {behind} closed "
-                            f"bar(s) short of {when}: stale, not analysed, until an answer reaches it")
-        elif behind == 1:
-            self.notes.note(st, "late")
+        kind, n, text = lag_note(st, expected, asked, got)
+        if kind:
+            self.notes.note(st, kind, n, text)
         return freshness(st, now, self.delay_ms, due, True, added)
 
     async def _request(self, st: SeriesState) -> tuple[int, int, int, int]:
@@ -507,6 +514,14 @@ def _raise_first(out: Mapping[tuple[str, str], tuple[Due, object]]) -> None:
             r.add_note(f"while fetching {symbol} {interval} klines")
             raise r
 
+# %% ../../nbs/data/15_service.ipynb #d3211e0b
+def current_or_raise(st: SeriesState, now_ms: int, delay_ms: int) -> None:
+    "`DataError` if `st` lacks more than its newest closed bar at `now_ms`."
+    expected = expected_open_ms(now_ms, st.interval, delay_ms)
+    if (behind := (expected - st.buf.last_open) // st.step_ms) > 1:
+        raise DataError(f"{st.symbol} {st.interval}: the exchange's answers end {behind} closed bars short of now; "
+                        "the series is stale (asked again next time)")
+
 # %% ../../nbs/data/15_service.ipynb #81eb2c14
 class DataService(MarketView):
     "Closed klines of many series in numpy buffers, refreshed when a bar can have closed; the one writer of market data."
@@ -548,7 +563,7 @@ class DataService(MarketView):
         "The last `limit` closed bars of a series, ascending by `open_time` (a request only when one can be new)."
         st = self.book.state(symbol, interval, limit)
         _raise_first((await self.fetcher.bring_up([st]))[1])
-        self._current(st)
+        current_or_raise(st, self.clock.now_ms(), self.fetcher.delay_ms)
         return st.buf.view(limit).to_frame()
 
     async def get_multi_timeframe_data(self, symbol: str) -> dict[str, pd.DataFrame]:
@@ -556,15 +571,8 @@ class DataService(MarketView):
         states = self.book.scan([symbol])
         _raise_first((await self.fetcher.bring_up(states))[1])
         for st in states:
-            self._current(st)
+            current_or_raise(st, self.clock.now_ms(), self.fetcher.delay_ms)
         return {st.interval: st.buf.view(st.buf.keep).to_frame() for st in states}
-
-    def _current(self, st: SeriesState) -> None:
-        "`DataError` if `st` lacks more than its newest closed bar (which the exchange may not have published yet)."
-        expected = expected_open_ms(self.clock.now_ms(), st.interval, self.fetcher.delay_ms)
-        if (behind := (expected - st.buf.last_open) // st.step_ms) > 1:
-            raise DataError(f"{st.symbol} {st.interval}: the exchange's answers end {behind} closed bars short of now; "
-                            "the series is stale (asked again next time)")
 
     async def refresh(self, symbols: Sequence[str]) -> RefreshReport:
         "Bring every (symbol, timeframe) of a scan up to date; per-series errors are reported, not raised."
