@@ -113,9 +113,40 @@ def _trend_momentum(c: np.ndarray, a: np.ndarray, s: StrategySettings, at: np.nd
             "macd_hist": hist[:, at] / atr_t,
         }
 
+# %% ../../nbs/analysis/22_features.ipynb #110e576f
+def _rank_walk(x, window, at, out):
+    "Per row and bar of `at`: the counts `_rank_at` takes over the window, in plain loops for numba."
+    for r in range(x.shape[0]):
+        for q in range(at.shape[0]):
+            t, cur = at[q], x[r, at[q]]
+            lo, hi = cur - 1e-9 * abs(cur), cur + 1e-9 * abs(cur)
+            less, eq, cnt = 0, -1, -1
+            for k in range(max(t - window + 1, 0), t + 1):
+                v = x[r, k]
+                cnt += v == v
+                less += v < lo
+                eq += (v >= lo) & (v <= hi)
+            out[r, q] = np.nan if cur != cur else (less + 0.5 * eq) / cnt if cnt > 0 else 0.5
+
+
+_RANK: list = []
+
+
+def _compiled_rank():
+    "`_rank_walk` compiled (and cached on disk) on first use."
+    if not _RANK:
+        import numba  # on first use only: the scan ranks one bar, vectorised, so its workers skip numba's import
+
+        _RANK.append(numba.njit(cache=True, nogil=True)(_rank_walk))
+    return _RANK[0]
+
 # %% ../../nbs/analysis/22_features.ipynb #351a9dde
-def _rank_at(x: np.ndarray, window: int, at: np.ndarray) -> np.ndarray:
+def _rank_at(x: np.ndarray, window: int, at: np.ndarray, compiled: bool = True) -> np.ndarray:
     "Rank of `x` at each bar of `at` among its `window` values ending there: 0 lowest .. 1 highest, ties (to 1e-9) halved."
+    if len(at) > 1 and compiled:  # a backtest's every bar: one compiled pass, not a (rows, bars, window) array
+        out = np.empty((x.shape[0], len(at)))
+        _compiled_rank()(np.ascontiguousarray(x, np.float64), window, np.asarray(at, np.int64), out)
+        return out
     padded = np.concatenate([np.full((x.shape[0], window - 1), np.nan), x], axis=1)
     w = np.lib.stride_tricks.sliding_window_view(padded, window, axis=1)[:, at]  # (rows, len(at), window), a view
     cur = x[:, at, None]
@@ -204,18 +235,34 @@ def measure_timeframe(
     return cols, f.close[:, at], a[:, at], at + 1 - first_valid(f.close)[:, None]
 
 
-def combine_roles(parts, s: StrategySettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _read_into(out: np.ndarray, a: np.ndarray, read: np.ndarray | None, fill: float) -> np.ndarray:
+    "`a` read at the bars `read` (sorted) of its last axis into `out`, `fill` where `read` is -1 (`a` itself with no `read`)."
+    if read is None:
+        out[...] = a
+    elif read[0] >= 0 and (np.diff(read) == 1).all():  # the fast timeframe: one bar per cycle, a slice
+        out[...] = a[..., read[0] : read[-1] + 1]
+    else:
+        out[...] = a[..., np.maximum(read, 0)]
+        out[..., read < 0] = fill
+    return out
+
+
+def combine_roles(parts, s: StrategySettings, reads=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     "Values `(..., N_FEATURES)` and close, ATR, bars `(..., 3)` from the slow, mid and fast parts, invalid rows blanked."
-    shape = parts[0][1].shape
-    values = np.full((*shape, N_FEATURES), np.nan)
-    for role, (cols, _, _, _) in zip(ROLES, parts, strict=True):
-        for name, v in cols.items():
-            values[..., COLUMN[f"{role}_{name}"]] = v
-    values[..., COLUMN["side"]] = 0.0
-    close, atr_t, bars = (np.stack([p[k] for p in parts], axis=-1) for k in (1, 2, 3))
-    bad = (bars < warmup_bars(s)).any(-1) | ~np.isfinite(values).all(-1) | ~(atr_t > 0).all(-1)
-    values[bad] = np.nan
-    return values, close, atr_t, bars
+    shape = (*parts[0][1].shape[:-1], len(reads[0])) if reads is not None else parts[0][1].shape
+    reads = reads if reads is not None else (None,) * len(ROLES)
+    close, atr_t, bars = (
+        np.stack([_read_into(np.empty(shape, p[k].dtype), p[k], rd, fill) for p, rd in zip(parts, reads, strict=True)], -1)
+        for k, fill in ((1, np.nan), (2, np.nan), (3, 0))
+    )
+    ok = (bars >= warmup_bars(s)).all(-1) & (atr_t > 0).all(-1)
+    columns = np.empty((N_FEATURES, *shape))  # feature-major: each column is written, checked and scored contiguously
+    for r, role in enumerate(ROLES):
+        for name in _PER_TIMEFRAME:  # the schema's order, so every column is written (a missing one is a KeyError)
+            ok &= np.isfinite(_read_into(columns[COLUMN[f"{role}_{name}"]], parts[r][0][name], reads[r], np.nan))
+    columns[COLUMN["side"]] = 0.0
+    columns[:, ~ok] = np.nan
+    return np.moveaxis(columns, 0, -1), close, atr_t, bars
 
 
 def measure(batch: AnalysisBatch, s: StrategySettings | None = None) -> Measures:
@@ -228,7 +275,7 @@ def measure(batch: AnalysisBatch, s: StrategySettings | None = None) -> Measures
                         np.zeros((n, 3), np.int64))
     parts = [measure_timeframe(batch.frames[tf], s, [batch.frames[tf].close.shape[1] - 1]) for tf in tfs]
     values, close, atr_t, bars = (x[:, 0] for x in combine_roles(parts, s))
-    return Measures(tuple(batch.symbols), tfs, values, close, atr_t, bars)
+    return Measures(tuple(batch.symbols), tfs, np.ascontiguousarray(values), close, atr_t, bars)
 
 # %% ../../nbs/analysis/22_features.ipynb #736faf50
 def build_features(batch: AnalysisBatch, s: StrategySettings | None = None) -> np.ndarray:

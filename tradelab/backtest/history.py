@@ -244,19 +244,16 @@ def bar_index(h: History, tf: str, times_ms: np.ndarray) -> np.ndarray:
     return np.searchsorted(h.frames[tf].open_time[0] + interval_ms(tf), times_ms, side="right") - 1
 
 # %% ../../nbs/backtest/41_history.ipynb #38d638b4
-def _role_part(h: History, tf: str, idx: np.ndarray, s: StrategySettings):
-    "One timeframe measured at every bar, then read at the bars each cycle sees."
+def _role_part(h: History, tf: str, s: StrategySettings):
+    "One timeframe measured at every one of its bars."
     f = h.frames[tf]
-    cols, close, atr_t, bars = measure_timeframe(f, s, np.arange(f.close.shape[1]))
-    ok, j = idx >= 0, np.maximum(idx, 0)
-    take = lambda a: np.where(ok, a[:, j], np.nan)  # noqa: E731
-    return {k: take(v) for k, v in cols.items()}, take(close), take(atr_t), np.where(ok, bars[:, j], 0)
+    return measure_timeframe(f, s, np.arange(f.close.shape[1]))
 
 
 def _candidates(part: History, roles, idx, strategy, model, blend, scorer) -> dict[str, np.ndarray]:
     "The (symbol, cycle) rows of `part` that pass the confidence floor, as arrays: no signal built yet."
-    parts = [_role_part(part, tf, i, strategy) for tf, i in zip(roles, idx, strict=True)]
-    values, close, atr_t, bars = combine_roles(parts, strategy)
+    parts = [_role_part(part, tf, strategy) for tf in roles]
+    values, close, atr_t, bars = combine_roles(parts, strategy, reads=idx)  # each cycle reads the bars it sees
     n_c = values.shape[1]
     flat = (values.reshape(-1, N_FEATURES), close.reshape(-1, 3), atr_t.reshape(-1, 3), bars.reshape(-1, 3))
     m = Measures(part.symbols, roles, *flat)
@@ -286,14 +283,16 @@ def history_signals(
     c = {k: v[order] for k, v in c.items()}
     levels = Measures(h.symbols, roles, c["X"], c["close"], c["atr"], np.zeros((len(order), 3), np.int64))
     rank = np.arange(len(order)) - np.searchsorted(c["cycle"], c["cycle"])
+    rows = np.arange(len(order)) if keep is None else np.flatnonzero(rank < keep + 2)  # 2 spare for levels that are no price
+    cycle, sym, side, conf, rule, prob = (c[k][rows].tolist() for k in ("cycle", "row", "side", "conf", "rule", "prob"))
     out: list[list[Signal]] = [[] for _ in cycles_ms]
-    for j in range(len(order)) if keep is None else np.flatnonzero(rank < keep + 2):  # 2 spare for levels that are no price
-        cyc = int(c["cycle"][j])
+    times = cycles_ms.tolist()
+    for k, j in enumerate(rows.tolist()):  # Python numbers: reading numpy scalars one by one cost as much as the signals
+        cyc = cycle[k]
         if keep is not None and len(out[cyc]) >= keep:
             continue
-        p = None if model is None else c["prob"][j]
-        sig = signal_of_row(h.symbols[c["row"][j]], int(cycles_ms[cyc]), levels, int(j), c["side"][j], c["conf"][j],
-                            c["rule"][j], p, model, c["X"][j], strategy)
+        p = None if model is None else prob[k]
+        sig = signal_of_row(h.symbols[sym[k]], times[cyc], levels, j, side[k], conf[k], rule[k], p, model, c["X"][j], strategy)
         if sig is not None:
             out[cyc].append(sig)
     return out

@@ -26,7 +26,7 @@ from ..errors import DataError
 from ..records import PriceSnapshot, SeriesBatch, Signal, SymbolInfo
 from ..sim.source import generated_entry, symbol_info
 from ..trading.execution import PaperExecution
-from ..trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Position, summarize
+from ..trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Position, compiled_exit_rules, summarize
 from ..trading.risk import CircuitBreaker, hear_closes, open_ranked
 from ..trading.virtual import VirtualPositionManager
 
@@ -81,11 +81,11 @@ def contracts_for(h: History) -> dict[str, SymbolInfo]:
 
 @contextmanager
 def quiet(names=("tradelab.trading", "tradelab.trading.execution", "tradelab.trading.virtual", "tradelab.trading.risk")):
-    "The per-trade INFO lines of the bot silenced for a replay (thousands of trades); warnings still pass."
+    "The bot's per-trade lines silenced for a replay (thousands of trades), and its breaker's changes; other warnings pass."
     loggers = [logging.getLogger(n) for n in names]
     old = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))  # quieter, never louder than the caller asked
+    for lg in loggers:  # quieter, never louder than the caller asked; the replayed breaker's changes are in its figures
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR if lg.name.endswith(".risk") else logging.WARNING))
     try:
         yield
     finally:
@@ -99,7 +99,10 @@ def _bars_since(f: SeriesBatch, row: dict[str, int], a: int, b: int, *books: Seq
     if a >= b or not syms:
         return None
     r = np.array([row[s] for s in syms])
-    hi, lo = np.fmax.reduce(f.high[r, a:b], axis=1), np.fmin.reduce(f.low[r, a:b], axis=1)  # NaN: no bar
+    if b == a + 1:  # one bar since the last cycle, as in every replay of the fast timeframe: its own high and low
+        hi, lo = f.high[r, a], f.low[r, a]
+    else:
+        hi, lo = np.fmax.reduce(f.high[r, a:b], axis=1), np.fmin.reduce(f.low[r, a:b], axis=1)  # NaN: no bar
     return BarExtremes(int(f.open_time[0, a]), dict(zip(syms, zip(hi.tolist(), lo.tolist(), strict=True), strict=True)))
 
 
@@ -116,8 +119,9 @@ async def replay(
     "The bot's policy at every cycle, through its own execution, virtual book and breaker; exits on bar highs, lows and opens."
     t = settings.trading
     clock, prices = TestClock(int(cycles_ms[0])), BarPrices(h.symbols)
-    execution = PaperExecution(t, clock, dict(contracts or contracts_for(h)), prices)
-    virtual = VirtualPositionManager(settings, clock)
+    rules = compiled_exit_rules()  # the books' exit rules without numpy's cost per call: one tick per cycle, thousands of them
+    execution = PaperExecution(t, clock, dict(contracts or contracts_for(h)), prices, rules=rules)
+    virtual = VirtualPositionManager(settings, clock, rules=rules)
     breaker = CircuitBreaker(settings.risk, clock, t.starting_equity)
     f = h.frames[h.fast]
     col = np.searchsorted(f.open_time[0], cycles_ms)  # the bar that opens as each cycle closes

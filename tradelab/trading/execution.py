@@ -17,7 +17,17 @@ from typing import Protocol, runtime_checkable
 from ..clock import Clock
 from ..config import TradingSettings
 from ..errors import StateError
-from .positions import BarExtremes, ExitReason, Kind, Position, PositionBook, PriceSource, leverage_for, risk_size
+from tradelab.trading.positions import (
+    BarExtremes,
+    ExitReason,
+    Kind,
+    Position,
+    PositionBook,
+    PriceSource,
+    exit_rules,
+    leverage_for,
+    risk_size,
+)
 from ..records import PriceSnapshot, Side, Signal, SymbolInfo, round_price, round_qty, round_step
 from .virtual import PositionStore
 
@@ -244,8 +254,8 @@ def log_closed(p: Position) -> None:
 class PaperAccount:
     "The paper backend's account: open positions in a `PositionBook`, the cash balance, the store they are written to."
 
-    def __init__(self, balance: float, capacity: int = 8, store: PositionStore | None = None):
-        self.balance, self.store, self.book = float(balance), store, PositionBook(capacity=capacity)
+    def __init__(self, balance: float, capacity: int = 8, store: PositionStore | None = None, rules=exit_rules):
+        self.balance, self.store, self.book = float(balance), store, PositionBook(capacity=capacity, rules=rules)
 
     def __repr__(self):
         return f"{type(self).__name__}({len(self.book)} open, balance {self.balance:.2f})"
@@ -312,8 +322,10 @@ class PaperExecution(PaperAccount):
         *,
         balance: float | None = None,
         store: PositionStore | None = None,
+        rules=exit_rules,
     ):
-        super().__init__(trading.starting_equity if balance is None else balance, max(8, trading.max_open_positions), store)
+        cash = trading.starting_equity if balance is None else balance
+        super().__init__(cash, max(8, trading.max_open_positions), store, rules)
         self.settings, self.clock, self.contracts, self.prices = trading, clock, contracts, prices
 
     async def open(self, signal: Signal, *, rank: int = 1, size_factor: float = 1.0) -> Position | Refusal:

@@ -21,9 +21,10 @@ from ..records import Klines, PriceSnapshot, Side, Signal
 # %% auto #0
 __all__ = ['TRANSITIONS', 'FUNDING_INTERVAL_MS', 'NO_EXIT', 'EXIT_STOP', 'EXIT_TARGET', 'EXIT_EXPIRY', 'EXIT_CODES',
            'POSITION_FIELDS', 'PriceSource', 'Kind', 'PositionState', 'ExitReason', 'check_transition',
-           'funding_times_between', 'funding_payment', 'funding_due', 'exit_rules', 'exit_one', 'PositionRecord',
-           'PositionFigures', 'PositionExit', 'Position', 'leverage_for', 'risk_size', 'BarExtremes', 'mark_pnl',
-           'mark_columns', 'gather_by_symbol', 'compact_columns', 'BookIndex', 'BookRows', 'PositionBook', 'summarize']
+           'funding_times_between', 'funding_payment', 'funding_due', 'exit_rules', 'exit_one', 'compiled_exit_rules',
+           'PositionRecord', 'PositionFigures', 'PositionExit', 'Position', 'leverage_for', 'risk_size', 'BarExtremes',
+           'mark_pnl', 'mark_columns', 'gather_by_symbol', 'compact_columns', 'BookIndex', 'BookLookups', 'BookRows',
+           'PositionBook', 'summarize']
 
 # %% ../../nbs/trading/31_positions.ipynb #e2226114
 @runtime_checkable
@@ -99,17 +100,11 @@ NO_EXIT, EXIT_STOP, EXIT_TARGET, EXIT_EXPIRY = 0, 1, 2, 3
 EXIT_CODES = {EXIT_STOP: ExitReason.STOP, EXIT_TARGET: ExitReason.TARGET, EXIT_EXPIRY: ExitReason.EXPIRY}
 "Integer exit codes of the vectorised rules and the reasons they stand for."
 
-# %% ../../nbs/trading/31_positions.ipynb #a5217e84
-def _extremes(side, price, high, low):
-    "Favourable and adverse extremes of the interval, the last price included."
-    hi, lo = np.fmax(price, high), np.fmin(price, low)
-    long = side > 0
-    return np.where(long, hi, lo), np.where(long, lo, hi)
-
 # %% ../../nbs/trading/31_positions.ipynb #e6126f99
 def exit_rules(side, entry, stop, target, expiry_ms, price, high, low, now_ms, slip: float = 0.0):
     "(code, exit price, favourable, adverse excursion) per position; arrays in, arrays out."
-    fav, adv = _extremes(side, price, high, low)
+    hi, lo, long = np.fmax(price, high), np.fmin(price, low), side > 0
+    fav, adv = np.where(long, hi, lo), np.where(long, lo, hi)  # the favourable and adverse extremes
     stop_hit = side * (adv - stop) <= 0
     target_hit = (side * (fav - target) >= 0) & ~stop_hit
     expired = (now_ms >= expiry_ms) & ~stop_hit & ~target_hit
@@ -141,6 +136,18 @@ def exit_one(
         np.array([side]), entry, stop, target, expiry_ms, np.array([price]), np.array([high]), np.array([low]), now_ms, slip
     )
     return float(code[0]), float(fill[0]), float(fav[0]), float(adv[0])
+
+# %% ../../nbs/trading/31_positions.ipynb #1a155ad4
+_EXIT_RULES: list = []
+
+
+def compiled_exit_rules():
+    "`exit_rules` compiled with numba (and cached on disk) on first use: the same rule, without numpy's cost per call."
+    if not _EXIT_RULES:
+        import numba  # on first use only: a backtest asks for it, the live bot never does
+
+        _EXIT_RULES.append(numba.njit(cache=True, nogil=True)(exit_rules))
+    return _EXIT_RULES[0]
 
 # %% ../../nbs/trading/31_positions.ipynb #08f0dd26
 POSITION_FIELDS: tuple[str, ...] = (
@@ -420,13 +427,16 @@ def mark_pnl(cols: Mapping[str, np.ndarray], n: int) -> np.ndarray:
     return cols["side"][:n] * (cols["mark"][:n] - cols["entry"][:n]) * cols["size"][:n]
 
 # %% ../../nbs/trading/31_positions.ipynb #7a81662e
-def mark_columns(c: dict[str, np.ndarray], n: int, price, high, low, now_ms: int, funding_rate, slip: float = 0.0):
+def mark_columns(
+    c: dict[str, np.ndarray], n: int, price, high, low, now_ms: int, funding_rate, slip: float = 0.0, rules=exit_rules
+):
     "Charge funding, update excursions and marks of the first `n` rows of columns `c` in place; (exit codes, fills)."
     side, known = c["side"][:n], ~np.isnan(price)
     px = np.where(known, price, c["mark"][:n])
     crossed = np.where(known, funding_times_between(c["last_funding_ms"][:n], now_ms), 0)
-    c["funding"][:n] += funding_payment(side, funding_rate, px, c["size"][:n], crossed)
-    code, fill, fav, adv = exit_rules(
+    if crossed.any():  # most ticks cross no funding time, and adding the zero payment changes nothing
+        c["funding"][:n] += funding_payment(side, funding_rate, px, c["size"][:n], crossed)
+    code, fill, fav, adv = rules(  # exit_rules, compiled or not
         side,
         c["entry"][:n],
         c["stop"][:n],
@@ -462,7 +472,7 @@ def compact_columns(cols: Mapping[str, np.ndarray], n: int, keep: np.ndarray) ->
 
 # %% ../../nbs/trading/31_positions.ipynb #8890a869
 class BookIndex:
-    "A book's symbols as small integer codes, its open positions counted per (symbol, side), per-row lookups."
+    "A book's symbols as small integer codes, its open positions counted per (symbol, side)."
 
     __slots__ = ()
     n: int
@@ -502,23 +512,44 @@ class BookIndex:
             if not self._keys[key]:
                 del self._keys[key]
 
+
+# %% ../../nbs/trading/31_positions.ipynb #6279b6c1
+class BookLookups(BookIndex):
+    "Per-row values of a book from symbol-keyed prices, funding rates and bar extremes."
+
+    __slots__ = ()
+    _at: list  # [the snapshot symbols it was built for, the position of each code among them]
+
+    def _snapshot_at(self, snap: PriceSnapshot) -> np.ndarray:
+        "For each symbol code, its position in `snap` (-1: absent); kept while the snapshot's symbols are the same object."
+        if self._at[0] is not snap.symbols or len(self._at[1]) != len(self._symbols):
+            where = {s: i for i, s in enumerate(snap.symbols)}
+            self._at[:] = snap.symbols, np.array([where.get(s, -1) for s in self._symbols], np.int64)
+        return self._at[1]
+
     def row_values(self, lookup: PriceSnapshot | Mapping[str, float] | None, default: float = math.nan) -> np.ndarray:
         "Per-row values from a symbol-keyed `lookup` (a `PriceSnapshot` or a mapping), `default` where absent."
         if lookup is None or not self.n:
             return np.full(self.n, default)
-        v = gather_by_symbol(lookup, self._symbols)[self.col("code")]
+        codes = self.col("code")
+        if isinstance(lookup, PriceSnapshot):
+            at = self._snapshot_at(lookup)[codes]
+            v = np.where(at >= 0, lookup.prices[np.maximum(at, 0)], np.nan) if len(lookup.prices) else np.full(self.n, np.nan)
+        else:
+            v = np.array([lookup.get(self._symbols[c], math.nan) for c in codes.tolist()], np.float64)
         return v if math.isnan(default) else np.where(np.isnan(v), default, v)
 
     def _extremes(self, bx: BarExtremes | None) -> tuple[np.ndarray, np.ndarray]:
         "Per-row high and low of the bars since `bx.since_ms`; NaN for rows opened after it."
         if bx is None or not bx.by_symbol:
             return np.full(self.n, np.nan), np.full(self.n, np.nan)
+        none, by = (math.nan, math.nan), bx.by_symbol
+        hl = np.array([by.get(self._symbols[c], none) for c in self.col("code").tolist()], np.float64).reshape(self.n, 2)
         late = self.col("opened_ms") > bx.since_ms
-        high, low = (np.where(late, np.nan, self.row_values({s: v[j] for s, v in bx.by_symbol.items()})) for j in (0, 1))
-        return high, low
+        return np.where(late, np.nan, hl[:, 0]), np.where(late, np.nan, hl[:, 1])
 
 # %% ../../nbs/trading/31_positions.ipynb #aaf29364
-class BookRows(BookIndex):
+class BookRows(BookLookups):
     "The `Position` objects of a book, in row order: iterate, take rows out, copy the columns into them, totals."
 
     __slots__ = ()
@@ -558,6 +589,8 @@ class BookRows(BookIndex):
     def unrealized_pnl(self) -> float:
         "Sum over open rows of price PnL at the mark + funding - fees paid so far (quote units)."
         c, n = self.cols, self.n
+        if not n:  # an empty book, as the real one is on most ticks: no arrays to sum
+            return 0.0
         return float(mark_pnl(c, n).sum() + c["funding"][:n].sum() - c["fees"][:n].sum())
 
     def exposure(self) -> float:
@@ -568,13 +601,14 @@ class BookRows(BookIndex):
 class PositionBook(BookRows):
     "Open positions as parallel numpy arrays, for one vectorised update per tick."
 
-    __slots__ = ("n", "positions", "cols", "_codes", "_symbols", "_keys")
+    __slots__ = ("n", "positions", "cols", "_codes", "_symbols", "_keys", "_at", "rules")
 
-    def __init__(self, capacity: int = 64):
-        self.n, self.positions = 0, []
+    def __init__(self, capacity: int = 64, rules=exit_rules):
+        self.n, self.positions, self.rules = 0, [], rules  # the exit rules it applies: `exit_rules`, compiled or not
         self.cols = {c: np.zeros(capacity, np.float64) for c in _FLOAT_COLS}
         self.cols |= {c: np.zeros(capacity, np.int64) for c in _INT_COLS}
         self._codes, self._symbols, self._keys = {}, [], {}
+        self._at = [None, np.empty(0, np.int64)]
 
     def add(self, pos: Position) -> None:
         "Append an OPEN position (`StateError` otherwise)."
@@ -615,7 +649,7 @@ class PositionBook(BookRows):
         price = self.row_values(prices)
         high, low = self._extremes(bar_extremes)
         rate = self.row_values(funding_rates, funding_rate) if funding_rates else funding_rate
-        code, fill = mark_columns(self.cols, self.n, price, high, low, now_ms, rate, slip)
+        code, fill = mark_columns(self.cols, self.n, price, high, low, now_ms, rate, slip, self.rules)
         rows = np.flatnonzero(code)
         self.sync(rows)
         for i, r in zip(rows.tolist(), code[rows].tolist(), strict=True):

@@ -24,6 +24,7 @@ from tradelab.trading.positions import (
     PositionBook,
     PositionState,
     PriceSource,
+    exit_rules,
     leverage_for,
     risk_size,
 )
@@ -169,8 +170,8 @@ def take_from_book(book: PositionBook, position: Position) -> None:
 class VirtualBook:
     "The open virtual positions, their counters and their store; `restore` reads them back after a restart."
 
-    def __init__(self, store: PositionStore | None = None):
-        self.store, self.book, self.stats = store, PositionBook(), UpdateStats()
+    def __init__(self, store: PositionStore | None = None, rules=exit_rules):
+        self.store, self.book, self.stats = store, PositionBook(rules=rules), UpdateStats()
 
     def __len__(self) -> int:
         return len(self.book)
@@ -197,8 +198,16 @@ class VirtualBook:
 class VirtualPositionManager(VirtualBook):
     "Virtual positions for ranks `max_trades + 1 .. virtual_until`, updated with one request per tick."
 
-    def __init__(self, settings: Settings, clock: Clock, store: PositionStore | None = None, *, checkpoint_s: float = 60.0):
-        super().__init__(store)
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        store: PositionStore | None = None,
+        *,
+        checkpoint_s: float = 60.0,
+        rules=exit_rules,
+    ):
+        super().__init__(store, rules)
         self.trading, self.clock, self.checkpoint_s, self._lock = settings.trading, clock, checkpoint_s, asyncio.Lock()
 
     async def open_signals(self, signals: Sequence[Signal], refused: Collection[int] = ()) -> list[Position]:
