@@ -125,8 +125,8 @@ def _init_worker(
 ) -> None:
     "Pool initializer: end with process `main_pid`, load the model once, report on `reports`; `peers` is the start-up barrier."
     global _worker
-    if mp.parent_process() is not None:  # a worker: Ctrl-C reaches the whole process group, the parent shuts us down
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if mp.parent_process() is not None and threading.current_thread() is threading.main_thread():  # a pool's worker
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent shuts us down
     if main_pid is not None:
         _exit_with(main_pid)
     state = _WorkerState(generation, peers)
