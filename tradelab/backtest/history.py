@@ -24,7 +24,8 @@ from ..sim.source import MarketSource
 
 # %% auto #0
 __all__ = ['KLINE_COLUMNS', 'SERIES_FIELDS', 'to_ms', 'base_interval', 'History', 'history_from_frame', 'load_history',
-           'market_frame', 'FundingHistory', 'load_funding', 'roles_of', 'cycle_times', 'bar_index', 'history_signals']
+           'market_frame', 'FundingHistory', 'load_funding', 'roles_of', 'cycle_times', 'bar_index', 'measure_cycles',
+           'scored_candidates', 'ranked', 'signals_of', 'history_signals']
 
 # %% ../../nbs/backtest/41_history.ipynb #e5887aa4
 KLINE_COLUMNS = ("symbol", "open_time", "open", "high", "low", "close", "volume")
@@ -244,25 +245,52 @@ def bar_index(h: History, tf: str, times_ms: np.ndarray) -> np.ndarray:
     return np.searchsorted(h.frames[tf].open_time[0] + interval_ms(tf), times_ms, side="right") - 1
 
 # %% ../../nbs/backtest/41_history.ipynb #38d638b4
-def _role_part(h: History, tf: str, s: StrategySettings):
-    "One timeframe measured at every one of its bars."
-    f = h.frames[tf]
-    return measure_timeframe(f, s, np.arange(f.close.shape[1]))
-
-
-def _candidates(part: History, roles, idx, strategy, model, blend, scorer) -> dict[str, np.ndarray]:
-    "The (symbol, cycle) rows of `part` that pass the confidence floor, as arrays: no signal built yet."
-    parts = [_role_part(part, tf, strategy) for tf in roles]
+def measure_cycles(h: History, strategy: StrategySettings, cycles_ms: np.ndarray) -> Measures:
+    "Every (symbol, cycle) row of `h` measured as the scan measures it, row `symbol * len(cycles_ms) + cycle`."
+    roles = roles_of(h)
+    parts = [measure_timeframe(f := h.frames[tf], strategy, np.arange(f.close.shape[1])) for tf in roles]  # every bar once
+    idx = [bar_index(h, tf, cycles_ms) for tf in roles]
     values, close, atr_t, bars = combine_roles(parts, strategy, reads=idx)  # each cycle reads the bars it sees
-    n_c = values.shape[1]
     flat = (values.reshape(-1, N_FEATURES), close.reshape(-1, 3), atr_t.reshape(-1, 3), bars.reshape(-1, 3))
-    m = Measures(part.symbols, roles, *flat)
+    return Measures(h.symbols, roles, *flat)
+
+
+def scored_candidates(m: Measures, n_cycles: int, strategy: StrategySettings, model: ProbabilityModel | None = None,
+                      blend: float = 0.5, scorer: Scorer | None = None) -> dict[str, np.ndarray]:
+    "The rows of `m` that pass the confidence floor, scored by the scan's `scored_rows`, as arrays: no signal built yet."
     rows, sides, conf, rule, prob, X = scored_rows(m, strategy, model, blend, scorer)
     p = np.full(len(rows), np.nan) if prob is None else prob
-    return {"cycle": rows % n_c, "row": rows // n_c, "side": sides, "conf": conf, "rule": rule, "prob": p, "X": X,
+    return {"cycle": rows % n_cycles, "row": rows // n_cycles, "side": sides, "conf": conf, "rule": rule, "prob": p, "X": X,
             "close": m.close[rows], "atr": m.atr[rows]}
 
+
+def ranked(found: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    "Candidates of all symbols per cycle in the pool's order (confidence, then symbol), with each one's rank in its cycle."
+    c = {k: np.concatenate([f[k] for f in found]) for k in found[0]}
+    order = np.lexsort((c["row"], -c["conf"], c["cycle"]))  # rank_signals' order: symbols are sorted by name
+    c = {k: v[order] for k, v in c.items()}
+    return c | {"rank": np.arange(len(order)) - np.searchsorted(c["cycle"], c["cycle"])}
+
 # %% ../../nbs/backtest/41_history.ipynb #a1b2c3d4
+def signals_of(c: dict[str, np.ndarray], symbols: Sequence[str], roles: tuple[str, str, str], cycles_ms: np.ndarray,
+               strategy: StrategySettings, model: ProbabilityModel | None = None, keep: int | None = None) -> list[list[Signal]]:
+    "Each cycle's ranked candidates `c` as signals (the best `keep`, if given), built by the scan's `signal_of_row`."
+    levels = Measures(tuple(symbols), roles, c["X"], c["close"], c["atr"], np.zeros((len(c["X"]), 3), np.int64))
+    rows = np.arange(len(c["X"])) if keep is None else np.flatnonzero(c["rank"] < keep + 2)  # 2 spare: levels that are no price
+    cycle, sym, side, conf, rule, prob = (c[k][rows].tolist() for k in ("cycle", "row", "side", "conf", "rule", "prob"))
+    out: list[list[Signal]] = [[] for _ in cycles_ms]
+    times = cycles_ms.tolist()
+    for k, j in enumerate(rows.tolist()):  # Python numbers: reading numpy scalars one by one cost as much as the signals
+        cyc = cycle[k]
+        if keep is not None and len(out[cyc]) >= keep:
+            continue
+        p = None if model is None else prob[k]
+        sig = signal_of_row(symbols[sym[k]], times[cyc], levels, j, side[k], conf[k], rule[k], p, model, c["X"][j], strategy)
+        if sig is not None:
+            out[cyc].append(sig)
+    return out
+
+
 def history_signals(
     h: History,
     strategy: StrategySettings,
@@ -274,25 +302,9 @@ def history_signals(
     chunk: int = 32,
 ) -> list[list[Signal]]:
     "Every cycle's ranked signals as `analyze_batch` gives them (the best `keep` of each, if given), features computed once."
-    roles = roles_of(h)
-    idx = [bar_index(h, tf, cycles_ms) for tf in roles]
-    found = [_candidates(h.take(slice(lo, lo + chunk)), roles, idx, strategy, model, blend, scorer) | {"lo": lo}
-             for lo in range(0, len(h.symbols), chunk)]
-    c = {k: np.concatenate([f[k] + (f["lo"] if k == "row" else 0) for f in found]) for k in found[0] if k != "lo"}
-    order = np.lexsort((c["row"], -c["conf"], c["cycle"]))  # rank_signals' order: symbols are sorted by name
-    c = {k: v[order] for k, v in c.items()}
-    levels = Measures(h.symbols, roles, c["X"], c["close"], c["atr"], np.zeros((len(order), 3), np.int64))
-    rank = np.arange(len(order)) - np.searchsorted(c["cycle"], c["cycle"])
-    rows = np.arange(len(order)) if keep is None else np.flatnonzero(rank < keep + 2)  # 2 spare for levels that are no price
-    cycle, sym, side, conf, rule, prob = (c[k][rows].tolist() for k in ("cycle", "row", "side", "conf", "rule", "prob"))
-    out: list[list[Signal]] = [[] for _ in cycles_ms]
-    times = cycles_ms.tolist()
-    for k, j in enumerate(rows.tolist()):  # Python numbers: reading numpy scalars one by one cost as much as the signals
-        cyc = cycle[k]
-        if keep is not None and len(out[cyc]) >= keep:
-            continue
-        p = None if model is None else prob[k]
-        sig = signal_of_row(h.symbols[sym[k]], times[cyc], levels, j, side[k], conf[k], rule[k], p, model, c["X"][j], strategy)
-        if sig is not None:
-            out[cyc].append(sig)
-    return out
+    found = []
+    for lo in range(0, len(h.symbols), chunk):  # chunks of symbols bound the memory of the feature matrix
+        c = scored_candidates(measure_cycles(h.take(slice(lo, lo + chunk)), strategy, cycles_ms), len(cycles_ms), strategy,
+                              model, blend, scorer)
+        found.append(c | {"row": c["row"] + lo})
+    return signals_of(ranked(found), h.symbols, roles_of(h), cycles_ms, strategy, model, keep)

@@ -17,64 +17,19 @@ import pandas as pd
 import plotly.graph_objects as go
 from pydantic import ValidationError
 
-from ..analysis.features import N_FEATURES, Measures, combine_roles, measure_timeframe
-from ..analysis.strategy import STRATEGIES, scored_rows, signal_of_row
-from .history import History, bar_index, cycle_times, load_history, roles_of, to_ms
+from ..analysis.strategy import STRATEGIES
+from .history import (History, cycle_times, load_history, measure_cycles, ranked, roles_of, scored_candidates,
+                                       signals_of, to_ms)
 from .replay import Backtest, book_figures, quiet, replay, run_coroutine
 from .report import report_figure, trades_frame
 from ..config import Settings, StrategySettings
 from ..errors import ConfigError, DataError, TradelabError
-from ..records import SeriesBatch, Signal
+from ..records import Signal
 
 # %% auto #0
-__all__ = ['SCORED', 'EXITS', 'LABELS', 'FIGURES', 'WIN', 'LOSS', 'EXIT_MARKERS', 'BOOKS', 'measure_cycles', 'ranked_candidates',
-           'build_signals', 'backtest_of', 'TuningSession', 'params_of', 'param_slider', 'stats_frame', 'stats_html',
-           'trade_markers', 'trades_figure', 'draw_trades', 'draw_equity', 'status_line', 'refusal_html', 'TuningView',
-           'TuningPanel']
-
-# %% ../../nbs/backtest/47_panel.ipynb #c354b915
-def _read_at(f: SeriesBatch, idx: np.ndarray, s: StrategySettings):
-    "One timeframe measured at every bar, read at the bars `idx` of each cycle (-1: none closed yet, NaN)."
-    cols, close, atr_t, bars = measure_timeframe(f, s, np.arange(f.close.shape[1]))
-    ok, j = idx >= 0, np.maximum(idx, 0)
-    take = lambda a: np.where(ok, a[:, j], np.nan)
-    return {k: take(v) for k, v in cols.items()}, take(close), take(atr_t), np.where(ok, bars[:, j], 0)
-
-
-def measure_cycles(h: History, s: StrategySettings, cycles_ms: np.ndarray, chunk: int = 32) -> Measures:
-    "Every (symbol, cycle) row of `h` measured, row `symbol * len(cycles_ms) + cycle`: all that a new score reads."
-    roles = roles_of(h)
-    idx = [bar_index(h, tf, cycles_ms) for tf in roles]
-    parts = []
-    for lo in range(0, len(h.symbols), chunk):
-        part = h.take(slice(lo, lo + chunk))
-        values, close, atr_t, bars = combine_roles([_read_at(part.frames[tf], i, s) for tf, i in zip(roles, idx, strict=True)], s)
-        parts.append((values.reshape(-1, N_FEATURES), close.reshape(-1, 3), atr_t.reshape(-1, 3), bars.reshape(-1, 3)))
-    return Measures(h.symbols, roles, *(np.concatenate(a) for a in zip(*parts, strict=True)))
-
-# %% ../../nbs/backtest/47_panel.ipynb #6b83d09d
-def ranked_candidates(m: Measures, n_cycles: int, s: StrategySettings) -> dict[str, np.ndarray]:
-    "The rows of `m` that reach the floor, in the pool's order per cycle (confidence, then symbol), with their rank."
-    rows, sides, conf, rule, _, X = scored_rows(m, s)
-    c = {"cycle": rows % n_cycles, "row": rows // n_cycles, "side": sides, "conf": conf, "rule": rule, "X": X,
-         "close": m.close[rows], "atr": m.atr[rows]}
-    order = np.lexsort((c["row"], -c["conf"], c["cycle"]))
-    c = {k: v[order] for k, v in c.items()}
-    return c | {"rank": np.arange(len(order)) - np.searchsorted(c["cycle"], c["cycle"])}
-
-
-def build_signals(c: dict[str, np.ndarray], symbols: Sequence[str], cycles_ms: np.ndarray, s: StrategySettings,
-                  keep: int) -> list[list[Signal]]:
-    "Each cycle's best `keep` signals of the ranked candidates `c`, built by the scan's `signal_of_row`."
-    levels = Measures(tuple(symbols), ("", "", ""), c["X"], c["close"], c["atr"], np.zeros((len(c["X"]), 3), np.int64))
-    out: list[list[Signal]] = [[] for _ in cycles_ms]
-    for j in np.flatnonzero(c["rank"] < keep + 2).tolist():  # 2 spare for levels that are no price
-        cyc = int(c["cycle"][j])
-        if len(out[cyc]) < keep:
-            sig = signal_of_row(symbols[c["row"][j]], int(cycles_ms[cyc]), levels, j, c["side"][j], c["conf"][j],
-                                c["rule"][j], None, None, c["X"][j], s)
-            out[cyc] += [] if sig is None else [sig]
-    return out
+__all__ = ['SCORED', 'EXITS', 'LABELS', 'FIGURES', 'WIN', 'LOSS', 'EXIT_MARKERS', 'BOOKS', 'backtest_of', 'TuningSession',
+           'params_of', 'param_slider', 'stats_frame', 'stats_html', 'trade_markers', 'trades_figure', 'draw_trades',
+           'draw_equity', 'status_line', 'refusal_html', 'TuningView', 'TuningPanel']
 
 # %% ../../nbs/backtest/47_panel.ipynb #12f348eb
 SCORED = ("name", "w_trend", "w_structure", "w_orderblock", "w_momentum", "w_volatility", "min_confidence", "adx_min",
@@ -146,10 +101,10 @@ class TuningSession:
         if differ:
             raise ConfigError(f"{', '.join(differ)}: not what the history was measured with; make a new session for it")
         s, t, n = settings.strategy, settings.trading, len(self.cycles)
-        score = self._timed("score", lambda: ranked_candidates(self.measures, n, s))
-        ranked = _memo(self._ranked, s.model_dump_json(exclude=set(EXITS)), score, 2)
+        score = self._timed("score", lambda: ranked([scored_candidates(self.measures, n, s)]))
+        h, best = self.history, _memo(self._ranked, s.model_dump_json(exclude=set(EXITS)), score, 2)
         keep = max(t.virtual_until, t.max_trades) + t.max_open_positions  # the ranks the policy can reach, as run_backtest
-        build = self._timed("signals", lambda: build_signals(ranked, self.history.symbols, self.cycles, s, keep))
+        build = self._timed("signals", lambda: signals_of(best, h.symbols, roles_of(h), self.cycles, s, keep=keep))
         return _memo(self._signals, f"{s.model_dump_json()} keep {keep}", build, 4)
 
     def run(self, settings: Settings) -> Backtest:
