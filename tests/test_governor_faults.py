@@ -149,7 +149,8 @@ def test_nothing_sent_after_a_418_reaches_the_exchange_before_the_ban_ends(marke
     late = [(ms, status) for ms, status in during if ms >= GRACE_MS]
     assert not late, f"{len(late)} request(s) reached the exchange during the ban, sent after the 418: {late[:10]}"
     assert ladder == (120_000, 240)  # one ban, not a longer one
-    assert len(answers) == 400 and all(len(k) == 49 for k in answers)  # every request served, after the ban
+    # every request served, after the ban: 49 closed bars of 50, or 48 when a bar closed while the answer was on its way
+    assert len(answers) == 400 and all(len(k) in (48, 49) for k in answers)
     assert srv["status_418"] == 1 + len(during) and gov.banned == srv["status_418"] and srv["status_429"] == 0
 
 

@@ -145,8 +145,8 @@ def test_command_replays_real_data_with_faults():
 
 
 @pytest.mark.parametrize("args, code, words", [
-    (["--data", "/nonexistent/klines.parquet"], 1, "/nonexistent/klines.parquet: no such kline file"),
-    (["--synthetic", "3", "--days", "1", "--speed", "0"], 2, "--speed: the clock speed must be > 0"),
+    (["--data", "/nonexistent/klines.parquet"], 2, "data error: /nonexistent/klines.parquet: no such kline file"),
+    (["--synthetic", "3", "--days", "1", "--speed", "0"], 2, "usage error: tradelab sim: argument --speed: must be above zero"),
     (["--synthetic", "3", "--days", "1", "--error-rate", "1.5"], 2, "faults.error_rate must be in [0, 1]"),
     (["--synthetic", "3", "--start", "soon"], 2, "--start: 'soon'"),
 ])

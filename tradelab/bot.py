@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import functools
 import itertools
 import logging
 from collections import Counter, deque
@@ -208,14 +210,16 @@ async def start_step(what: str, step: Callable[[], Awaitable[T]], url: str) -> T
     raise AssertionError("unreachable")
 
 # %% ../nbs/50_bot.ipynb #0105a847
-async def check_intervals(client: BinanceClient, contracts: Mapping[str, SymbolInfo], timeframes: Sequence[str]) -> None:
-    "One bar of each timeframe of one symbol; `ConfigError` naming the first timeframe the exchange refuses."
+async def check_intervals(
+    client: BinanceClient, contracts: Mapping[str, SymbolInfo], timeframes: Sequence[str], configured: Sequence[str] = ()
+) -> None:
+    "One bar of each of `timeframes` for one symbol; `ConfigError` naming the first the exchange refuses."
     for tf in timeframes if contracts else ():
         try:
             await client.get_klines(next(iter(contracts)), tf, limit=1)
         except ExchangeRejected as e:
             raise ConfigError(
-                f"data.timeframes {list(timeframes)}: the exchange refuses {tf} klines ({e}); "
+                f"data.timeframes {list(configured or timeframes)}: the exchange refuses {tf} klines ({e}); "
                 "configure timeframes it serves (a replayed file serves its own interval and multiples of it)"
             ) from None
 
@@ -231,7 +235,9 @@ async def build_components(settings: Settings, clock: Clock, stack: AsyncExitSta
     client = await stack.enter_async_context(BinanceClient(s.exchange, clock))
     await start_step("exchange clock sync", client.sync_clock, s.exchange.url)
     contracts = await start_step("exchange contracts", lambda: client.contracts(s.universe.quote), s.exchange.url)
-    await start_step("kline intervals", lambda: check_intervals(client, contracts, s.data.timeframes), s.exchange.url)
+    for tf in s.data.timeframes:  # one step each: a retry repeats one request, not all of them
+        probe = functools.partial(check_intervals, client, contracts, [tf], s.data.timeframes)
+        await start_step(f"{tf} klines", probe, s.exchange.url)
     pool = await stack.enter_async_context(GlobalProcessPool(s.pool, model_path=s.model.path))
     data = await stack.enter_async_context(DataService(s, client, clock))  # loads the warm cache; saves it on close
     open_real = positions.load_open(Kind.REAL)
@@ -298,7 +304,8 @@ async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
         report = await c.data.refresh(c.run.symbols)
     bars = closed_bar_extremes(c)
     if len(c.execution.positions) or len(c.virtual):
-        with stages.stage("settle"):  # the bars since the last scan, then the prices now: before anything is ranked
+        # the bars since the last scan, then the prices now; a failed write stops entries (below), not scans
+        with stages.stage("settle"), contextlib.suppress(StorageError), storage_watch(c):
             await mark_books(c, StageTimes(), bars)
     stale = {f.symbol for f in report.series if not f.fresh}  # a series behind the exchange is not analysed
     with stages.stage("analyse"):

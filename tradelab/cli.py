@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .config import Settings, load_settings, settings_toml
 from .errors import ConfigError, DataError, TradelabError, UsageError
@@ -430,12 +430,14 @@ class DemoBar:
     "The demo's progress on stderr: simulated hours, scans, trades, PnL (tqdm)."
 
     def __init__(self, hours: float) -> None:
-        from tqdm import tqdm  # only the demo draws this bar
-
-        self.bar = tqdm(total=round(hours * 60), unit="sim min", desc="demo", mininterval=0.5, file=sys.stderr,
-                        bar_format="{desc} {n_fmt}/{total_fmt} simulated min{postfix} |{bar:20}| {elapsed}")
+        self.hours, self.bar = hours, cast(Any, None)
 
     def __call__(self, bot: Any, hours_done: float) -> None:
+        if self.bar is None:  # drawn at the first cycle: a demo refused before it starts draws nothing
+            from tqdm import tqdm  # only the demo draws this bar
+
+            self.bar = tqdm(total=round(self.hours * 60), unit="sim min", desc="demo", mininterval=0.5, file=sys.stderr,
+                            bar_format="{desc} {n_fmt}/{total_fmt} simulated min{postfix} |{bar:20}| {elapsed}")
         n = bot.components.run.counters
         self.bar.set_postfix_str(f"scans {n['scan_cycles']}, trades {n['opened']} opened {n['closed']} closed, "
                                  f"equity {bot.components.execution.equity() - bot.settings.trading.starting_equity:+.2f}",
@@ -455,7 +457,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         summary, bot = demo(opts, args.config, args.env, progress=bar)
     finally:
-        bar.bar.close()
+        if bar.bar is not None:
+            bar.bar.close()
     if summary is None:
         print(f"tradelab demo: the bot stopped early: {bot.error} (log: {log_file})", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import html
 import re
 import shutil
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -20,7 +22,7 @@ from nbconvert import HTMLExporter
 from .errors import DataError
 
 # %% auto #0
-__all__ = ['PLOTLY_MIME', 'PLOTLY_JS', 'DocsSite', 'page_title', 'broken_links', 'plotly_as_html', 'build_docs']
+__all__ = ['PLOTLY_MIME', 'PLOTLY_JS', 'DocsSite', 'page_title', 'broken_links', 'plotly_as_html', 'render_page', 'build_docs']
 
 # %% ../nbs/92_docs.ipynb #80f613ff
 @dataclass
@@ -83,32 +85,41 @@ def plotly_as_html(nb, js_src: str) -> int:
     return n
 
 # %% ../nbs/92_docs.ipynb #7072b512
-def build_docs(nbs: Path, out: Path) -> DocsSite:
-    "Render every notebook under `nbs` to `out` as a page, write the index, check the links."
-    site, exporter, rows = DocsSite(Path(out)), HTMLExporter(template_name="lab"), []
+def render_page(path: Path, rel: Path, out: Path) -> str:
+    "Render the notebook `path` (at `rel` in the site) to its page under `out`; the page's title."
+    try:
+        nb = nbformat.read(path, as_version=4)
+        for c in nb.cells:
+            if c.cell_type == "markdown":
+                c.source = _LINK.sub(r"\1\2.html\3", c.source)
+        plotly_as_html(nb, "../" * (len(rel.parts) - 1) + PLOTLY_JS)
+        meta = {"metadata": {"name": page_title(nb) or rel.stem}}
+        body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources=meta)
+    except Exception as e:  # noqa: BLE001 - any failure to render is this notebook's, named with it
+        raise DataError(f"{rel}: does not render as a page ({type(e).__name__}: {e})") from e
+    target = out / rel.with_suffix(".html")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(body, encoding="utf-8")
+    return page_title(nb)
+
+
+def build_docs(nbs: Path, out: Path, workers: int = 2) -> DocsSite:
+    "Render every notebook under `nbs` to `out` as a page (`index.ipynb` the home page), list them, check the links."
+    site = DocsSite(Path(out))
     site.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(plotly.__file__).parent / "package_data" / PLOTLY_JS, site.out / PLOTLY_JS)
-    for path in sorted(Path(nbs).rglob("*.ipynb")):
-        rel = path.relative_to(nbs)
-        if any(p.startswith((".", "_")) for p in rel.parts):
-            continue
-        try:
-            nb = nbformat.read(path, as_version=4)
-            for c in nb.cells:
-                if c.cell_type == "markdown":
-                    c.source = _LINK.sub(r"\1\2.html\3", c.source)
-            plotly_as_html(nb, "../" * (len(rel.parts) - 1) + PLOTLY_JS)
-            body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": page_title(nb) or rel.stem}})
-        except Exception as e:  # noqa: BLE001 - any failure to render is this notebook's, named with it
-            raise DataError(f"{rel}: does not render as a page ({type(e).__name__}: {e})") from e
-        target = site.out / rel.with_suffix(".html")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(body, encoding="utf-8")
-        site.pages[str(rel)] = target
-        rows.append((rel, page_title(nb)))
+    paths = [p for p in sorted(Path(nbs).rglob("*.ipynb")) if not any(x.startswith((".", "_")) for x in p.relative_to(nbs).parts)]
+    rels = [p.relative_to(nbs) for p in paths]
+    outs = [site.out] * len(paths)
+    if workers > 1:  # each page is independent and rendering is pure Python: one process per core (threads do not help)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            titles = list(pool.map(render_page, paths, rels, outs))
+    else:
+        titles = list(map(render_page, paths, rels, outs))
+    site.pages = {str(r): site.out / r.with_suffix(".html") for r in rels}
     items = "\n".join(f'<li><a href="{html.escape(str(r.with_suffix(".html")))}">{html.escape(str(r))}</a> {html.escape(t)}</li>'
-                      for r, t in rows)
-    (site.out / "index.html").write_text(f"<!doctype html><meta charset=utf-8><title>tradelab</title><h1>tradelab</h1>"
-                                         f"<p>{len(rows)} pages, one per notebook.</p><ul>{items}</ul>", encoding="utf-8")
+                      for r, t in zip(rels, titles, strict=True))
+    (site.out / "contents.html").write_text(f"<!doctype html><meta charset=utf-8><title>tradelab</title><h1>tradelab</h1>"
+                                            f"<p>{len(rels)} pages, one per notebook.</p><ul>{items}</ul>", encoding="utf-8")
     site.broken = broken_links(site.out)
     return site
