@@ -20,9 +20,10 @@ import tradelab
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['log', 'NETWORKS', 'INTERVALS', 'ENV_PREFIX', 'SECRET_KEYS', 'ExchangeSettings', 'DataSettings', 'UniverseSettings',
-           'StrategySettings', 'ModelSettings', 'PoolSettings', 'TradingSettings', 'RiskSettings', 'BotSettings',
-           'Settings', 'load_settings', 'shared_data_dir', 'settings_toml']
+__all__ = ['log', 'NETWORKS', 'INTERVALS', 'ENV_PREFIX', 'SECRET_KEYS', 'SECRET_SETTINGS', 'ExchangeSettings', 'DataSettings',
+           'UniverseSettings', 'StrategySettings', 'ModelSettings', 'PoolSettings', 'TradingSettings', 'RiskSettings',
+           'BotSettings', 'MetricsSettings', 'LogSettings', 'NotifySettings', 'Settings', 'load_settings',
+           'shared_data_dir', 'settings_toml']
 
 # %% ../nbs/01_config.ipynb #df02e361
 log = logging.getLogger(__name__)
@@ -237,6 +238,41 @@ class BotSettings(_Section):
     monitor_interval_s: float = Field(10.0, gt=0, le=3_600)
     db_file: str = "tradelab.sqlite"
 
+# %% ../nbs/01_config.ipynb #c8b56cb0
+class MetricsSettings(_Section):
+    "The Prometheus endpoint (`tradelab run --metrics-port`)."
+
+    port: int | None = Field(None, ge=0, le=65_535, description="None: no endpoint; 0: any free port")
+    host: str = Field("127.0.0.1", min_length=1, description="the address it listens on; loopback unless set")
+
+
+class LogSettings(_Section):
+    "The operator's log file in `home`."
+
+    file: str = Field("tradelab.log", description="under `home`; empty: no log file")
+    format: Literal["text", "json"] = "text"
+    max_bytes: int = Field(20_000_000, ge=10_000, description="the file is rotated at this size")
+    backups: int = Field(5, ge=0, le=100, description="rotated files kept")
+    repeat_window_s: float = Field(600.0, gt=0, le=86_400, description="a repeated warning is written once per window")
+
+# %% ../nbs/01_config.ipynb #eb4ea694
+class NotifySettings(_Section):
+    "Where notifications go (apprise URLs, secret) and how many may go."
+
+    urls: tuple[SecretStr, ...] = Field((), description="apprise URLs; secrets: environment or secret_file only")
+    secret_file: Path | None = Field(None, description="TOML file with urls = [...]")
+    batch_s: float = Field(10.0, gt=0, le=3_600, description="messages that come within this window go as one")
+    max_per_hour: int = Field(20, gt=0, le=3_600, description="at most this many sends per hour; the rest are counted")
+    virtual_digest_s: float = Field(3_600.0, gt=0, le=86_400, description="virtual trades are told as one digest this often")
+    outage_s: float = Field(300.0, gt=0, le=86_400, description="a loop failing this long is an outage worth telling")
+    daily_summary: bool = Field(True, description="a summary at each UTC midnight of the bot's clock")
+    queue_size: int = Field(1_000, gt=0, le=1_000_000, description="messages waiting beyond this are dropped and counted")
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return tuple(v.split()) if isinstance(v, str) else v
+
 # %% ../nbs/01_config.ipynb #cfe32812
 class Settings(_Section):
     "Every setting of a tradelab process."
@@ -252,6 +288,9 @@ class Settings(_Section):
     trading: TradingSettings = TradingSettings()
     risk: RiskSettings = RiskSettings()
     bot: BotSettings = BotSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    notify: NotifySettings = NotifySettings()
 
     @model_validator(mode="after")
     def _live_needs_keys(self):
@@ -271,6 +310,8 @@ class Settings(_Section):
 # %% ../nbs/01_config.ipynb #005ac6e1
 ENV_PREFIX = "TRADELAB_"
 SECRET_KEYS = ("api_key", "api_secret")
+SECRET_SETTINGS = {"exchange": SECRET_KEYS, "notify": ("urls",)}
+"Section -> its keys that are secrets: refused in the config file, read from the environment or the section's secret_file."
 
 # %% ../nbs/01_config.ipynb #0cc5d2b3
 def _env_tree(env: Mapping[str, str]) -> dict:
@@ -300,18 +341,18 @@ def _merge(base: dict, over: Mapping) -> dict:
     return out
 
 # %% ../nbs/01_config.ipynb #0ad80e20
-def _read_secret_file(path: Path) -> dict:
-    "api_key/api_secret from a TOML secret file; warns once if others can read it."
-    path = path.expanduser()
+def _read_secret_file(path: Path, section: str = "exchange") -> dict:
+    "The secret keys of `section` from a TOML secret file; warns once if others can read it."
+    path, allowed = path.expanduser(), SECRET_SETTINGS[section]
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
-        raise ConfigError(f"exchange.secret_file: {path} does not exist") from e
+        raise ConfigError(f"{section}.secret_file: {path} does not exist") from e
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"exchange.secret_file: {path} is not valid TOML ({e})") from e
-    unknown = set(data) - set(SECRET_KEYS)
+        raise ConfigError(f"{section}.secret_file: {path} is not valid TOML ({e})") from e
+    unknown = set(data) - set(allowed)
     if unknown:
-        raise ConfigError(f"exchange.secret_file: unknown key(s) {sorted(unknown)}; allowed: {list(SECRET_KEYS)}")
+        raise ConfigError(f"{section}.secret_file: unknown key(s) {sorted(unknown)}; allowed: {list(allowed)}")
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("secret file %s is readable by other users; chmod 600 it", path)
     return data
@@ -320,13 +361,24 @@ def _read_secret_file(path: Path) -> dict:
 def _is_secret(loc: tuple) -> bool:
     "Whether a validation error's location is a secret setting, whose value no message may repeat."
     model: type[BaseModel] = Settings
-    for part in loc[:-1]:
+    for part in loc:  # a secret's own parts (an item of a list of URLs) are secret too
         field = model.model_fields.get(str(part))
+        if field is not None and "SecretStr" in str(field.annotation):
+            return True
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return False
         model = field.annotation
-    field = model.model_fields.get(str(loc[-1])) if loc else None
-    return field is not None and "SecretStr" in str(field.annotation)
+    return False
+
+# %% ../nbs/01_config.ipynb #920144b4
+def _refuse_secrets(data: Mapping) -> None:
+    "`ConfigError` if the config file's `data` holds a secret key."
+    for section, keys in SECRET_SETTINGS.items():
+        if leaked := [k for k in keys if k in data.get(section, {})]:
+            raise ConfigError(
+                f"config key '{section}.{leaked[0]}': secrets may not be stored in the config file; "
+                f"use TRADELAB_{section.upper()}__{leaked[0].upper()} or {section}.secret_file"
+            )
 
 # %% ../nbs/01_config.ipynb #9337526c
 def _describe(err: ValidationError) -> str:
@@ -356,16 +408,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError(f"config file {p} does not exist") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
-        leaked = [k for k in SECRET_KEYS if k in data.get("exchange", {})]
-        if leaked:
-            raise ConfigError(
-                f"config key 'exchange.{leaked[0]}': secrets may not be stored in the "
-                f"config file; use TRADELAB_EXCHANGE__{leaked[0].upper()} or exchange.secret_file"
-            )
+        _refuse_secrets(data)
     data = _merge(_merge(data, _env_tree(env)), overrides)
-    secret_file = data.get("exchange", {}).get("secret_file")
-    if secret_file:
-        data["exchange"] = _merge(_read_secret_file(Path(secret_file)), data["exchange"])
+    for section in SECRET_SETTINGS:
+        if secret_file := data.get(section, {}).get("secret_file"):
+            data[section] = _merge(_read_secret_file(Path(secret_file), section), data[section])
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
@@ -385,7 +432,7 @@ def _plain(v):
     if isinstance(v, Path):
         return str(v)
     if isinstance(v, tuple):
-        return list(v)
+        return [_plain(x) for x in v]
     return v
 
 # %% ../nbs/01_config.ipynb #3d313ffe

@@ -110,6 +110,8 @@ class CycleRunner:
         self.cycles = self.failures = 0
         self.failure: BaseException | None = None
         self.in_cycle, self._stopping, self._hold_until_ms = False, False, 0
+        self.listeners: list[Callable[[CycleRecord], object]] = []
+        "Called with each record as it is kept (metrics, a status file); they must not block."
 
     async def run_once(self) -> CycleRecord:
         "Run one cycle now; its record (errors are handled by policy, not raised)."
@@ -117,17 +119,27 @@ class CycleRunner:
         try:
             counts = dict(await self.cycle(stages) or {})
         except asyncio.CancelledError:
-            self.history.append(CycleRecord(self.name, self.cycles, started, stages.as_ms(), "abandoned"))
+            self._keep(CycleRecord(self.name, self.cycles, started, stages.as_ms(), "abandoned"))
             raise
         except Exception as e:
-            self.history.append(rec := CycleRecord(self.name, self.cycles, started, stages.as_ms(), type(e).__name__))
+            rec = CycleRecord(self.name, self.cycles, started, stages.as_ms(), type(e).__name__)
             self._failed(e)
-            return rec
+            return self._keep(rec)
         finally:
             self.in_cycle = False
         self.conditions.clear()
-        self.history.append(rec := CycleRecord(self.name, self.cycles, started, stages.as_ms(), "ok", counts))
+        rec = self._keep(CycleRecord(self.name, self.cycles, started, stages.as_ms(), "ok", counts))
         log.info("%s %s", self.name, heartbeat_line(rec.cycle, stages, counts))
+        return rec
+
+    def _keep(self, rec: CycleRecord) -> CycleRecord:
+        "Keep `rec` and hand it to each listener; a listener's failure is logged and never reaches the loop."
+        self.history.append(rec)
+        for fn in self.listeners:
+            try:
+                fn(rec)
+            except Exception as e:
+                log.error("%s: cycle listener %r failed (%s: %s)", self.name, fn, type(e).__name__, e)
         return rec
 
     def _failed(self, e: Exception) -> None:

@@ -362,6 +362,7 @@ class RequestLoop:
     ):
         self.settings, self.governor, self.http, self.resync = exchange, governor, http, resync
         self.answered: dict[str, int] = {}
+        self.by_status: dict[tuple[str, int], int] = {}  # (endpoint, HTTP status; 0: no answer) -> requests
 
     async def request(
         self,
@@ -403,6 +404,8 @@ class RequestLoop:
                 answer = await self.http.send(method, path, params, signed)
             finally:
                 self.governor.release(ticket, answer.status if answer else None, answer.headers if answer else None)
+                key = (endpoint, answer.status if answer else 0)
+                self.by_status[key] = self.by_status.get(key, 0) + 1
         self.answered[endpoint] = self.answered.get(endpoint, 0) + 1
         if answer.status != 200:
             raise error_for(answer.status, answer.body, answer.headers, endpoint)
@@ -437,10 +440,11 @@ def best_sync(samples: Sequence[tuple[int, int, int]], adjusted: bool) -> ClockS
 # %% ../../nbs/exchange/05_client.ipynb #3aeb07cc
 @dataclass(frozen=True, slots=True)
 class ClientStats:
-    "The governor's counters and the answered requests per endpoint."
+    "The governor's counters, the answered requests per endpoint, and the requests per endpoint and status (0: no answer)."
 
     governor: GovernorStats
     by_endpoint: Mapping[str, int]
+    by_status: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
 # %% ../../nbs/exchange/05_client.ipynb #3ed186c9a28b402fb0bc4494df01f08d
 class BinanceConnection:
@@ -470,7 +474,8 @@ class BinanceConnection:
 
     @property
     def stats(self) -> ClientStats:
-        return ClientStats(self.governor.stats(), MappingProxyType(dict(self._requests.answered)))
+        r = self._requests
+        return ClientStats(self.governor.stats(), MappingProxyType(dict(r.answered)), MappingProxyType(dict(r.by_status)))
 
     def __repr__(self) -> str:
         state = "open" if self._http.is_open else "closed"
