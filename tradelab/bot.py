@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from .storage.archive import DataArchiver
 from .exchange.client import BinanceClient
 from .clock import Clock, LiveClock, bar_open_ms, interval_ms
-from .config import Settings
+from .config import Settings, settings_toml
 from .data.service import DataService
 from tradelab.errors import (
     ClockDriftError,
@@ -39,7 +39,7 @@ from .storage.performance import PerformanceManager
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .analysis.strategy import scorer_named
 from .trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Kind, Position
-from .records import PriceSnapshot, Signal, SymbolInfo
+from .records import Klines, PriceSnapshot, Signal, SymbolInfo
 from .trading.risk import BreakerStore, CircuitBreaker, catch_up, hear_closes, open_ranked
 from .storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
 from .timing import StageTimes
@@ -759,6 +759,18 @@ class BotControl:
 
     def snapshot(self) -> BotSnapshot:
         return self._bot.snapshot()
+
+    def bars(self, symbol: str, n: int = 240) -> Klines:
+        "The last `n` bars of `symbol` on the bot's fastest timeframe, from its cache (no request); empty if it has none."
+        c = self._bot.components
+        fast = min(self._bot.settings.data.timeframes, key=interval_ms)
+        if c is None or c.data.book.get(symbol, fast) is None:
+            return Klines.empty()
+        return c.data.read(symbol, fast, n)[0]
+
+    def config_toml(self) -> str:
+        "The settings the bot runs with, as TOML, secrets masked."
+        return settings_toml(self._bot.settings)
 
     @property
     def state(self) -> BotState:
