@@ -35,7 +35,7 @@ from tradelab.errors import (
 )
 from .trading.execution import ExecutionBackend, PaperExecution
 from .loops import CycleRecord, Loop
-from .storage.performance import PerformanceManager
+from .storage.performance import PerformanceManager, PerformanceStats
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .analysis.strategy import scorer_named
 from .trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Kind, Position
@@ -49,7 +49,7 @@ from .trading.virtual import VirtualPositionManager
 
 # %% auto #0
 __all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'TradeView', 'EquityPoint',
-           'BotSnapshot', 'RunState', 'Components', 'paper_balance', 'start_step', 'check_intervals',
+           'BotSnapshot', 'RunState', 'Components', 'paper_balance', 'start_step', 'check_intervals', 'archived_costs',
            'build_components', 'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap', 'store_real_marks',
            'tell_opened', 'tell_closed', 'record_closes', 'update_breaker', 'storage_failed', 'storage_recovered',
            'storage_watch', 'funding_due', 'mark_books', 'monitor_once', 'closed_bar_extremes', 'flush', 'BotLifecycle',
@@ -173,6 +173,8 @@ class BotSnapshot:
     closed_trades: tuple[TradeView, ...] = ()
     events: tuple[BotEvent, ...] = ()
     model_version: str = "rule"
+    books: Mapping[str, PerformanceStats] = field(default_factory=dict)  # "real", "virtual": figures of the closed trades
+    costs: Mapping[str, float] = field(default_factory=dict)  # real book: fees and funding paid, closed and open trades
 
     def __repr__(self):
         return (
@@ -189,6 +191,8 @@ class RunState:
     counters: Counter = field(default_factory=Counter)
     equity: deque = field(default_factory=lambda: deque(maxlen=5000))
     closed: deque = field(default_factory=lambda: deque(maxlen=500))  # the last closed trades, as `TradeView`s
+    # fees and funding of the closed real trades, archived ones included
+    costs: dict[str, float] = field(default_factory=lambda: {"fees": 0.0, "funding": 0.0})
     virtual_realized: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     storage_fault: str | None = None
@@ -259,6 +263,12 @@ async def check_intervals(
                 "configure timeframes it serves (a replayed file serves its own interval and multiples of it)"
             ) from None
 
+# %% ../nbs/50_bot.ipynb #ff7d8738
+def archived_costs(db: Database) -> dict[str, float]:
+    "Fees and funding of every archived real trade (what the panel's totals start from)."
+    (fees, funding), = db.query("SELECT COALESCE(SUM(fees), 0), COALESCE(SUM(funding), 0) FROM archive WHERE kind = 'REAL'")
+    return {"fees": float(fees), "funding": float(funding)}
+
 # %% ../nbs/50_bot.ipynb #3eab4d2a
 async def build_components(
     settings: Settings, clock: Clock, stack: AsyncExitStack, events: EventFeed | None = None
@@ -304,7 +314,7 @@ async def build_components(
         performance,
         Universe(s.universe, client, clock),
         EventFeed(clock) if events is None else events,
-        RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl),
+        RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl, costs=archived_costs(db)),
     )
     log.info(
         "bot ready: %d real and %d virtual positions restored, breaker %s, %d contracts, database %s",
@@ -430,6 +440,8 @@ def record_closes(c: Components, closed_real: Sequence[Position], closed_virtual
     for p in closed_virtual:
         c.performance.record_virtual_trade(p)
     c.run.virtual_realized += sum(p.realized_pnl for p in closed_virtual)
+    for k in ("fees", "funding"):
+        c.run.costs[k] += sum(getattr(p, k) for p in closed_real)
     c.run.closed.extend(TradeView.of(p) for p in (*closed_real, *closed_virtual))
     tell_closed(c, closed_real, closed_virtual)
     c.run.counters.update(
@@ -721,6 +733,8 @@ def snapshot_of(bot: TradingBot, history: int = 200) -> BotSnapshot:
         tuple(c.run.closed)[-history:],
         tuple(c.events.recent(history)),
         c.pool.model.version if c.pool.model else "rule",
+        {"real": c.performance.stats(Kind.REAL), "virtual": c.performance.stats(Kind.VIRTUAL)},
+        {k: c.run.costs[k] + sum(getattr(p, k) for p in c.execution.positions) for k in ("fees", "funding")},
     )
 
 # %% ../nbs/50_bot.ipynb #88e2b691
