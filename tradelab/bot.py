@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from .storage.archive import DataArchiver
 from .exchange.client import BinanceClient
 from .clock import Clock, LiveClock, bar_open_ms, interval_ms
-from .config import Settings
+from .config import Settings, settings_toml
 from .data.service import DataService
 from tradelab.errors import (
     ClockDriftError,
@@ -35,24 +35,25 @@ from tradelab.errors import (
 )
 from .trading.execution import ExecutionBackend, PaperExecution
 from .loops import CycleRecord, Loop
-from .storage.performance import PerformanceManager
+from .storage.performance import PerformanceManager, PerformanceStats
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .analysis.strategy import scorer_named
 from .trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Kind, Position
-from .records import PriceSnapshot, Signal, SymbolInfo
+from .records import Klines, PriceSnapshot, Signal, SymbolInfo
 from .trading.risk import BreakerStore, CircuitBreaker, catch_up, hear_closes, open_ranked
 from .storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
 from .timing import StageTimes
+from .events import BotEvent, EventFeed, EventHandler
 from .data.universe import Universe
 from .trading.virtual import VirtualPositionManager
 
 # %% auto #0
-__all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'EquityPoint', 'BotSnapshot',
-           'RunState', 'Components', 'paper_balance', 'start_step', 'check_intervals', 'build_components',
-           'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap', 'store_real_marks', 'record_closes',
-           'update_breaker', 'storage_failed', 'storage_recovered', 'storage_watch', 'funding_due', 'mark_books',
-           'monitor_once', 'closed_bar_extremes', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real',
-           'BotControl']
+__all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'TradeView', 'EquityPoint',
+           'BotSnapshot', 'RunState', 'Components', 'paper_balance', 'start_step', 'check_intervals', 'archived_costs',
+           'build_components', 'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap', 'store_real_marks',
+           'tell_opened', 'tell_closed', 'record_closes', 'update_breaker', 'storage_failed', 'storage_recovered',
+           'storage_watch', 'funding_due', 'mark_books', 'monitor_once', 'closed_bar_extremes', 'flush', 'BotLifecycle',
+           'TradingBot', 'snapshot_of', 'close_real', 'BotControl']
 
 # %% ../nbs/50_bot.ipynb #cfe32644
 log = logging.getLogger(__name__)
@@ -116,6 +117,36 @@ class PositionView:
             p.confidence,
         )
 
+# %% ../nbs/50_bot.ipynb #4386e2cb
+@dataclass(frozen=True, slots=True)
+class TradeView:
+    "One closed position as a table row: where and why it ended, and what it made (net of fees and funding)."
+
+    id: str
+    kind: str
+    symbol: str
+    side: str
+    entry: float
+    exit: float
+    stop: float
+    target: float
+    size: float
+    opened_ms: int
+    closed_ms: int
+    reason: str
+    r: float
+    pnl: float
+    fees: float
+    funding: float
+    rank: int
+    confidence: float
+
+    @classmethod
+    def of(cls, p: Position) -> TradeView:
+        return cls(p.id, p.kind.name, p.symbol, p.side.name, p.entry, float(p.exit_price or 0.0), p.stop, p.target, p.size,
+                   p.opened_ms, int(p.closed_ms or 0), p.exit_reason.name if p.exit_reason else "", p.r_multiple,
+                   p.realized_pnl, p.fees, p.funding, p.rank, p.confidence)
+
 # %% ../nbs/50_bot.ipynb #a4472d6a
 @dataclass(frozen=True, slots=True)
 class EquityPoint:
@@ -139,6 +170,11 @@ class BotSnapshot:
     cycles: tuple[CycleRecord, ...] = ()
     counters: Mapping[str, int] = field(default_factory=dict)
     error: str | None = None
+    closed_trades: tuple[TradeView, ...] = ()
+    events: tuple[BotEvent, ...] = ()
+    model_version: str = "rule"
+    books: Mapping[str, PerformanceStats] = field(default_factory=dict)  # "real", "virtual": figures of the closed trades
+    costs: Mapping[str, float] = field(default_factory=dict)  # real book: fees and funding paid, closed and open trades
 
     def __repr__(self):
         return (
@@ -154,6 +190,9 @@ class RunState:
     symbols: tuple[str, ...] = ()
     counters: Counter = field(default_factory=Counter)
     equity: deque = field(default_factory=lambda: deque(maxlen=5000))
+    closed: deque = field(default_factory=lambda: deque(maxlen=500))  # the last closed trades, as `TradeView`s
+    # fees and funding of the closed real trades, archived ones included
+    costs: dict[str, float] = field(default_factory=lambda: {"fees": 0.0, "funding": 0.0})
     virtual_realized: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     storage_fault: str | None = None
@@ -180,6 +219,7 @@ class Components:
     archive: DataArchiver
     performance: PerformanceManager
     universe: Universe
+    events: EventFeed
     run: RunState = field(default_factory=RunState)
 
 # %% ../nbs/50_bot.ipynb #aa36ec18
@@ -223,8 +263,16 @@ async def check_intervals(
                 "configure timeframes it serves (a replayed file serves its own interval and multiples of it)"
             ) from None
 
+# %% ../nbs/50_bot.ipynb #ff7d8738
+def archived_costs(db: Database) -> dict[str, float]:
+    "Fees and funding of every archived real trade (what the panel's totals start from)."
+    (fees, funding), = db.query("SELECT COALESCE(SUM(fees), 0), COALESCE(SUM(funding), 0) FROM archive WHERE kind = 'REAL'")
+    return {"fees": float(fees), "funding": float(funding)}
+
 # %% ../nbs/50_bot.ipynb #3eab4d2a
-async def build_components(settings: Settings, clock: Clock, stack: AsyncExitStack) -> Components:
+async def build_components(
+    settings: Settings, clock: Clock, stack: AsyncExitStack, events: EventFeed | None = None
+) -> Components:
     "Every collaborator, in order of dependence; `stack` learns how to close each, in reverse."
     s = settings
     scorer_named(s.strategy.name)  # a wrong strategy name is one line at start, not a failure in every scan
@@ -265,7 +313,8 @@ async def build_components(settings: Settings, clock: Clock, stack: AsyncExitSta
         archive,
         performance,
         Universe(s.universe, client, clock),
-        RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl),
+        EventFeed(clock) if events is None else events,
+        RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl, costs=archived_costs(db)),
     )
     log.info(
         "bot ready: %d real and %d virtual positions restored, breaker %s, %d contracts, database %s",
@@ -321,6 +370,7 @@ async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
             opened, refused = await open_real(c, ranked)
         with stages.stage("virtual"):
             followed = await c.virtual.open_signals(ranked, refused)
+        tell_opened(c, opened, followed)
     figures = {
         "symbols": len(c.run.symbols),
         "stale_series": len(report.stale),
@@ -354,6 +404,34 @@ def store_real_marks(c: Components) -> int:
     "Store the marks of the open real positions (one transaction)."
     return c.positions.update_marks(c.execution.marked_positions())
 
+# %% ../nbs/50_bot.ipynb #e7170a63
+def _price(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def tell_opened(c: Components, opened: Sequence[Position], followed: Sequence[Position]) -> None:
+    "An `opened` event for each real entry (its fill), one `virtual_opened` for the scan's virtual ones."
+    for p in opened:
+        c.events.emit("opened", f"{p.symbol} {p.side.name.lower()} {p.size:g} filled at {_price(p.entry)} ({c.settings.mode}), "
+                      f"stop {_price(p.stop)}, target {_price(p.target)}, rank {p.rank}, confidence {p.confidence:.2f}",
+                      symbol=p.symbol, id=p.id, side=p.side.name, size=p.size, entry=p.entry, stop=p.stop, target=p.target)
+    if followed:
+        names = ", ".join(p.symbol for p in followed[:5]) + (" ..." if len(followed) > 5 else "")
+        c.events.emit("virtual_opened", f"{len(followed)} virtual opened: {names}", count=len(followed))
+
+
+def tell_closed(c: Components, closed_real: Sequence[Position], closed_virtual: Sequence[Position]) -> None:
+    "A `closed` event for each real exit, one `virtual_closed` digest for the tick's virtual ones."
+    for p in closed_real:
+        why = p.exit_reason.name.lower() if p.exit_reason else "?"
+        c.events.emit("closed", f"{p.symbol} {p.side.name.lower()} closed by {why} at {_price(p.exit_price or 0.0)}: "
+                      f"{p.r_multiple:+.2f} R, {p.realized_pnl:+.2f} {c.settings.universe.quote}", symbol=p.symbol, id=p.id,
+                      reason=why, r=p.r_multiple, pnl=p.realized_pnl)
+    if closed_virtual:
+        won = sum(p.realized_pnl > 0 for p in closed_virtual)
+        c.events.emit("virtual_closed", f"{len(closed_virtual)} virtual closed, {won} won, "
+                      f"{sum(p.r_multiple for p in closed_virtual):+.2f} R in all", count=len(closed_virtual), won=won)
+
 # %% ../nbs/50_bot.ipynb #c69198b1
 def record_closes(c: Components, closed_real: Sequence[Position], closed_virtual: Sequence[Position] = ()) -> None:
     "Performance figures and counters for a tick's closed positions."
@@ -362,6 +440,10 @@ def record_closes(c: Components, closed_real: Sequence[Position], closed_virtual
     for p in closed_virtual:
         c.performance.record_virtual_trade(p)
     c.run.virtual_realized += sum(p.realized_pnl for p in closed_virtual)
+    for k in ("fees", "funding"):
+        c.run.costs[k] += sum(getattr(p, k) for p in closed_real)
+    c.run.closed.extend(TradeView.of(p) for p in (*closed_real, *closed_virtual))
+    tell_closed(c, closed_real, closed_virtual)
     c.run.counters.update(
         closed=len(closed_real),
         wins=sum(p.realized_pnl > 0 for p in closed_real),
@@ -372,8 +454,12 @@ def record_closes(c: Components, closed_real: Sequence[Position], closed_virtual
 # %% ../nbs/50_bot.ipynb #d6a902e5
 def update_breaker(c: Components, closed_real: Sequence[Position]) -> EquityPoint:
     "The breaker hears each closed real trade, in order, then the equity; the tick's equity point."
-    ex = c.execution
+    ex, before = c.execution, c.breaker.level
     hear_closes(c.breaker, ex, closed_real)
+    if c.breaker.level is not before:
+        worse = c.breaker.level.value > before.value
+        c.events.emit("breaker", f"breaker {before.name} -> {c.breaker.level.name}", level="warning" if worse else "info",
+                      before=before.name, after=c.breaker.level.name)
     point = EquityPoint(
         c.clock.now_ms(),
         ex.equity(),
@@ -508,6 +594,8 @@ class BotLifecycle:
         self.components: Components | None = None
         self._stack, self._stopped = AsyncExitStack(), asyncio.Event()
         self._stopper: asyncio.Task | None = None
+        self.events: EventFeed | None = None  # the bot's events; its warnings and errors join them while it runs
+        self._heard: EventHandler | None = None
 
     def _ready(self) -> Components:
         if self.components is None or self.state in (BotState.STOPPED, BotState.FAILED):
@@ -520,6 +608,11 @@ class BotLifecycle:
         self.scan.start()
         self.monitor.start()
         self.state = BotState.RUNNING
+        if self.events is not None:
+            self._heard = EventHandler(self.events)
+            logging.getLogger("tradelab").addHandler(self._heard)
+            every = f"scan every {self.scan.period_s:g} s, monitor every {self.monitor.period_s:g} s"
+            self.events.emit("start", f"bot running: {every}")
         log.info("bot running: scan every %g s, monitor every %g s", self.scan.period_s, self.monitor.period_s)
 
     async def stop(self, grace_s: float = 30.0) -> None:
@@ -539,6 +632,11 @@ class BotLifecycle:
             self.state = BotState.FAILED if failed else BotState.STOPPED
             self._stopped.set()
             log.info("bot %s", "stopped after an error" if failed else "stopped")
+            if self._heard is not None:
+                logging.getLogger("tradelab").removeHandler(self._heard)
+            if self.events is not None:
+                said = f"stopped after an error: {self.error}" if failed else "stopped"
+                self.events.emit("stop", f"bot {said}", level="error" if failed else "info")
 
     async def wait(self) -> None:
         "Until the bot has stopped (by `stop()` or by an error)."
@@ -558,6 +656,7 @@ class TradingBot(BotLifecycle):
         check_mode(settings)
         super().__init__()
         self.settings, self.clock = settings, clock if clock is not None else LiveClock()
+        self.events = EventFeed(self.clock)
         b = settings.bot
         self.scan = Loop(
             "scan", self.scan_cycle, self.clock, b.scan_interval_s, settings.data.boundary_delay_s, on_fatal=self._fatal
@@ -569,7 +668,7 @@ class TradingBot(BotLifecycle):
         if self.state is not BotState.CREATED:
             raise StateError(f"initialize() runs once; the bot is {self.state.name}")
         try:
-            self.components = await build_components(self.settings, self.clock, self._stack)
+            self.components = await build_components(self.settings, self.clock, self._stack, self.events)
         except BaseException as e:
             await _closing("closing what was built", self._stack.aclose())
             self.state, self.error = BotState.FAILED, e
@@ -613,7 +712,8 @@ def snapshot_of(bot: TradingBot, history: int = 200) -> BotSnapshot:
     c, err = bot.components, None if bot.error is None else f"{type(bot.error).__name__}: {bot.error}"
     cycles = tuple(sorted([*bot.scan.history, *bot.monitor.history], key=lambda r: (r.started_ms, r.loop)))[-history:]
     if c is None:
-        return BotSnapshot(bot.clock.now_ms(), bot.state, "NORMAL", cycles=cycles, error=err)
+        return BotSnapshot(bot.clock.now_ms(), bot.state, "NORMAL", cycles=cycles, error=err,
+                           events=tuple(bot.events.recent(history)) if bot.events else ())
     c.virtual.book.sync()
     counters = dict(c.run.counters) | {
         "scan_failures": bot.scan.failures,
@@ -630,6 +730,11 @@ def snapshot_of(bot: TradingBot, history: int = 200) -> BotSnapshot:
         cycles,
         counters,
         err,
+        tuple(c.run.closed)[-history:],
+        tuple(c.events.recent(history)),
+        c.pool.model.version if c.pool.model else "rule",
+        {"real": c.performance.stats(Kind.REAL), "virtual": c.performance.stats(Kind.VIRTUAL)},
+        {k: c.run.costs[k] + sum(getattr(p, k) for p in c.execution.positions) for k in ("fees", "funding")},
     )
 
 # %% ../nbs/50_bot.ipynb #88e2b691
@@ -668,6 +773,18 @@ class BotControl:
 
     def snapshot(self) -> BotSnapshot:
         return self._bot.snapshot()
+
+    def bars(self, symbol: str, n: int = 240) -> Klines:
+        "The last `n` bars of `symbol` on the bot's fastest timeframe, from its cache (no request); empty if it has none."
+        c = self._bot.components
+        fast = min(self._bot.settings.data.timeframes, key=interval_ms)
+        if c is None or c.data.book.get(symbol, fast) is None:
+            return Klines.empty()
+        return c.data.read(symbol, fast, n)[0]
+
+    def config_toml(self) -> str:
+        "The settings the bot runs with, as TOML, secrets masked."
+        return settings_toml(self._bot.settings)
 
     @property
     def state(self) -> BotState:
