@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from .config import Settings, load_settings, settings_toml
+from .ops.logs import LOG_FORMAT, operator_logging
 from .errors import ConfigError, DataError, TradelabError, UsageError
 from .sim.rules import Faults
 
@@ -33,12 +34,13 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
     from tradelab.sim.source import MarketSource
 
 # %% auto #0
-__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'LAB_OPTIONS',
-           'DOCS_OPTIONS', 'TUNE_OPTIONS', 'COMMANDS', 'LOG_FORMAT', 'Option', 'opt', 'int_list', 'name_list',
-           'positive', 'Parser', 'parser', 'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config',
-           'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'cmd_run',
-           'BarSafeHandler', 'demo_log', 'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest',
-           'notebooks_dir', 'lab_command', 'cmd_lab', 'cmd_docs', 'cmd_tune', 'Command', 'package_version', 'main']
+__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'RUN_OPTIONS', 'STATUS_OPTIONS', 'DEMO_OPTIONS',
+           'BACKTEST_OPTIONS', 'LAB_OPTIONS', 'DOCS_OPTIONS', 'TUNE_OPTIONS', 'COMMANDS', 'Option', 'opt', 'int_list',
+           'name_list', 'positive', 'Parser', 'parser', 'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark',
+           'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim',
+           'check_home', 'port', 'secrets_of', 'cmd_run', 'cmd_status', 'BarSafeHandler', 'demo_log', 'DemoBar',
+           'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'notebooks_dir', 'lab_command', 'cmd_lab',
+           'cmd_docs', 'cmd_tune', 'Command', 'package_version', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -378,15 +380,58 @@ def check_home(home: Path, name: str) -> None:
     if where is not None and not os.access(where, os.W_OK):
         raise ConfigError(f"{name} {home}: permission denied: {where} is not writable by this user (or is read-only)")
 
+# %% ../nbs/90_cli.ipynb #4c992e56
+def port(text: str) -> int:
+    "An `argparse` type: a TCP port, 0 (any free one) to 65535."
+    if not text.isdigit() or int(text) > 65_535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return int(text)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    "Every secret value the settings hold: API key and secret, notification URLs (what the logs must mask)."
+    ex = settings.exchange
+    return [s.get_secret_value() for s in (ex.api_key, ex.api_secret, *settings.notify.urls) if s is not None]
+
+
+RUN_OPTIONS = (
+    opt("--home", help="directory of the database, caches, log and status file (default: the 'home' setting)"),
+    opt("--metrics-port", type=port, metavar="PORT", help="serve Prometheus metrics here (0: any free port; on metrics.host, "
+        "loopback unless set)"),
+)
+
 # %% ../nbs/90_cli.ipynb #4de9a335
 def cmd_run(args: argparse.Namespace) -> int:
-    "`tradelab run`: paper trading headless until SIGINT/SIGTERM."
-    from tradelab.runner import run_headless  # the bot loads the whole package (about 3 s): only for this command
+    "`tradelab run`: paper trading headless until SIGINT/SIGTERM, with its log file, status file, metrics and notifications."
+    # imported here: the bot loads the whole package (about 3 s), metrics and notifications prometheus-client and apprise
+    from tradelab.ops.operations import Operations
+    from tradelab.runner import run_headless
 
-    overrides = {"home": args.home} if args.home else {}
+    overrides: dict[str, Any] = {"home": args.home} if args.home else {}
+    if args.metrics_port is not None:
+        overrides["metrics"] = {"port": args.metrics_port}
     settings = load_settings(args.config, env=args.env, **overrides)
     check_home(settings.home_dir, "--home" if args.home else "config key 'home'")
-    return run_headless(settings)
+    oplog = operator_logging(settings.home_dir, settings.log, secrets_of(settings), logging.getLogger().level)
+    try:
+        return run_headless(settings, around=Operations)
+    finally:
+        oplog.close()
+
+# %% ../nbs/90_cli.ipynb #7455763b
+STATUS_OPTIONS = (
+    opt("--home", type=Path, help="the bot's home (default: the 'home' setting)"),
+    opt("--json", action="store_true", help="print the report as one JSON object"),
+)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    "`tradelab status`: the report of a bot's home; exit status 0 if the bot runs, 1 if not."
+    from tradelab.ops.status import read_status, status_text  # reads a file and a database: only for this command
+
+    report = read_status(args.home if args.home is not None else settings_from(args).home_dir)
+    print(report.to_json() if args.json else status_text(report))
+    return 0 if report.verdict == "running" else 1
 
 # %% ../nbs/90_cli.ipynb #88c39512
 DEMO_OPTIONS = (
@@ -652,11 +697,10 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("run a benchmark: tradelab bench NAME [--json] ('tradelab bench' lists them)", None),
     "train": Command("train the scoring model on a training file and export it to ONNX", cmd_train, TRAIN_OPTIONS),
     "sim": Command("serve a local Binance USD-M compatible exchange: replayed or synthetic market", cmd_sim, SIM_OPTIONS),
-    "run": Command(
-        "run the bot headless: paper trading against the configured exchange until SIGINT/SIGTERM",
-        cmd_run,
-        (opt("--home", help="directory of the database and caches (default: the 'home' setting)"),),
-    ),
+    "run": Command("run the bot headless: paper trading against the configured exchange until SIGINT/SIGTERM", cmd_run,
+                   RUN_OPTIONS),
+    "status": Command("is the bot of a home running? its positions, breaker, last cycles and model (--json)", cmd_status,
+                      STATUS_OPTIONS),
     "demo": Command("the whole system offline: simulator and bot at high speed, then a summary", cmd_demo, DEMO_OPTIONS),
     "backtest": Command("replay kline files through the bot's policy: figures of the real and virtual books", cmd_backtest,
                         BACKTEST_OPTIONS),
@@ -671,8 +715,6 @@ def _overview() -> str:
     rows = "\n".join(f"  {name:<{width}}  {c.help}" for name, c in COMMANDS.items())
     return f"usage: tradelab COMMAND [options]\n\ncommands:\n{rows}\n\n'tradelab COMMAND --help' for a command's options."
 
-
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def _logging(level: str | None) -> None:

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +34,9 @@ from .sim.synthetic import synthetic_market
 
 # %% auto #0
 __all__ = ['log', 'STOP_GRACE_S', 'EXIT_DEADLINE_S', 'DEMO_OVERRIDES', 'HISTORY_DAYS', 'PENDING_URL', 'SUMMARY_MEANING', 'T',
-           'exit_now', 'ExitDeadline', 'until_stopped', 'serve', 'run_headless', 'DemoOptions', 'at_url',
-           'demo_settings', 'demo_market', 'with_bars_in', 'RunSummary', 'stage_summary', 'drive', 'run_stepped',
-           'run_demo', 'check_demo_home', 'demo']
+           'exit_now', 'ExitDeadline', 'until_stopped', 'serve', 'run_headless', 'serve_around', 'DemoOptions',
+           'at_url', 'demo_settings', 'demo_market', 'with_bars_in', 'RunSummary', 'stage_summary', 'drive',
+           'run_stepped', 'run_demo', 'check_demo_home', 'demo']
 
 # %% ../nbs/51_runner.ipynb #b366263a
 log = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ async def serve(
     return 1 if isinstance(bot.error, Exception) else 0
 
 # %% ../nbs/51_runner.ipynb #69fd516b
-def run_headless(settings: Settings) -> int:
-    "`tradelab run`: the bot on `settings` until SIGINT or SIGTERM; a closing summary on stdout; the exit code."
+def run_headless(settings: Settings, around: Callable[[TradingBot], AbstractAsyncContextManager] | None = None) -> int:
+    "`tradelab run`: the bot on `settings` (inside `around(bot)`) until SIGINT or SIGTERM; a closing summary; the exit code."
     bot, t0, said = TradingBot(settings), time.perf_counter(), []
     start_ms = bot.clock.now_ms()
 
@@ -132,10 +133,20 @@ def run_headless(settings: Settings) -> int:
         opts = DemoOptions((b.clock.now_ms() - start_ms) / 3_600_000, 1.0, home=settings.home_dir)
         said.append(_summary(b, opts, time.perf_counter() - t0))
 
-    code = asyncio.run(serve(bot, before_stop=summarise))
+    code = asyncio.run(serve_around(bot, summarise, around))
     if said:
         print(said[0].to_text(), flush=True)
     return code
+
+# %% ../nbs/51_runner.ipynb #33d65cc5
+async def serve_around(
+    bot: TradingBot, before_stop: Callable[[TradingBot], None], around: Callable[[TradingBot], AbstractAsyncContextManager] | None
+) -> int:
+    "`serve(bot)`, inside `around(bot)` if given: what an operator puts around a run (`tradelab.ops.operations.Operations`)."
+    if around is None:
+        return await serve(bot, before_stop=before_stop)
+    async with around(bot):
+        return await serve(bot, before_stop=before_stop)
 
 # %% ../nbs/51_runner.ipynb #70c99836
 @dataclass(frozen=True)
