@@ -126,12 +126,13 @@ class Benchmark:
 def benchmarks() -> dict[str, Benchmark]:
     "Benchmark name -> `Benchmark`."
     # imported here, not at the top: the benchmarks load the whole package (about 3 s), only `tradelab bench` needs them
-    from tradelab.bench import analysis, backtest, bot, indicators, klines, sim, slots, store, virtual
+    from tradelab.bench import analysis, backtest, bot, indicators, klines, sim, slots, soak, store, virtual
 
     return {
         **_measure_benchmarks(analysis, bot, indicators),
         **_system_benchmarks(klines, sim, slots, store, virtual),
         **_research_benchmarks(backtest),
+        **_soak_benchmark(soak),
     }
 
 # %% ../nbs/90_cli.ipynb #eed2fc0d
@@ -239,6 +240,21 @@ def _research_benchmarks(backtest: ModuleType) -> dict[str, Benchmark]:
                 opt("--data", type=Path, default=None, help="15m kline file (default: the shared data, else a synthetic market)"),
                 opt("--symbols", type=positive(int), default=200, help="the most traded symbols to replay (default 200)"),
                 opt("--days", type=positive(float), default=90.0, help="days of bars from the file's start (default 90)"),
+            ),
+        ),
+    }
+
+# %% ../nbs/90_cli.ipynb #0cf24fac
+def _soak_benchmark(soak: ModuleType) -> dict[str, Benchmark]:
+    return {
+        "soak": Benchmark(
+            "the whole bot for a simulated day on a synthetic market, faults in waves: cycles, memory, files, positions",
+            soak.run,
+            (
+                opt("--hours", type=positive(float), default=24.0, help="simulated hours (default 24)"),
+                opt("--symbols", type=positive(int), default=500, help="synthetic symbols scanned (default 500)"),
+                opt("--seed", type=int, default=7),
+                opt("--samples", action="store_true", help="keep the per-scan samples (memory, descriptors, scan time)"),
             ),
         ),
     }
