@@ -125,6 +125,10 @@ class Replay:
             hit = self._slots[name] = (slot, build())
         return hit[1]
 
+    def cached_rows(self) -> int:
+        "Encoded kline rows kept for answers to come: the cache grows with the bars served, one row per closed bar."
+        return sum(len(c.rows) for c in self._rows.values())
+
     def _closed_rows(self, symbol: str, s: Series, a: int, b: int) -> list[str]:
         c = self._rows.get((symbol, s.interval)) or self._rows.setdefault((symbol, s.interval), _RowCache())
         pdp, qdp = self.market.decimals(symbol)
