@@ -348,11 +348,9 @@ def log_html(events: Sequence[Any], limit: int = 300) -> str:
 
 # %% ../nbs/61_dashboard.ipynb #0678a0b0
 def flow(*children: widgets.Widget, min_width: str = "420px") -> widgets.Box:
-    "`children` side by side, each at least `min_width`, wrapping when the output is narrower."
-    for w in children:
-        w.layout.flex, w.layout.min_width = "1 1 0", min_width
-    return widgets.Box(list(children), layout=widgets.Layout(display="flex", flex_flow="row wrap", width="100%",
-                                                             align_items="stretch"))
+    "`children` side by side, each in a box at least `min_width` wide, wrapping when the output is narrower."
+    cells = [widgets.Box([w], layout=widgets.Layout(flex="1 1 0", min_width=min_width)) for w in children]
+    return widgets.Box(cells, layout=widgets.Layout(display="flex", flex_flow="row wrap", width="100%", align_items="stretch"))
 
 
 def tabs(pages: dict[str, widgets.Widget]) -> widgets.Tab:
