@@ -31,9 +31,9 @@ from .runner import demo_market, demo_settings
 from .sim.server import SimServer
 
 # %% auto #0
-__all__ = ['log', 'BREAKER_COLORS', 'SPEEDS', 'BotTarget', 'SimulatedBot', 'stage_series', 'stage_figure', 'draw_stages',
-           'breaker_html', 'status_line', 'close_options', 'live_cards', 'PanelWidgets', 'PanelView', 'show_failure',
-           'PanelTasks', 'PanelLifecycle', 'BotPanel']
+__all__ = ['log', 'BREAKER_COLORS', 'OPEN_COLUMNS', 'SPEEDS', 'BotTarget', 'SimulatedBot', 'stage_series', 'stage_figure',
+           'draw_stages', 'breaker_html', 'status_line', 'close_options', 'live_cards', 'PanelWidgets', 'PanelView',
+           'show_failure', 'PanelTasks', 'PanelLifecycle', 'BotPanel']
 
 # %% ../nbs/60_panel.ipynb #db1c6afb
 log = logging.getLogger(__name__)
@@ -190,6 +190,9 @@ def live_cards(snap: BotSnapshot, starting_equity: float, quote: str = "USDT") -
     return cards
 
 # %% ../nbs/60_panel.ipynb #c549e9a7
+OPEN_COLUMNS = ("book", "symbol", "side", "rank", "opened", "entry", "exit", "stop", "target", "r", "pnl")
+"The columns of the open positions' tables (`exit` is the last mark, shown as such)."
+
 SPEEDS = {"60x (a minute a second)": 60.0, "240x": 240.0, "600x": 600.0, "1200x (20 minutes a second)": 1200.0}
 "The simulated clock's speeds offered before Start."
 
@@ -202,16 +205,16 @@ class PanelWidgets:
         self.symbols = widgets.BoundedIntText(30, min=3, max=500, description="symbols", **small)
         self.speed = widgets.Dropdown(options=list(SPEEDS.items()), value=240.0, description="speed", **small)
         self.strategy = widgets.Dropdown(options=list(STRATEGIES), description="strategy", **small)
-        self.model = widgets.Dropdown(options=[("rule (no model)", None), *((m.name, m) for m in models)],
-                                      description="model", **small)
+        self.model = widgets.Dropdown(options=[("rule (no model)", ""), *((m.name, str(m)) for m in models)],
+                                      description="model", **small)  # "" for none: a dropdown's None is "nothing chosen"
         self.start_button = widgets.Button(description="Start", button_style="success", icon="play")
         self.stop_button = widgets.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
         self.status, self.breaker, self.summary = widgets.HTML("not started"), widgets.HTML(), widgets.HTML()
         self.close_choice = widgets.Dropdown(description="position", options=[], layout=widgets.Layout(width="340px"))
         self.close_button = widgets.Button(description="Close position", disabled=True, icon="times")
         self.symbol = widgets.Dropdown(description="symbol", options=[], layout=widgets.Layout(width="260px"))
-        self.positions, self.virtual = SortableTable("open positions", TRADE_COLUMNS, "opened"), SortableTable(
-            "virtual positions", TRADE_COLUMNS, "opened", limit=100)
+        self.positions = SortableTable("open positions", OPEN_COLUMNS, "opened", labels={"exit": "mark"})
+        self.virtual = SortableTable("virtual positions", OPEN_COLUMNS, "opened", limit=100, labels={"exit": "mark"})
         self.trades = SortableTable("closed trades", TRADE_COLUMNS, "closed", empty="no closed trade yet")
         self.log, self.config = widgets.HTML(), widgets.HTML()
         self.equity_fig, self.price_fig = stretch(equity_figure()), stretch(price_figure())
@@ -314,7 +317,8 @@ class PanelTasks(PanelView):
             w.disabled = not enabled
         if not enabled and isinstance(self.target, SimulatedBot):
             t = self.target
-            t.symbols, t.speed, t.strategy, t.model = self.symbols.value, self.speed.value, self.strategy.value, self.model.value
+            t.symbols, t.speed, t.strategy = self.symbols.value, self.speed.value, self.strategy.value
+            t.model = self.model.value or None
 
     def redraw(self) -> None:
         "Draw the bot's snapshot now, and the chosen symbol's bars from its cache."
