@@ -9,7 +9,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "tradelab"
 ROOT_MODULES = {"__init__", "_modidx", "errors", "config", "clock", "records", "timing", "loops", "bot", "runner", "cli", "panel",
-                "docs"}
+                "docs", "events", "dashboard"}
 SUBPACKAGES = ("exchange", "sim", "data", "analysis", "trading", "storage", "backtest", "ops", "bench")
 
 
@@ -119,3 +119,11 @@ def test_export_cells_stay_short():
     print(f"\n{len(sizes)} export cells: median {median} lines, largest {max(sizes)[0]} ({max(sizes)[1]})")
     assert max(sizes)[0] < 60, max(sizes)
     assert median < 15
+
+
+def test_notebooks_name_their_kernel():
+    "JupyterLab opens every notebook on the project's kernel without asking for one."
+    nbs = [p for p in (PKG.parent / "nbs").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts]
+    missing = [str(p.relative_to(PKG.parent)) for p in nbs if json.loads(p.read_text())["metadata"].get("kernelspec", {}).get("name")
+               != "python3"]
+    assert nbs and not missing, missing

@@ -270,7 +270,7 @@ def _cell(col: str, v: Any) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "<td style='color:#b0b6bb'>-</td>"
     if isinstance(v, pd.Timestamp | dt.datetime):
-        return f"<td>{v:%Y-%m-%d %H:%M}</td>"
+        return f"<td style='white-space:nowrap'>{v:%Y-%m-%d %H:%M}</td>"
     if col == "exit_reason":
         return (f"<td><span style='background:{_BADGE.get(v, MUTED)};color:white;border-radius:3px;padding:0 5px;"
                 f"font-size:11px'>{html.escape(str(v))}</span></td>")
@@ -281,7 +281,7 @@ def _cell(col: str, v: Any) -> str:
         return f"<td style='text-align:right'>{v:.6g}</td>"
     if isinstance(v, float):
         return f"<td style='text-align:right'>{v:.3g}</td>"
-    return f"<td>{html.escape(str(v))}</td>"
+    return f"<td style='white-space:nowrap'>{html.escape(str(v))}</td>"
 
 
 def table_html(df: pd.DataFrame, title: str = "", limit: int = 200, empty: str = "none") -> str:
@@ -300,11 +300,12 @@ def table_html(df: pd.DataFrame, title: str = "", limit: int = 200, empty: str =
 
 # %% ../nbs/61_dashboard.ipynb #fcc93e0b
 class SortableTable:
-    "A formatted table with a sort column, a direction and a row limit, kept across `show` calls."
+    "A formatted table of `columns` (headed by `labels`), a sort column, a direction and a row limit, kept across `show` calls."
 
     def __init__(self, title: str, columns: Sequence[str], sort_by: str, descending: bool = True, limit: int = 200,
-                 empty: str = "none"):
+                 empty: str = "none", labels: dict[str, str] | None = None):
         self.title, self.limit, self.empty, self.frame = title, limit, empty, pd.DataFrame(columns=list(columns))
+        self.columns, self.labels = list(columns), labels or {}
         self.sort_by = widgets.Dropdown(options=list(columns), value=sort_by, description="sort by",
                                         layout=widgets.Layout(width="220px"), style={"description_width": "50px"})
         self.descending = widgets.ToggleButton(value=descending, description="descending", icon="sort-amount-desc",
@@ -323,7 +324,8 @@ class SortableTable:
         df = self.frame
         if self.sort_by.value in df.columns and len(df):
             df = df.sort_values(self.sort_by.value, ascending=not self.descending.value, kind="stable")
-        self.html.value = table_html(df, self.title, self.limit, self.empty)
+        shown = df[[c for c in self.columns if c in df.columns]].rename(columns=self.labels)
+        self.html.value = table_html(shown, self.title, self.limit, self.empty)
 
     def on_sort(self, handler: Callable[..., None]) -> None:
         "Call `handler` when the sort changes (a panel passes its `KernelLoop.handler(self.redraw)`)."
@@ -348,11 +350,10 @@ def log_html(events: Sequence[Any], limit: int = 300) -> str:
 
 # %% ../nbs/61_dashboard.ipynb #0678a0b0
 def flow(*children: widgets.Widget, min_width: str = "420px") -> widgets.Box:
-    "`children` side by side, each at least `min_width`, wrapping when the output is narrower."
-    for w in children:
-        w.layout.flex, w.layout.min_width = "1 1 0", min_width
-    return widgets.Box(list(children), layout=widgets.Layout(display="flex", flex_flow="row wrap", width="100%",
-                                                             align_items="stretch"))
+    "`children` side by side, each in a box at least `min_width` wide, wrapping when the output is narrower."
+    cells = [widgets.Box([w], layout=widgets.Layout(flex="1 1 0", min_width=min_width, display="flex", flex_flow="column",
+                                                    align_items="stretch")) for w in children]
+    return widgets.Box(cells, layout=widgets.Layout(display="flex", flex_flow="row wrap", width="100%", align_items="stretch"))
 
 
 def tabs(pages: dict[str, widgets.Widget]) -> widgets.Tab:

@@ -14,22 +14,23 @@ from typing import TypeVar
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 from pydantic import ValidationError
 
 from ..analysis.strategy import STRATEGIES
 from .history import (History, cycle_times, load_history, measure_cycles, ranked, roles_of, scored_candidates,
                                        signals_of, to_ms)
 from .replay import Backtest, book_figures, quiet, replay, run_coroutine
-from .report import report_figure, trades_frame
+from .report import trades_frame
 from ..config import Settings, StrategySettings
+from ..dashboard import (TRADE_COLUMNS, Card, KernelLoop, SortableTable, draw_equity, draw_price, equity_figure, flow,
+                                money, price_figure, stretch, summary_html, tabs, tone)
 from ..errors import ConfigError, DataError, TradelabError
 from ..records import Signal
 
 # %% auto #0
-__all__ = ['SCORED', 'EXITS', 'LABELS', 'FIGURES', 'WIN', 'LOSS', 'EXIT_MARKERS', 'BOOKS', 'backtest_of', 'TuningSession',
-           'params_of', 'param_slider', 'stats_frame', 'stats_html', 'trade_markers', 'trades_figure', 'draw_trades',
-           'draw_equity', 'status_line', 'refusal_html', 'TuningView', 'TuningPanel']
+__all__ = ['SCORED', 'EXITS', 'LABELS', 'FIGURES', 'BOOKS', 'backtest_of', 'TuningSession', 'params_of', 'param_slider',
+           'stats_frame', 'stats_html', 'history_bars', 'backtest_cards', 'status_line', 'refusal_html', 'TuningView',
+           'TuningPanel']
 
 # %% ../../nbs/backtest/47_panel.ipynb #12f348eb
 SCORED = ("name", "w_trend", "w_structure", "w_orderblock", "w_momentum", "w_volatility", "min_confidence", "adx_min",
@@ -173,67 +174,38 @@ def stats_html(stats: pd.DataFrame) -> str:
     "The table as HTML, numbers to four significant digits."
     return stats.map(lambda v: f"{v:.4g}" if isinstance(v, float) else v).to_html(border=0)
 
-# %% ../../nbs/backtest/47_panel.ipynb #2113af7f
-WIN, LOSS = "#1a9850", "#d73027"
-"Colours of a won trade (R > 0) and of a lost one."
-
-EXIT_MARKERS = {"stop": "x", "target": "star", "expiry": "circle", "command": "square"}
-"The marker of an exit, by its reason."
-
+# %% ../../nbs/backtest/47_panel.ipynb #40dd1b0d
 BOOKS = {"real and virtual": ("real", "virtual"), "real": ("real",), "virtual": ("virtual",)}
 "The book choices for the markers."
 
 
-def trade_markers(trades: pd.DataFrame) -> dict[str, dict]:
-    "The entry and exit markers of `trades` (rows of `trades_frame`), as plotly scatter properties."
-    colour = np.where(trades["r"] > 0, WIN, LOSS).tolist()
-    hollow = ["-open" if b == "virtual" else "" for b in trades["book"]]
-    entry = ["triangle-up" if s == "long" else "triangle-down" for s in trades["side"]]
-    exits = [EXIT_MARKERS.get(r, "diamond") for r in trades["exit_reason"]]
-    rows = trades[["book", "side", "rank", "r", "exit_reason"]].itertuples(index=False)
-    text = [f"{b} {s}, rank {k}: R {r:+.2f}, {why}" for b, s, k, r, why in rows]
-    return {
-        "entry": {"x": trades["opened"], "y": trades["entry"], "text": text,
-                  "marker": {"color": colour, "symbol": [a + b for a, b in zip(entry, hollow, strict=True)]}},
-        "exit": {"x": trades["closed"], "y": trades["exit"], "text": text,
-                 "marker": {"color": colour, "symbol": [a + b for a, b in zip(exits, hollow, strict=True)]}},
-    }
-
-# %% ../../nbs/backtest/47_panel.ipynb #bb45e059
-def trades_figure() -> go.FigureWidget:
-    "Candles with entry and exit markers over them, empty until `draw_trades` fills them."
-    fig = go.FigureWidget(layout=go.Layout(template="simple_white", height=460, margin={"l": 60, "r": 20, "t": 50, "b": 30},
-                                           xaxis_rangeslider_visible=False, legend_orientation="h"))
-    fig.add_candlestick(name="bars", increasing_line_color="#9e9e9e", decreasing_line_color="#616161")
-    fig.add_scatter(name="entries", mode="markers", marker_size=11, hoverinfo="text")
-    fig.add_scatter(name="exits", mode="markers", marker_size=10, hoverinfo="text")
-    return fig
-
-
-def draw_trades(fig: go.FigureWidget, h: History, trades: pd.DataFrame, symbol: str) -> None:
-    "The fast bars of `symbol` in `h` and the markers of its rows of `trades`, on a `trades_figure`."
+def history_bars(h: History, symbol: str) -> pd.DataFrame:
+    "The fast bars of `symbol` in `h`: open_time (ms), open, high, low, close."
     f, i = h.frames[h.fast], h.symbols.index(symbol)
-    mine = trades[trades["symbol"] == symbol]
-    m = trade_markers(mine)
-    with fig.batch_update():
-        fig.data[0].update(x=pd.to_datetime(f.open_time[i], unit="ms", utc=True), open=f.open[i], high=f.high[i],
-                           low=f.low[i], close=f.close[i])
-        fig.data[1].update(m["entry"])
-        fig.data[2].update(m["exit"])
-        fig.layout.title = f"{symbol}, {h.fast} bars: {len(mine)} trades, {int((mine['r'] > 0).sum())} won"
+    return pd.DataFrame({"open_time": f.open_time[i], "open": f.open[i], "high": f.high[i], "low": f.low[i],
+                         "close": f.close[i]})
 
-
-def draw_equity(fig: go.FigureWidget, bt: Backtest) -> None:
-    "The equity and drawdown of both books of `bt` on `fig`: `report_figure`'s traces the first time, then their points."
-    if not fig.data:
-        made = report_figure(bt)
-        fig.add_traces(list(made.data))
-        fig.update_layout(made.layout)
-        return
-    with fig.batch_update():
-        for k, curve in enumerate((bt.replay.equity.real, bt.replay.equity.virtual)):
-            y = np.asarray(curve)
-            fig.data[2 * k].y, fig.data[2 * k + 1].y = y, 100 * (y / np.maximum.accumulate(y) - 1)
+# %% ../../nbs/backtest/47_panel.ipynb #17413f57
+def backtest_cards(bt: Backtest, quote: str = "USDT") -> list[Card]:
+    "The summary cards of `bt`: the real book's figures, then the virtual book's expectancy."
+    r, v = bt.real, bt.virtual
+    lo, hi = r["expectancy_r_95"]
+    cards: list[Card] = [
+        ("net PnL", money(r["net_pnl"], quote, True), tone(r["net_pnl"])),
+        ("return", f"{r['return_pct']:+.2f} %", tone(r["return_pct"])),
+        ("max drawdown", f"{-abs(r['max_drawdown_pct']):.2f} %", tone(-abs(r["max_drawdown_pct"]))),
+        ("trades", f"{r['trades']}", ""),
+        ("win rate", f"{100 * r['win_rate']:.0f} %" if r["trades"] else "-", ""),
+        ("expectancy", f"{r['mean_r']:+.3f} R [{lo:+.2f}, {hi:+.2f}]" if r["trades"] else "-", tone(r["mean_r"] or 0.0)),
+        ("profit factor", f"{r['profit_factor']:.2f}" if r["trades"] else "-", ""),
+        ("fees", money(-r["fees"], quote, True), tone(-r["fees"])),
+        ("funding", money(r["funding"], quote, True), tone(r["funding"])),
+        ("Sharpe", f"{r['sharpe']:.2f}", ""),
+        ("breaker", bt.breaker, "" if bt.breaker == "NORMAL" else "loss"),
+    ]
+    if v["trades"]:
+        cards.append(("virtual book", f"{v['trades']} trades, {v['mean_r']:+.3f} R", tone(v["mean_r"])))
+    return cards
 
 # %% ../../nbs/backtest/47_panel.ipynb #f04c48d7
 def status_line(bt: Backtest, seconds: dict[str, float]) -> str:
@@ -248,7 +220,7 @@ def refusal_html(e: Exception) -> str:
     found = [f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()] if isinstance(e, ValidationError) else [str(e)]
     return f"<span style='color:#c62828'>not run: {'; '.join(found)}</span>"
 
-# %% ../../nbs/backtest/47_panel.ipynb #07ea3868
+# %% ../../nbs/backtest/47_panel.ipynb #01eeb70f
 class TuningView:
     "The panel's widgets, and `draw` to show one backtest on them."
 
@@ -258,29 +230,32 @@ class TuningView:
         self.sliders = {k: param_slider(k, v) for k, v in params.items()}
         self.symbol = widgets.Dropdown(options=list(symbols), description="symbol")
         self.book = widgets.Dropdown(options=list(BOOKS), description="book")
-        self.status, self.table = widgets.HTML(), widgets.HTML()
-        self.equity_fig, self.trades_fig = go.FigureWidget(), trades_figure()
+        self.status, self.summary, self.table = widgets.HTML(), widgets.HTML(), widgets.HTML()
+        self.equity_fig, self.price_fig = stretch(equity_figure()), stretch(price_figure())
         self.trades, self.stats = trades_frame([]), pd.DataFrame()
-        exits = [w for k, w in self.sliders.items() if not k.startswith("w_")]
-        weights = [w for k, w in self.sliders.items() if k.startswith("w_")]
-        self.widget = widgets.VBox([
-            widgets.HBox([self.strategy, self.symbol, self.book]),
-            widgets.HBox([widgets.VBox(exits), widgets.VBox(weights), self.table]),
-            self.status,
-            self.equity_fig,
-            self.trades_fig,
-        ])
+        self.trade_table = SortableTable("closed trades", TRADE_COLUMNS, "closed", limit=500)
+        exits = widgets.VBox([w for k, w in self.sliders.items() if not k.startswith("w_")])
+        weights = widgets.VBox([w for k, w in self.sliders.items() if k.startswith("w_")])
+        self.tabs = tabs({"Overview": widgets.VBox([widgets.HBox([self.symbol, self.book]),
+                                                    flow(self.equity_fig, self.price_fig, min_width="480px")]),
+                          "Trades": self.trade_table.widget, "Figures": self.table})
+        self.widget = widgets.VBox([self.strategy, flow(exits, weights, min_width="340px"), self.status, self.summary, self.tabs],
+                                   layout=widgets.Layout(width="100%"))
 
     def draw(self, bt: Backtest, h: History) -> None:
         "Draw `bt` (a backtest of `h`) on every widget."
         self.trades, self.stats = trades_frame([*bt.replay.real, *bt.replay.virtual]), stats_frame(bt)
-        draw_equity(self.equity_fig, bt)
+        e = bt.replay.equity
+        draw_equity(self.equity_fig, e.time_ms, e.real, e.virtual)
+        self.summary.value = summary_html(backtest_cards(bt))
         self.table.value = stats_html(self.stats)
+        self.trade_table.show(self.trades)
         self.draw_trades(h)
 
     def draw_trades(self, h: History) -> None:
-        "The chosen symbol's candles, and the markers of its trades in the chosen book(s)."
-        draw_trades(self.trades_fig, h, self.trades[self.trades["book"].isin(BOOKS[self.book.value])], self.symbol.value)
+        "The chosen symbol's bars, and the markers of its trades in the chosen book(s)."
+        mine = self.trades[self.trades["book"].isin(BOOKS[self.book.value])]
+        draw_price(self.price_fig, self.symbol.value, history_bars(h, self.symbol.value), mine, h.fast)
 
 # %% ../../nbs/backtest/47_panel.ipynb #8206ec13
 class TuningPanel(TuningView):
@@ -291,10 +266,12 @@ class TuningPanel(TuningView):
         super().__init__(session.history.symbols, base.strategy.name, params_of(base))
         self.session = session
         self.backtest: Backtest | None = None
+        self.kernel = KernelLoop()
         for w in (self.strategy, *self.sliders.values()):
-            w.observe(lambda _: self.update(), names="value")
+            w.observe(self.kernel.handler(self.update), names="value")
         for w in (self.symbol, self.book):
-            w.observe(lambda _: self.draw_trades(session.history), names="value")
+            w.observe(self.kernel.handler(lambda: self.draw_trades(session.history)), names="value")
+        self.trade_table.on_sort(self.kernel.handler(self.trade_table.redraw))
         self.update()
 
     @classmethod

@@ -9,12 +9,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from .replay import Backtest
+from ..dashboard import draw_equity, equity_figure
 from ..errors import DataError
 from ..storage.archive import DataArchiver
 from ..storage.store import Database
@@ -25,15 +24,17 @@ __all__ = ['trades_frame', 'breakdown', 'report_figure', 'write_report', 'compar
 
 # %% ../../nbs/backtest/44_report.ipynb #2120ec29
 def trades_frame(positions: Sequence[Position]) -> pd.DataFrame:
-    "One row per closed trade: book, symbol, side, times, prices, exit reason, R, net PnL, fees, funding."
+    "One row per closed trade: book, symbol, side, times, prices, exit reason, R, net PnL, fees, funding, stop, target."
     rows = [
         {"book": p.kind.name.lower(), "symbol": p.symbol, "side": p.side.name.lower(), "rank": p.rank,
          "opened": pd.Timestamp(p.opened_ms, unit="ms", tz="UTC"), "closed": pd.Timestamp(p.closed_ms or 0, unit="ms", tz="UTC"),
          "entry": p.entry, "exit": p.exit_price, "exit_reason": p.exit_reason.name.lower() if p.exit_reason else None,
-         "r": p.r_multiple, "pnl": p.realized_pnl, "fees": p.fees, "funding": p.funding}
+         "r": p.r_multiple, "pnl": p.realized_pnl, "fees": p.fees, "funding": p.funding, "stop": p.stop,
+         "target": p.target}
         for p in positions
     ]
-    cols = ["book", "symbol", "side", "rank", "opened", "closed", "entry", "exit", "exit_reason", "r", "pnl", "fees", "funding"]
+    cols = ["book", "symbol", "side", "rank", "opened", "closed", "entry", "exit", "exit_reason", "r", "pnl", "fees", "funding",
+            "stop", "target"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -45,20 +46,11 @@ def breakdown(trades: pd.DataFrame, by) -> pd.DataFrame:
 
 # %% ../../nbs/backtest/44_report.ipynb #f9279ad9
 def report_figure(bt: Backtest) -> go.Figure:
-    "Equity of both books with their drawdown underneath (percent of peak)."
+    "Equity of both books with their drawdown underneath (percent of peak), in the look of every tradelab figure."
     e = bt.replay.equity
-    t = pd.to_datetime(np.asarray(e.time_ms), unit="ms", utc=True)
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.04)
-    for name, curve, colour in (("real", e.real, "#1f4e79"), ("virtual", e.virtual, "#8c8c8c")):
-        y = np.asarray(curve)
-        fig.add_trace(go.Scatter(x=t, y=y, name=f"{name} equity", line={"color": colour, "width": 1.5}), row=1, col=1)
-        dd = 100 * (y / np.maximum.accumulate(y) - 1)
-        fig.add_trace(go.Scatter(x=t, y=dd, name=f"{name} drawdown", line={"color": colour, "width": 1}, fill="tozeroy",
-                                 showlegend=False), row=2, col=1)
-    fig.update_yaxes(title_text="equity (USDT)", row=1, col=1)
-    fig.update_yaxes(title_text="drawdown (%)", row=2, col=1)
-    fig.update_layout(template="simple_white", height=560, margin={"l": 60, "r": 20, "t": 50, "b": 40},
-                      title=f"{len(bt.symbols)} symbols of {bt.source}, {bt.cycles} cycles", legend={"orientation": "h"})
+    fig = equity_figure(widget=False, height=560)
+    draw_equity(fig, e.time_ms, e.real, e.virtual)
+    fig.update_layout(title=f"{len(bt.symbols)} symbols of {bt.source}, {bt.cycles} cycles")
     return fig
 
 # %% ../../nbs/backtest/44_report.ipynb #be6c6659
