@@ -6,7 +6,7 @@
 __all__ = ['LOG_FORMAT', 'JsonFormatter', 'OperatorLog', 'RepeatFilter', 'SecretMask', 'operator_logging', 'StatusReport',
            'StatusWriter', 'read_status']
 
-# %% ../../nbs/ops/00_ops.ipynb #6b1ad8aa
+# %% ../../nbs/ops/00_ops.ipynb #26b46671
 from .logs import LOG_FORMAT, JsonFormatter, OperatorLog, RepeatFilter, SecretMask, operator_logging
 from .status import StatusReport, StatusWriter, read_status
 
