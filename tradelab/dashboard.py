@@ -150,9 +150,9 @@ def equity_figure(quote: str = "USDT", widget: bool = True, height: int = 420) -
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.05)
     for name, colour in (("real", REAL), ("virtual", VIRTUAL)):
         fig.add_trace(go.Scatter(name=f"{name} equity", line={"color": colour, "width": 1.6}, legendgroup=name), row=1, col=1)
-    for name, colour in (("real", REAL), ("virtual", VIRTUAL)):
-        fig.add_trace(go.Scatter(name=f"{name} drawdown", line={"color": colour, "width": 1}, fill="tozeroy", legendgroup=name,
-                                 showlegend=False, opacity=0.6), row=2, col=1)
+    for name, colour, fill in (("real", REAL, "tozeroy"), ("virtual", VIRTUAL, "none")):  # one filled area reads clearly
+        fig.add_trace(go.Scatter(name=f"{name} drawdown", line={"color": colour, "width": 1}, fill=fill, legendgroup=name,
+                                 showlegend=False), row=2, col=1)
     fig.update_yaxes(title_text=f"equity ({quote})", tickformat=",.0f", row=1, col=1)
     fig.update_yaxes(title_text="drawdown (%)", ticksuffix=" %", row=2, col=1)
     fig.update_xaxes(**TIME_AXIS, row=2, col=1)
@@ -260,6 +260,10 @@ def draw_price(fig: go.Figure, symbol: str, bars: pd.DataFrame, trades: pd.DataF
         fig.layout.title = (f"{symbol}{', ' + interval + ' bars' if interval else ''}: {len(done)} closed trades, "
                             f"{int((done['r'] > 0).sum())} won, {len(mine) - len(done)} open")
         waiting(fig, None if len(bars) else f"no bars of {symbol} yet")
+        if len(bars):  # the bars' span: older trades stay on the chart, a zoom out away
+            step = int(bars["open_time"].iloc[-1] - bars["open_time"].iloc[-2]) if len(bars) > 1 else 0
+            span = [bars["open_time"].iloc[0], bars["open_time"].iloc[-1] + step]
+            fig.layout.xaxis.range = pd.to_datetime(span, unit="ms", utc=True)
 
 # %% ../nbs/61_dashboard.ipynb #b6489598
 _PRICE, _MONEY = {"entry", "exit", "stop", "target", "mark"}, {"pnl", "fees", "funding", "unrealized_pnl"}
@@ -274,6 +278,8 @@ def _cell(col: str, v: Any) -> str:
     if col == "exit_reason":
         return (f"<td><span style='background:{_BADGE.get(v, MUTED)};color:white;border-radius:3px;padding:0 5px;"
                 f"font-size:11px'>{html.escape(str(v))}</span></td>")
+    if col == "fees":  # a cost: shown as what it took from the account
+        v = -v
     if col == "r" or col in _MONEY:
         c = WIN if v > 0 else LOSS if v < 0 else "inherit"
         return f"<td style='color:{c};text-align:right'>{v:+,.2f}</td>"

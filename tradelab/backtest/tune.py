@@ -25,6 +25,7 @@ from .history import load_history, to_ms
 from ..clock import interval_ms
 from .replay import Backtest, run_backtest
 from .report import write_report
+from ..dashboard import TEMPLATE
 from ..config import Settings
 from ..errors import ConfigError, DataError
 
@@ -225,6 +226,11 @@ def tune(
     return TuneResult(h.source, h.symbols, results, parallel, scheduler or "LocalCluster")
 
 # %% ../../nbs/backtest/45_tune.ipynb #f6c4c480
+def _page(fig, path: Path) -> None:
+    "`fig` in the tradelab look as a page that opens offline (plotly.js inside it)."
+    fig.update_layout(template=TEMPLATE).write_html(path, include_plotlyjs=True)
+
+
 def save_tuning(result: TuneResult, data, settings: Settings, out: str | Path) -> dict[str, Path]:
     "summary.json, each fold's optimisation history and parameter importance, the last choice's test window as a report."
     out = Path(out).expanduser()
@@ -234,10 +240,10 @@ def save_tuning(result: TuneResult, data, settings: Settings, out: str | Path) -
     for k, f in enumerate(result.folds, start=1):
         if f.completed:
             paths[f"history_{k}"] = out / f"fold-{k}-history.html"
-            plot_optimization_history(f.study).write_html(paths[f"history_{k}"], include_plotlyjs="cdn")
+            _page(plot_optimization_history(f.study), paths[f"history_{k}"])
         if f.completed > 1:
             paths[f"importance_{k}"] = out / f"fold-{k}-importance.html"
-            plot_param_importances(f.study).write_html(paths[f"importance_{k}"], include_plotlyjs="cdn")
+            _page(plot_param_importances(f.study), paths[f"importance_{k}"])
     last = result.folds[-1]
     if last.best_params is not None:
         bt = run_backtest(data, with_params(settings, last.best_params), start=last.fold.test[0], end=last.fold.test[1],
