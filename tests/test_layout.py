@@ -10,7 +10,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "tradelab"
 ROOT_MODULES = {"__init__", "_modidx", "errors", "config", "clock", "records", "timing", "loops", "bot", "runner", "cli", "panel",
                 "docs", "events", "dashboard"}
-SUBPACKAGES = ("exchange", "sim", "data", "analysis", "trading", "storage", "backtest", "ops", "bench")
+SUBPACKAGES = ("exchange", "sim", "data", "analysis", "trading", "storage", "backtest", "learning", "ops", "bench")
 
 
 def _modules() -> dict[str, tuple[str, ast.Module]]:

@@ -35,12 +35,13 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
 
 # %% auto #0
 __all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'RUN_OPTIONS', 'STATUS_OPTIONS', 'DEMO_OPTIONS',
-           'BACKTEST_OPTIONS', 'LAB_OPTIONS', 'DOCS_OPTIONS', 'TUNE_OPTIONS', 'COMMANDS', 'Option', 'opt', 'int_list',
-           'name_list', 'positive', 'Parser', 'parser', 'settings_from', 'Benchmark', 'benchmarks', 'run_benchmark',
-           'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source', 'cmd_sim',
-           'check_home', 'port', 'secrets_of', 'cmd_run', 'cmd_status', 'BarSafeHandler', 'demo_log', 'DemoBar',
-           'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'notebooks_dir', 'lab_command', 'cmd_lab',
-           'cmd_docs', 'cmd_tune', 'Command', 'package_version', 'main']
+           'BACKTEST_OPTIONS', 'LAB_OPTIONS', 'DOCS_OPTIONS', 'TUNE_OPTIONS', 'COMMANDS', 'LEARN_OPTIONS', 'Option',
+           'opt', 'int_list', 'name_list', 'positive', 'Parser', 'parser', 'settings_from', 'Benchmark', 'benchmarks',
+           'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source',
+           'cmd_sim', 'check_home', 'port', 'secrets_of', 'cmd_run', 'cmd_status', 'BarSafeHandler', 'demo_log',
+           'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'notebooks_dir', 'lab_command',
+           'cmd_lab', 'cmd_docs', 'cmd_tune', 'Command', 'cmd_learn', 'cmd_models', 'cmd_export', 'package_version',
+           'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -724,6 +725,97 @@ COMMANDS: dict[str, Command] = {
                     TUNE_OPTIONS),
 }
 "Subcommand -> `Command`; `bench` is dispatched to `cmd_bench` with the rest of the line."
+
+# %% ../nbs/90_cli.ipynb #f1a2b3c1
+LEARN_OPTIONS = (
+    opt("--data", type=Path, nargs="+", required=True, metavar="FILE",
+        help="a database (the bot's, a backtest's archive.sqlite), a learning-rows file (tradelab export), or kline file(s)"),
+    opt("--top", type=positive(int), help="with kline files: only the N symbols with the most quote volume"),
+    opt("--home", type=Path, help="where the registry and the models live (default: the 'home' setting)"),
+    opt("--max-iter", type=positive(int), default=150, help="boosting iterations of the candidate (default 150)"),
+    opt("--json", action="store_true", help="print per-fold metrics, the decision and its reason as one JSON object"),
+)
+
+
+def _registry(args: argparse.Namespace):
+    "The settings (with `--home`) and the registry of `home`."
+    from tradelab.learning.registry import ModelRegistry  # the learning stack: only for its commands
+    from tradelab.storage.store import Database
+
+    settings = load_settings(args.config, env=args.env, **({"home": args.home} if args.home else {}))
+    check_home(settings.home_dir, "--home" if args.home else "config key 'home'")
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.home_dir / settings.bot.db_file)
+    return settings, ModelRegistry(db, settings.home_dir / settings.learning.models_dir)
+
+
+# %% ../nbs/90_cli.ipynb #f1a2b3c2
+def cmd_learn(args: argparse.Namespace) -> int:
+    "`tradelab learn`: one learning cycle on `--data`; the decision and its reason (per-fold metrics with --json)."
+    from tradelab.analysis.model import load_model  # scikit-learn and the analysis stack: only for this command
+    from tradelab.clock import LiveClock
+    from tradelab.learning.learn import learn, load_rows
+
+    settings, reg = _registry(args)
+    rows = load_rows(args.data, settings, args.top)
+    active = reg.active()
+    incumbent = load_model(active.path) if active else load_model(settings.model.path) if settings.model.path else None
+    result = learn(rows, settings, reg, LiveClock().now_ms(), incumbent, max_iter=args.max_iter)
+    if args.json:
+        print(json.dumps(result.summary(), default=float))
+        return 0
+    print(result.evaluation.table().round(3).to_string())
+    print(f"{result.entry.version}: {result.entry.decision}: {result.entry.reason}")
+    return 0
+
+
+# %% ../nbs/90_cli.ipynb #f1a2b3c3
+def cmd_models(args: argparse.Namespace) -> int:
+    "`tradelab models [list | promote VERSION | rollback VERSION]`."
+    from tradelab.clock import LiveClock  # the learning stack: only for its commands
+    from tradelab.learning.registry import promote, rollback
+
+    _, reg = _registry(args)
+    if args.action != "list":
+        if not args.version:
+            raise UsageError(f"tradelab models {args.action} needs a VERSION ('tradelab models' lists them)")
+        act = promote if args.action == "promote" else rollback
+        print(f"in use: {act(reg, args.version, LiveClock().now_ms()).version}")
+        return 0
+    active = reg.active()
+    for e in reg.entries():
+        print(("* " if active and e.version == active.version else "  ") + e.line())
+    print(f"in use: {active.version if active else 'none (the rule alone)'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    "`tradelab export`: a database's learning rows (labelled shadow signals, archived trades) as a Parquet file."
+    from tradelab.learning.learn import export_rows  # the learning stack: only for its commands
+
+    settings = settings_from(args)
+    db = args.db or settings.home_dir / settings.bot.db_file
+    if not Path(db).is_file():
+        raise UsageError(f"--db {db}: no such database")
+    print(f"{export_rows(db, args.out, settings)} rows -> {args.out}")
+    return 0
+
+
+# %% ../nbs/90_cli.ipynb #f1a2b3c4
+COMMANDS |= {
+    "learn": Command("one learning cycle: walk-forward against rule and incumbent, the gate, the registry", cmd_learn,
+                     LEARN_OPTIONS),
+    "models": Command("list the model registry; promote or roll back a model by hand", cmd_models, (
+        opt("action", nargs="?", default="list", choices=["list", "promote", "rollback"], help="list (default)"),
+        opt("version", nargs="?", help="the model version to promote or roll back to"),
+        opt("--home", type=Path, help="where the registry lives (default: the 'home' setting)"),
+    )),
+    "export": Command("write a database's learning rows (shadow signals, archived trades) as a Parquet file", cmd_export, (
+        opt("--db", type=Path, help="the database (default: the one in 'home')"),
+        opt("--out", type=Path, required=True, help="the Parquet file to write"),
+    )),
+}
+
 
 # %% ../nbs/90_cli.ipynb #5c570ef4
 def _overview() -> str:

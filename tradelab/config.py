@@ -22,8 +22,8 @@ from .errors import ConfigError
 # %% auto #0
 __all__ = ['log', 'NETWORKS', 'INTERVALS', 'ENV_PREFIX', 'SECRET_KEYS', 'SECRET_SETTINGS', 'ExchangeSettings', 'DataSettings',
            'UniverseSettings', 'StrategySettings', 'ModelSettings', 'PoolSettings', 'TradingSettings', 'RiskSettings',
-           'BotSettings', 'MetricsSettings', 'LogSettings', 'NotifySettings', 'Settings', 'load_settings',
-           'shared_data_dir', 'settings_toml']
+           'BotSettings', 'MetricsSettings', 'LogSettings', 'NotifySettings', 'LearningSettings', 'Settings',
+           'load_settings', 'shared_data_dir', 'settings_toml']
 
 # %% ../nbs/01_config.ipynb #df02e361
 log = logging.getLogger(__name__)
@@ -154,6 +154,10 @@ class StrategySettings(_Section):
     ob_lookback: int = Field(10, ge=1, le=200, description="bars searched back for an order block's candle")
     ob_impulse_atr: float = Field(1.0, ge=0, le=20, description="move, in ATRs, that makes a break impulsive")
     ob_reach_atr: float = Field(3.0, gt=0, le=50, description="distance, in ATRs, at which an order block stops counting")
+    min_stop_costs: float = Field(0.0, ge=0, le=100, description="no trade with a stop nearer than this many round trips; 0: off")
+    round_trip_cost: float = Field(
+        0.0014, ge=0, le=0.2, description="fees and slippage in and out, share of price: 2 x (taker_fee + slippage_bps / 1e4)"
+    )
 
     @model_validator(mode="after")
     def _some_weight(self):
@@ -273,6 +277,22 @@ class NotifySettings(_Section):
     def _split(cls, v):
         return tuple(v.split()) if isinstance(v, str) else v
 
+# %% ../nbs/01_config.ipynb #a7c1e0f2
+class LearningSettings(_Section):
+    "Shadow signals, retraining and the promotion gate (`tradelab.learning`)."
+
+    shadow: bool = Field(True, description="log every candidate of every scan, below the confidence floor too")
+    shadow_max_rows: int = Field(500_000, ge=1_000, description="the oldest shadow rows go beyond this many")
+    retrain_every_h: float | None = Field(None, gt=0, le=24 * 90, description="None: retrain only when asked")
+    folds: int = Field(3, ge=1, le=20, description="walk-forward folds")
+    embargo_h: float = Field(24.0, ge=0, le=24 * 30, description="gap after each label horizon before a test window")
+    min_rows: int = Field(500, ge=50, description="fewer labelled rows: no training")
+    min_lower_r: float = Field(0.0, ge=-10, le=10, description="lower 95 % bound of top-K net R per trade above this")
+    min_uplift_r: float = Field(0.0, ge=-10, le=10, description="lower 95 % bound of the uplift on rule and incumbent above this")
+    bootstrap: int = Field(400, ge=50, le=20_000, description="day-bootstrap draws of each interval")
+    models_dir: str = Field("models", min_length=1, description="under `home`: every candidate's ONNX file and report")
+
+
 # %% ../nbs/01_config.ipynb #cfe32812
 class Settings(_Section):
     "Every setting of a tradelab process."
@@ -291,6 +311,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     notify: NotifySettings = NotifySettings()
+    learning: LearningSettings = LearningSettings()
 
     @model_validator(mode="after")
     def _live_needs_keys(self):
@@ -299,6 +320,16 @@ class Settings(_Section):
             raise ValueError(
                 "mode 'live' needs exchange.api_key and exchange.api_secret "
                 "(TRADELAB_EXCHANGE__API_KEY / __API_SECRET or exchange.secret_file)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_cost(self):
+        t, want = self.trading, 2 * (self.trading.taker_fee + self.trading.slippage_bps / 10_000)
+        if self.strategy.min_stop_costs and abs(self.strategy.round_trip_cost - want) > 1e-12:
+            raise ValueError(
+                f"strategy.round_trip_cost {self.strategy.round_trip_cost:g} must be 2 x (trading.taker_fee {t.taker_fee:g} "
+                f"+ trading.slippage_bps {t.slippage_bps:g} / 10000) = {want:g} when strategy.min_stop_costs is set"
             )
         return self
 

@@ -160,6 +160,8 @@ def signal_of_row(symbol: str, now_ms: int, m: Measures, i: int, side, conf, rul
     if stop <= 0 or target <= 0:
         log.debug("%s: a %s from %.6g would put its stop at %.6g; skipped", symbol, side.name, entry, stop)
         return None
+    if risk < s.min_stop_costs * s.round_trip_cost * entry:  # costs would eat too much of each R: no trade
+        return None
     return Signal(
         symbol,
         side,

@@ -10,17 +10,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..analysis.features import aggregate
 from ..analysis.model import LABEL_COLUMN, current_schema, labelled_signals, write_training_set
 from ..clock import interval_ms
 from ..config import Settings
 from ..records import AnalysisBatch, SeriesBatch, Side
-from .synthetic import synthetic_market
+from .synthetic import DAY_MS, DEFAULT_START_MS, synthetic_market
 from ..trading.positions import Kind, Position
 
 # %% auto #0
-__all__ = ['log', 'random_walk', 'random_batch', 'random_positions', 'synthetic_training_set']
+__all__ = ['log', 'random_walk', 'random_batch', 'random_positions', 'synthetic_training_set', 'synthetic_learning_rows']
 
 # %% ../../nbs/sim/38_generators.ipynb #6d813ceb
 log = logging.getLogger(__name__)
@@ -86,3 +87,30 @@ def synthetic_training_set(
     frame = labelled_signals(synthetic_market(n_symbols, days, seed), settings or Settings())
     log.info("bootstrap training set: %d rows, base rate %.3f", len(frame), frame[LABEL_COLUMN].mean())
     return write_training_set(path, frame, current_schema())
+
+# %% ../../nbs/sim/38_generators.ipynb #e5f6a7b1
+def synthetic_learning_rows(days: int = 30, n_symbols: int = 20, kind: str = "persistent", seed: int = 0,
+                            cycles_per_day: int = 24) -> pd.DataFrame:
+    "Learning rows (hourly candidates with net R) where one feature predicts net R on every date, or only within each date."
+    rng, names = np.random.default_rng(seed), current_schema().names
+    n, per_day = days * cycles_per_day * n_symbols, cycles_per_day * n_symbols
+    t = DEFAULT_START_MS + (np.arange(n) // n_symbols) * (DAY_MS // cycles_per_day)
+    X = rng.normal(size=(n, len(names))).astype(np.float32)
+    day = np.arange(n) // per_day
+    if kind == "persistent":  # the feature carries the same information on every date
+        p = 1 / (1 + np.exp(-(1.6 * X[:, 0] - 1.0)))
+    elif kind == "leaky":  # each date has its own signature and its own luck: a model can only memorise dates
+        X[:, 0] = rng.uniform(-3, 3, days)[day] + 0.05 * rng.normal(size=n)
+        p = rng.beta(2, 4, days)[day]
+    else:
+        raise ValueError(f"kind must be 'persistent' or 'leaky', got {kind!r}")
+    win = rng.random(n) < p
+    net_r = np.where(win, 1.9, -1.08) + 0.05 * rng.normal(size=n)
+    sym = np.array([f"SYN{i:03d}USDT" for i in range(n_symbols)])[np.arange(n) % n_symbols]
+    rows = pd.DataFrame({"time_ms": t, "symbol": sym, "entry": 100.0, "stop": 98.5, "target": 103.0, "rule": rng.random(n),
+                         "rank": 0, "floor_ok": True, "stop_ok": True, "cost_r": 0.09})
+    rows = pd.concat([rows, pd.DataFrame(X, columns=list(names))], axis=1)
+    rows = rows.assign(net_r=net_r, exit_code=1 + win, exit_ms=t + DAY_MS)
+    rows["rank"] = rows.groupby("time_ms")["rule"].rank(ascending=False, method="first").astype(int) - 1
+    return rows
+

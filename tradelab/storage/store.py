@@ -305,8 +305,32 @@ _V4_BREAKER_HEARD = Migration(
     ),
 )
 
+# %% ../../nbs/storage/32_store.ipynb #c5a1e7d1
+_V5_LEARNING = Migration(
+    5,
+    "shadow signals (every candidate of every scan, labelled later) and the model registry",
+    (
+        """CREATE TABLE shadow_signals (
+            id INTEGER PRIMARY KEY, scan_ms INTEGER NOT NULL, symbol TEXT NOT NULL, side INTEGER NOT NULL CHECK (side IN (-1, 1)),
+            entry REAL NOT NULL, stop REAL NOT NULL, target REAL NOT NULL, confidence REAL NOT NULL, rule REAL NOT NULL,
+            model_prob REAL, model_version TEXT, rank INTEGER NOT NULL, floor_ok INTEGER NOT NULL CHECK (floor_ok IN (0, 1)),
+            feature_schema INTEGER NOT NULL REFERENCES feature_schemas (version), features BLOB NOT NULL,
+            expiry_ms INTEGER NOT NULL, net_r REAL, exit_code INTEGER, exit_ms INTEGER) STRICT""",
+        "CREATE INDEX shadow_unlabelled ON shadow_signals (expiry_ms) WHERE exit_code IS NULL",
+        """CREATE TABLE models (
+            version TEXT PRIMARY KEY, created_ms INTEGER NOT NULL, path TEXT NOT NULL, train_start_ms INTEGER NOT NULL,
+            train_end_ms INTEGER NOT NULL, n_rows INTEGER NOT NULL, data_hash TEXT NOT NULL, feature_schema INTEGER NOT NULL,
+            metrics TEXT NOT NULL, decision TEXT NOT NULL CHECK (decision IN ('PROMOTED', 'REFUSED')),
+            reason TEXT NOT NULL) STRICT""",
+        """CREATE TABLE model_switches (
+            id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, version TEXT REFERENCES models (version),
+            action TEXT NOT NULL CHECK (action IN ('PROMOTE', 'ROLLBACK')), detail TEXT NOT NULL) STRICT""",
+    ),
+)
+
+
 # %% ../../nbs/storage/32_store.ipynb #daecebb7
-MIGRATIONS: tuple[Migration, ...] = (_V1_RISK, _V2_POSITIONS, _V3_ARCHIVE, _V4_BREAKER_HEARD)
+MIGRATIONS: tuple[Migration, ...] = (_V1_RISK, _V2_POSITIONS, _V3_ARCHIVE, _V4_BREAKER_HEARD, _V5_LEARNING)
 "The schema, in order; the next change is a new entry at the end."
 SCHEMA_VERSION = MIGRATIONS[-1].version
 "The schema version this code writes; older files are upgraded to it when opened."
