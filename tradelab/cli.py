@@ -737,16 +737,23 @@ LEARN_OPTIONS = (
 )
 
 
-def _registry(args: argparse.Namespace):
-    "The settings (with `--home`) and the registry of `home`."
+def _learning_settings(args: argparse.Namespace) -> Settings:
+    "The settings, with `--home` (which must be a folder if it exists)."
+    settings = load_settings(args.config, env=args.env, **({"home": args.home} if args.home else {}))
+    check_home(settings.home_dir, "--home" if args.home else "config key 'home'")
+    return settings
+
+
+def _registry(settings: Settings, create: bool = True):
+    "The model registry of `settings.home` (made with its database if `create`; None if there is none and not `create`)."
     from tradelab.learning.registry import ModelRegistry  # the learning stack: only for its commands
     from tradelab.storage.store import Database
 
-    settings = load_settings(args.config, env=args.env, **({"home": args.home} if args.home else {}))
-    check_home(settings.home_dir, "--home" if args.home else "config key 'home'")
+    path = settings.home_dir / settings.bot.db_file
+    if not create and not path.is_file():
+        return None
     settings.home_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.home_dir / settings.bot.db_file)
-    return settings, ModelRegistry(db, settings.home_dir / settings.learning.models_dir)
+    return ModelRegistry(Database(path), settings.home_dir / settings.learning.models_dir)
 
 
 # %% ../nbs/90_cli.ipynb #f1a2b3c2
@@ -756,8 +763,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from tradelab.clock import LiveClock
     from tradelab.learning.learn import learn, load_rows
 
-    settings, reg = _registry(args)
-    rows = load_rows(args.data, settings, args.top)
+    settings = _learning_settings(args)
+    rows = load_rows(args.data, settings, args.top)  # a wrong --data is said before anything is written in home
+    reg = _registry(settings)
     active = reg.active()
     incumbent = load_model(active.path) if active else load_model(settings.model.path) if settings.model.path else None
     result = learn(rows, settings, reg, LiveClock().now_ms(), incumbent, max_iter=args.max_iter)
@@ -775,7 +783,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     from tradelab.clock import LiveClock  # the learning stack: only for its commands
     from tradelab.learning.registry import promote, rollback
 
-    _, reg = _registry(args)
+    settings = _learning_settings(args)
+    reg = _registry(settings, create=False)  # listing never makes a database
+    if reg is None:
+        if args.action != "list":
+            raise UsageError(f"tradelab models {args.action}: no model registry in {settings.home_dir} (tradelab learn makes it)")
+        print(f"in use: none (the rule alone; no registry in {settings.home_dir} yet)")
+        return 0
     if args.action != "list":
         if not args.version:
             raise UsageError(f"tradelab models {args.action} needs a VERSION ('tradelab models' lists them)")
