@@ -5,6 +5,7 @@
 # %% ../../nbs/ops/53_logs.ipynb #d846ba9d
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -130,7 +131,8 @@ class OperatorLog:
                 h.removeFilter(f)
         if self.handler is not None:
             root.removeHandler(self.handler)
-            self.handler.close()
+            with contextlib.suppress(OSError):  # a full disk: the last lines are lost, the run's own exit status stands
+                self.handler.close()
         root.setLevel(self.level_before)
 
     def __repr__(self):
