@@ -30,8 +30,8 @@ from .strategy import analyze_batch
 # %% auto #0
 __all__ = ['log', 'META_SCHEMA_VERSION', 'META_FEATURE_NAMES', 'META_MODEL_VERSION', 'PROBA_OUTPUT', 'TIME_COLUMN',
            'SYMBOL_COLUMN', 'LABEL_COLUMN', 'ONNX_TOLERANCE', 'FeatureSchema', 'current_schema', 'OnnxModel',
-           'load_model', 'write_training_set', 'read_training_set', 'TrainReport', 'train_model', 'fit_classifier',
-           'export_classifier', 'race_labels', 'labelled_signals']
+           'load_model', 'write_training_set', 'read_training_set', 'TrainReport', 'fit_classifier', 'export_checked',
+           'export_classifier', 'train_model', 'race_labels', 'labelled_signals']
 
 # %% ../../nbs/analysis/24_model.ipynb #cc1aeeac
 log = logging.getLogger(__name__)
@@ -257,6 +257,34 @@ def _metrics(y, p, base_rate: float) -> tuple[float, float, float]:
     auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
     return auc, float(log_loss(y, p, labels=[0, 1])), float(log_loss(y, np.full(len(y), base_rate), labels=[0, 1]))
 
+# %% ../../nbs/analysis/24_model.ipynb #d1e2f3a1
+def fit_classifier(X: np.ndarray, y: np.ndarray, max_iter: int = 150, learning_rate: float = 0.05, seed: int = 0):
+    "The scikit-learn classifier `train_model` fits, on rows `X` and 0/1 labels `y`."
+    return _fit(X, y, max_iter, learning_rate, seed)
+
+
+def export_checked(clf, out_path: str | Path, schema: FeatureSchema, X_check: np.ndarray) -> tuple[OnnxModel, float]:
+    "`clf` as an ONNX file at `out_path` (atomically), loaded back, checked on `X_check`; (model, largest difference)."
+    out = Path(out_path).expanduser()
+    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(_to_onnx(clf, schema))
+    try:
+        model = load_model(tmp, schema)
+        diff = float(np.abs(model.predict_proba(X_check) - clf.predict_proba(X_check)[:, 1]).max()) if len(X_check) else 0.0
+        if diff > ONNX_TOLERANCE:
+            raise ModelError(f"ONNX export of {model.version} differs from scikit-learn by {diff:.2e}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return model, diff
+
+
+def export_classifier(clf, out_path: str | Path, schema: FeatureSchema, X_check: np.ndarray) -> OnnxModel:
+    "`clf` as an ONNX file at `out_path` (atomically), loaded back and checked on `X_check` to `ONNX_TOLERANCE`."
+    export_checked(clf, out_path, schema, X_check)
+    return load_model(Path(out_path).expanduser(), schema)  # the model named by its final path
+
 # %% ../../nbs/analysis/24_model.ipynb #3bed0383
 def train_model(
     parquet_path: str | Path,
@@ -278,17 +306,7 @@ def train_model(
         )
     clf = _fit(X[:n_train], y[:n_train], max_iter, learning_rate, seed)
     out = Path(out_path).expanduser()
-    tmp = out.with_name(out.name + ".tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(_to_onnx(clf, schema))
-    try:
-        model = load_model(tmp, schema)
-        diff = float(np.abs(model.predict_proba(X) - clf.predict_proba(X)[:, 1]).max())
-        if diff > ONNX_TOLERANCE:
-            raise ModelError(f"ONNX export of {model.version} differs from scikit-learn by {diff:.2e}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    model, diff = export_checked(clf, out, schema, X)
     auc, ll, base_ll = _metrics(y[n_train:], model.predict_proba(X[n_train:]), float(y[:n_train].mean()))
     report = TrainReport(out, model.version, schema.version, n_train, n_valid, float(y[n_train:].mean()), auc, ll, base_ll, diff)
     log.info(
@@ -309,29 +327,6 @@ def train_model(
             base_ll,
         )
     return report
-
-# %% ../../nbs/analysis/24_model.ipynb #d1e2f3a1
-def fit_classifier(X: np.ndarray, y: np.ndarray, max_iter: int = 150, learning_rate: float = 0.05, seed: int = 0):
-    "The scikit-learn classifier `train_model` fits, on rows `X` and 0/1 labels `y`."
-    return _fit(X, y, max_iter, learning_rate, seed)
-
-
-def export_classifier(clf, out_path: str | Path, schema: FeatureSchema, X_check: np.ndarray) -> OnnxModel:
-    "`clf` as an ONNX file at `out_path` (atomically), loaded back and checked on `X_check` to `ONNX_TOLERANCE`."
-    out = Path(out_path).expanduser()
-    tmp = out.with_name(out.name + ".tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(_to_onnx(clf, schema))
-    try:
-        model = load_model(tmp, schema)
-        diff = float(np.abs(model.predict_proba(X_check) - clf.predict_proba(X_check)[:, 1]).max()) if len(X_check) else 0.0
-        if diff > ONNX_TOLERANCE:
-            raise ModelError(f"ONNX export of {model.version} differs from scikit-learn by {diff:.2e}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return load_model(out, schema)
-
 
 # %% ../../nbs/analysis/24_model.ipynb #0d512655
 def race_labels(high: np.ndarray, low: np.ndarray, side: np.ndarray, stop: np.ndarray, target: np.ndarray) -> np.ndarray:
