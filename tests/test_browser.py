@@ -1,10 +1,13 @@
-"""The notebooks in a real JupyterLab and a real browser, as a user opens them.
+"""Both panels in a real JupyterLab and a real browser, as a user opens them, with comms over subshells on and off.
 
-`tradelab lab` starts JupyterLab on the quickstart (loopback, a token); the server must hand the notebook out over
-HTTP. Then Debian's chromium, driven by Playwright with the system browser (nothing downloaded), opens the quickstart,
-runs every cell, and moves the tuning panel's confidence-floor slider: the backtest must be redrawn (another trade
-count, another equity curve) with no JavaScript error on the page and no traceback in any output. Screenshots go to
-`.ci/out/` (or `$TRADELAB_ARTIFACTS`).
+`tradelab lab` starts JupyterLab on the quickstart (loopback, a token), once with JupyterLab's default of sending widget
+messages through kernel subshells (another thread of the kernel) and once with that off. Debian's chromium, driven by
+Playwright with the system browser (nothing downloaded), runs every cell from the menu, moves the tuning panel's
+confidence-floor slider (the backtest must be redrawn), then clicks the live panel's Start, watches its figures and
+tables change, closes a position, looks at every tab and clicks Stop. A second client on the same kernel then reads what
+a user cannot see: the bot stopped with no task of it left and its temporary home gone, and the clicks arrived on
+another thread exactly when subshells were on. A JavaScript error, a traceback, a control that does nothing or a bot left
+running fails the check. Screenshots go to `.ci/out/browser-subshells-{on,off}/` (or `$ARTIFACTS_DIR`).
 """
 import json
 import os
@@ -196,7 +199,7 @@ def test_both_panels_in_a_real_browser(lab):
     Fails on a JavaScript error, a traceback in an output, a control that does nothing, or a bot left running."""
     from playwright.sync_api import sync_playwright
 
-    shots = Path(os.environ.get("TRADELAB_ARTIFACTS", ROOT / ".ci" / "out")) / f"browser-subshells-{lab['subshells']}"
+    shots = Path(os.environ.get("ARTIFACTS_DIR", ROOT / ".ci" / "out")) / f"browser-subshells-{lab['subshells']}"
     shots.mkdir(parents=True, exist_ok=True)
     errors: list[str] = []
     with sync_playwright() as p:

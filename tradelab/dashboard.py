@@ -278,6 +278,8 @@ def _cell(col: str, v: Any) -> str:
     if col == "exit_reason":
         return (f"<td><span style='background:{_BADGE.get(v, MUTED)};color:white;border-radius:3px;padding:0 5px;"
                 f"font-size:11px'>{html.escape(str(v))}</span></td>")
+    if col == "fees":  # a cost: shown as what it took from the account
+        v = -v
     if col == "r" or col in _MONEY:
         c = WIN if v > 0 else LOSS if v < 0 else "inherit"
         return f"<td style='color:{c};text-align:right'>{v:+,.2f}</td>"
