@@ -248,6 +248,7 @@ class LearningSettings(_Section):
     shadow: bool = Field(True, description="log every candidate of every scan, below the confidence floor too")
     shadow_max_rows: int = Field(500_000, ge=1_000, description="the oldest shadow rows go beyond this many")
     retrain_every_h: float | None = Field(None, gt=0, le=24 * 90, description="None: retrain only when asked")
+    label_every_min: float = Field(15.0, gt=0, le=24 * 60, description="a running bot labels the shadow rows due this often")
     folds: int = Field(3, ge=1, le=20, description="walk-forward folds")
     embargo_h: float = Field(24.0, ge=0, le=24 * 30, description="gap after each label horizon before a test window")
     min_rows: int = Field(500, ge=50, description="fewer labelled rows: no training")
