@@ -255,6 +255,7 @@ class LearningSettings(_Section):
     min_lower_r: float = Field(0.0, ge=-10, le=10, description="lower 95 % bound of top-K net R per trade above this")
     min_uplift_r: float = Field(0.0, ge=-10, le=10, description="lower 95 % bound of the uplift on rule and incumbent above this")
     bootstrap: int = Field(400, ge=50, le=20_000, description="day-bootstrap draws of each interval")
+    max_iter: int = Field(150, ge=5, le=5_000, description="boosting iterations of each fit of a candidate")
     models_dir: str = Field("models", min_length=1, description="under `home`: every candidate's ONNX file and report")
 
 

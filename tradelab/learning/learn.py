@@ -76,9 +76,10 @@ def _export(ok: pd.DataFrame, names: list[str], folder: Path, max_iter: int, see
 
 # %% ../../nbs/learning/48d_learn.ipynb #4be0d885
 def learn(rows: pd.DataFrame, settings: Settings, registry: ModelRegistry, now_ms: int, incumbent: OnnxModel | None = None,
-          *, max_iter: int = 150, seed: int = 0) -> LearnResult:
+          *, max_iter: int | None = None, seed: int = 0) -> LearnResult:
     "Evaluate, train, export, gate and register a candidate from learning `rows`; promoted models are put in use."
     ls, names = settings.learning, list(current_schema().names)
+    max_iter = ls.max_iter if max_iter is None else max_iter
     ok = _usable(rows, ls.min_rows)
 
     def fit(X, y):
