@@ -114,15 +114,17 @@ def test_new_model_replaces_the_old_between_cycles(models, batch):
         settings = _settings()
         async with GlobalProcessPool(settings.pool, models["a"]) as pool:
             analyzer = ParallelAnalyzer(pool, settings)
-            first = await analyzer.analyze_async(batch)
+            first, pids = await analyzer.analyze_async(batch), sorted(pool.pids)
             model_b = await analyzer.replace_model(models["b"])
             second = await analyzer.analyze_async(batch)
-            return pool, analyzer, first, second, model_b
-    pool, analyzer, first, second, model_b = run(go())
+            return pool, analyzer, first, second, model_b, pids
+    pool, analyzer, first, second, model_b, pids = run(go())
     a, b = load_model(models["a"]), load_model(models["b"])
     assert {s.model_version for s in first} == {a.version} and {s.model_version for s in second} == {b.version}
     assert {r.model_version for r in analyzer.last.workers} == {b.version}
-    assert all(r.model_loads == 1 for r in pool.reports) and pool.pools_created == 2
+    # the same workers, each having loaded model b once at its first task after the switch
+    assert sorted(pool.pids) == pids and pool.pools_created == 1
+    assert {(r.pid, r.model_loads) for r in analyzer.last.workers} <= {(p, 2) for p in pids}
     X = np.stack([s.features for s in second])
     np.testing.assert_allclose([s.model_prob for s in second], b.predict_proba(X), atol=1e-6)
     p_a, p_b = a.predict_proba(X), b.predict_proba(X)

@@ -45,15 +45,18 @@ from .storage.store import BreakerRepository, Database, PositionRepository, Refu
 from .timing import StageTimes
 from .events import BotEvent, EventFeed, EventHandler
 from .data.universe import Universe
+from .learning.registry import ModelRegistry
+from .learning.retrain import Learner, ModelDecision, label_shadow, model_in_use
+from .learning.shadow import ShadowingAnalyzer, ShadowLog
 from .trading.virtual import VirtualPositionManager
 
 # %% auto #0
 __all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'TradeView', 'EquityPoint',
            'BotSnapshot', 'RunState', 'Components', 'paper_balance', 'start_step', 'check_intervals', 'archived_costs',
-           'build_components', 'refresh_universe', 'open_real', 'scan_once', 'SnapshotTap', 'store_real_marks',
-           'tell_opened', 'tell_closed', 'record_closes', 'update_breaker', 'storage_failed', 'storage_recovered',
-           'storage_watch', 'funding_due', 'mark_books', 'monitor_once', 'closed_bar_extremes', 'flush', 'BotLifecycle',
-           'TradingBot', 'snapshot_of', 'close_real', 'BotControl']
+           'learner_of', 'build_components', 'refresh_universe', 'open_real', 'learn_after_scan', 'scan_once',
+           'SnapshotTap', 'store_real_marks', 'tell_opened', 'tell_closed', 'record_closes', 'update_breaker',
+           'storage_failed', 'storage_recovered', 'storage_watch', 'funding_due', 'mark_books', 'monitor_once',
+           'closed_bar_extremes', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real', 'BotControl']
 
 # %% ../nbs/50_bot.ipynb #cfe32644
 log = logging.getLogger(__name__)
@@ -175,6 +178,7 @@ class BotSnapshot:
     model_version: str = "rule"
     books: Mapping[str, PerformanceStats] = field(default_factory=dict)  # "real", "virtual": figures of the closed trades
     costs: Mapping[str, float] = field(default_factory=dict)  # real book: fees and funding paid, closed and open trades
+    model_decision: ModelDecision | None = None  # how the last learning cycle ended
 
     def __repr__(self):
         return (
@@ -221,6 +225,7 @@ class Components:
     universe: Universe
     events: EventFeed
     run: RunState = field(default_factory=RunState)
+    learner: Learner | None = None  # labels shadow rows, retrains, swaps a promoted model in
 
 # %% ../nbs/50_bot.ipynb #aa36ec18
 def paper_balance(settings: Settings, archive: DataArchiver, open_real: Sequence[Position]) -> float:
@@ -269,6 +274,15 @@ def archived_costs(db: Database) -> dict[str, float]:
     (fees, funding), = db.query("SELECT COALESCE(SUM(fees), 0), COALESCE(SUM(funding), 0) FROM archive WHERE kind = 'REAL'")
     return {"fees": float(fees), "funding": float(funding)}
 
+# %% ../nbs/50_bot.ipynb #940cb2ef
+def learner_of(s: Settings, registry: ModelRegistry, pool: GlobalProcessPool, clock: Clock, events: EventFeed) -> Learner:
+    "The bot's learner on its analyzer: one that logs every candidate of every scan as a shadow row when `learning.shadow`."
+    if not s.learning.shadow:
+        return Learner(s, registry, ParallelAnalyzer(pool, s), clock, events)
+    shadow = ShadowLog(registry.db, max_rows=s.learning.shadow_max_rows)
+    return Learner(s, registry, ShadowingAnalyzer(pool, s, shadow), clock, events, shadow)
+
+
 # %% ../nbs/50_bot.ipynb #3eab4d2a
 async def build_components(
     settings: Settings, clock: Clock, stack: AsyncExitStack, events: EventFeed | None = None
@@ -279,14 +293,14 @@ async def build_components(
     s.home_dir.mkdir(parents=True, exist_ok=True)
     db = Database(s.home_dir / s.bot.db_file)
     stack.callback(db.close)
-    positions, archive = PositionRepository(db), DataArchiver(db)
+    positions, archive, registry = PositionRepository(db), DataArchiver(db), ModelRegistry(db, s.home_dir / s.learning.models_dir)
     client = await stack.enter_async_context(BinanceClient(s.exchange, clock))
     await start_step("exchange clock sync", client.sync_clock, s.exchange.url)
     contracts = await start_step("exchange contracts", lambda: client.contracts(s.universe.quote), s.exchange.url)
     for tf in s.data.timeframes:  # one step each: a retry repeats one request, not all of them
         probe = functools.partial(check_intervals, client, contracts, [tf], s.data.timeframes)
         await start_step(f"{tf} klines", probe, s.exchange.url)
-    pool = await stack.enter_async_context(GlobalProcessPool(s.pool, model_path=s.model.path))
+    pool = await stack.enter_async_context(GlobalProcessPool(s.pool, model_path=model_in_use(s, registry)))
     data = await stack.enter_async_context(DataService(s, client, clock))  # loads the warm cache; saves it on close
     open_real = positions.load_open(Kind.REAL)
     execution = PaperExecution(s.trading, clock, contracts, client, balance=paper_balance(s, archive, open_real), store=positions)
@@ -297,34 +311,21 @@ async def build_components(
     breaker.restore()
     catch_up(breaker, archive.pnls_as_archived(Kind.REAL), execution.balance)  # a close the breaker missed in a kill
     performance = PerformanceManager.from_archive(db, s.trading.starting_equity)
+    events = EventFeed(clock) if events is None else events
+    learner = learner_of(s, registry, pool, clock, events)
+    stack.push_async_callback(learner.close)  # a training under way ends before the pool and the database close
     c = Components(
-        s,
-        clock,
-        db,
-        positions,
-        client,
-        contracts,
-        data,
-        pool,
-        ParallelAnalyzer(pool, s),
-        execution,
-        virtual,
-        breaker,
-        archive,
-        performance,
-        Universe(s.universe, client, clock),
-        EventFeed(clock) if events is None else events,
-        RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl, costs=archived_costs(db)),
+        s, clock, db, positions, client, contracts, data, pool, learner.analyzer, execution, virtual, breaker, archive,
+        performance, Universe(s.universe, client, clock), events,
+        RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl, costs=archived_costs(db)), learner,
     )
     log.info(
-        "bot ready: %d real and %d virtual positions restored, breaker %s, %d contracts, database %s",
-        len(open_real),
-        len(virtual),
-        breaker.level.name,
-        len(contracts),
+        "bot ready: %d real and %d virtual positions restored, breaker %s, %d contracts, model %s, database %s",
+        len(open_real), len(virtual), breaker.level.name, len(contracts), pool.model.version if pool.model else "none (the rule)",
         db.path,
     )
     return c
+
 
 # %% ../nbs/50_bot.ipynb #ed70f07b
 async def refresh_universe(c: Components) -> tuple[str, ...]:
@@ -343,6 +344,15 @@ async def refresh_universe(c: Components) -> tuple[str, ...]:
 async def open_real(c: Components, ranked: Sequence[Signal]) -> tuple[list[Position], list[int]]:
     "Ranks 1..K through the breaker to the execution backend (the policy a backtest replays); (opened, ranks refused)."
     return await open_ranked(ranked, c.settings.trading.max_trades, c.breaker, c.execution, c.run.lock)
+
+# %% ../nbs/50_bot.ipynb #72ff12a7
+async def learn_after_scan(c: Components, learner: Learner) -> int:
+    "Label the shadow rows due (rate-limited), and start a learning cycle when one is due (it runs on its own); rows labelled."
+    labelled = await label_shadow(learner, c.client)
+    if learner.retrain_due(c.clock.now_ms()):
+        learner.start("every learning.retrain_every_h")
+    return labelled
+
 
 # %% ../nbs/50_bot.ipynb #2abcba0b
 async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
@@ -381,7 +391,10 @@ async def scan_once(c: Components, stages: StageTimes) -> dict[str, int]:
         "virtual_opened": len(followed),
         "entries_held": int(c.run.storage_fault is not None),
     }
-    counted = ("signals", "opened", "refused", "virtual_opened", "stale_skipped")
+    if c.learner is not None:
+        with stages.stage("learn"):
+            figures["labelled"] = await learn_after_scan(c, c.learner)
+    counted = ("signals", "opened", "refused", "virtual_opened", "stale_skipped", "labelled")
     c.run.counters.update({k: v for k, v in figures.items() if k in counted})
     c.run.counters["scan_cycles"] += 1
     return figures | {"open": len(c.execution.positions), "virtual_open": len(c.virtual)}
@@ -697,6 +710,13 @@ class TradingBot(BotLifecycle):
         "Close the open real position `position_id` at the market (the operator's command)."
         return PositionView.of(await close_real(self._ready(), position_id))
 
+    async def retrain(self) -> ModelDecision:
+        "Train, evaluate and gate a candidate now (in a thread: trading goes on); a promoted one is used from the next scan."
+        learner = self._ready().learner
+        if learner is None:
+            raise StateError("this bot was built without a learner")
+        return await learner.retrain()
+
     async def __aenter__(self) -> TradingBot:
         return await self.initialize()
 
@@ -735,6 +755,7 @@ def snapshot_of(bot: TradingBot, history: int = 200) -> BotSnapshot:
         c.pool.model.version if c.pool.model else "rule",
         {"real": c.performance.stats(Kind.REAL), "virtual": c.performance.stats(Kind.VIRTUAL)},
         {k: c.run.costs[k] + sum(getattr(p, k) for p in c.execution.positions) for k in ("fees", "funding")},
+        None if c.learner is None else c.learner.last,
     )
 
 # %% ../nbs/50_bot.ipynb #88e2b691
@@ -752,7 +773,7 @@ async def close_real(c: Components, position_id: str) -> Position:
 
 # %% ../nbs/50_bot.ipynb #9627a3c3
 class BotControl:
-    "What a UI may do to a bot: start, stop, close a real position, and look (`snapshot`)."
+    "What a UI may do to a bot: start, stop, close a real position, retrain, and look (`snapshot`)."
 
     __slots__ = ("_bot",)
 
@@ -770,6 +791,10 @@ class BotControl:
 
     async def close_position(self, position_id: str) -> PositionView:
         return await self._bot.close_position(position_id)
+
+    async def retrain(self) -> ModelDecision:
+        "Run a learning cycle now; its decision (the model in use changes only if the gate promotes)."
+        return await self._bot.retrain()
 
     def snapshot(self) -> BotSnapshot:
         return self._bot.snapshot()

@@ -284,12 +284,14 @@ class LearningSettings(_Section):
     shadow: bool = Field(True, description="log every candidate of every scan, below the confidence floor too")
     shadow_max_rows: int = Field(500_000, ge=1_000, description="the oldest shadow rows go beyond this many")
     retrain_every_h: float | None = Field(None, gt=0, le=24 * 90, description="None: retrain only when asked")
+    label_every_min: float = Field(15.0, gt=0, le=24 * 60, description="a running bot labels the shadow rows due this often")
     folds: int = Field(3, ge=1, le=20, description="walk-forward folds")
     embargo_h: float = Field(24.0, ge=0, le=24 * 30, description="gap after each label horizon before a test window")
     min_rows: int = Field(500, ge=50, description="fewer labelled rows: no training")
     min_lower_r: float = Field(0.0, ge=-10, le=10, description="lower 95 % bound of top-K net R per trade above this")
     min_uplift_r: float = Field(0.0, ge=-10, le=10, description="lower 95 % bound of the uplift on rule and incumbent above this")
     bootstrap: int = Field(400, ge=50, le=20_000, description="day-bootstrap draws of each interval")
+    max_iter: int = Field(150, ge=5, le=5_000, description="boosting iterations of each fit of a candidate")
     models_dir: str = Field("models", min_length=1, description="under `home`: every candidate's ONNX file and report")
 
 

@@ -185,6 +185,9 @@ def live_cards(snap: BotSnapshot, starting_equity: float, quote: str = "USDT") -
         ("breaker", snap.breaker_level, "" if snap.breaker_level == "NORMAL" else "loss"),
         ("model", snap.model_version, ""),
     ]
+    if snap.model_decision is not None:  # the last learning cycle: promoted, refused or failed
+        d = snap.model_decision
+        cards.append(("last learning", f"{d.outcome.lower()} {d.version or ''}".strip(), "loss" if d.outcome == "FAILED" else ""))
     if virtual and virtual.trades:
         cards.append(("virtual book", f"{virtual.trades} trades, {100 * virtual.win_rate:.0f} % won", ""))
     return cards

@@ -37,8 +37,8 @@ from .strategy import analyze_batch
 
 # %% auto #0
 __all__ = ['log', 'ORPHAN_POLL_S', 'GROWTH', 'SHM_DIR', 'START_METHOD', 'PRELOAD', 'START_TIMEOUT_S', 'Task', 'WorkerReport',
-           'worker_report', 'rendezvous', 'predict_chunk', 'run_prefix', 'BatchRef', 'SharedBatch', 'leftovers',
-           'Swept', 'sweep_leftovers', 'chunk_bounds', 'split_batch', 'ChunkResult', 'analyze_in_process',
+           'ModelRef', 'worker_report', 'rendezvous', 'predict_chunk', 'run_prefix', 'BatchRef', 'SharedBatch',
+           'leftovers', 'Swept', 'sweep_leftovers', 'chunk_bounds', 'split_batch', 'ChunkResult', 'analyze_in_process',
            'analyze_chunk', 'analyze_shared', 'default_workers', 'WorkerGenerations', 'GlobalProcessPool',
            'rank_signals', 'CycleReport', 'collect', 'ParallelAnalyzer']
 
@@ -57,12 +57,21 @@ class WorkerReport:
     blocks_mapped: int = 0
 
 # %% ../../nbs/analysis/25_pool.ipynb #5e90418c
-class _WorkerState:
-    __slots__ = ("pid", "generation", "model", "model_loads", "peers", "block", "blocks_mapped")
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    "The model a task asks for: its file and its version, all a worker needs to load it or to see that it holds it."
 
-    def __init__(self, generation: int, peers=None):
-        self.pid, self.generation, self.model_loads, self.peers = os.getpid(), generation, 0, peers
+    path: str
+    version: str
+
+
+class _WorkerState:
+    __slots__ = ("pid", "generation", "schema", "model", "model_ref", "model_loads", "peers", "block", "blocks_mapped")
+
+    def __init__(self, generation: int, peers=None, schema: FeatureSchema | None = None):
+        self.pid, self.generation, self.schema, self.model_loads, self.peers = os.getpid(), generation, schema, 0, peers
         self.model: OnnxModel | None = None
+        self.model_ref: ModelRef | None = None
         self.block: SharedMemory | None = None
         self.blocks_mapped = 0
 
@@ -73,6 +82,7 @@ class _WorkerState:
 
 
 _worker: _WorkerState | None = None
+
 
 # %% ../../nbs/analysis/25_pool.ipynb #d1682744
 def _gone(pid: int) -> bool:
@@ -129,11 +139,11 @@ def _init_worker(
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent shuts us down
     if main_pid is not None:
         _exit_with(main_pid)
-    state = _WorkerState(generation, peers)
+    state = _WorkerState(generation, peers, schema)
     try:
         if model_path is not None:
             state.model = load_model(model_path, schema)
-            state.model_loads += 1
+            state.model_ref, state.model_loads = ModelRef(str(model_path), state.model.version), 1
     except Exception as e:
         reports.put(f"worker {state.pid}: {type(e).__name__}: {e}")
         raise
@@ -335,10 +345,21 @@ def _stamped(result: ChunkResult) -> ChunkResult:
     result.worker = _worker.report()
     return result
 
+
+def _held(ref: ModelRef | None) -> OnnxModel | None:
+    "The model a task asks for: the one this worker holds if `ref` names it (or is None), else loaded from `ref` now."
+    if _worker is None:
+        raise StateError("pool tasks run in pool workers only")
+    if ref is not None and ref != _worker.model_ref:
+        _worker.model = load_model(ref.path, _worker.schema)
+        _worker.model_ref, _worker.model_loads = ref, _worker.model_loads + 1
+    return _worker.model
+
+
 # %% ../../nbs/analysis/25_pool.ipynb #436d8ba1
-def analyze_chunk(batch: AnalysisBatch, strategy: StrategySettings, blend: float) -> ChunkResult:
-    "Pool task: analyse a pickled `batch` with this worker's model."
-    return _stamped(analyze_in_process(batch, strategy, _worker.model if _worker else None, blend))
+def analyze_chunk(batch: AnalysisBatch, strategy: StrategySettings, blend: float, model: ModelRef | None = None) -> ChunkResult:
+    "Pool task: analyse a pickled `batch` with the `model` asked for (None: the one this worker holds)."
+    return _stamped(analyze_in_process(batch, strategy, _held(model), blend))
 
 # %% ../../nbs/analysis/25_pool.ipynb #ae7ef9d5
 def _mapped(name: str) -> SharedMemory:
@@ -355,11 +376,10 @@ def _mapped(name: str) -> SharedMemory:
     return _worker.block
 
 # %% ../../nbs/analysis/25_pool.ipynb #e7905e99
-def analyze_shared(ref: BatchRef, strategy: StrategySettings, blend: float) -> ChunkResult:
-    "Pool task: analyse rows of the shared-memory batch in place with this worker's model."
+def analyze_shared(ref: BatchRef, strategy: StrategySettings, blend: float, model: ModelRef | None = None) -> ChunkResult:
+    "Pool task: analyse rows of the shared-memory batch in place with the `model` asked for (None: the one held)."
     block = _mapped(ref.name)
-    model = _worker.model if _worker else None
-    return _stamped(analyze_in_process(ref.view(block.buf), strategy, model, blend))
+    return _stamped(analyze_in_process(ref.view(block.buf), strategy, _held(model), blend))
 
 # %% ../../nbs/analysis/25_pool.ipynb #5ce2e841
 START_METHOD = "forkserver"
@@ -529,14 +549,16 @@ class GlobalProcessPool(WorkerGenerations):
         self.staging.close()
         self.started = False
 
+    @property
+    def model_ref(self) -> ModelRef | None:
+        "The model every task asks its worker for (None: no model, the rule alone)."
+        return None if self.model is None else ModelRef(str(self.model_path), self.model.version)
+
     def replace_model(self, path: str | Path) -> OnnxModel:
-        "Validate the model at `path` here, then re-initialise the workers with it."
+        "Validate the model at `path` here; the next tasks name it, and each worker loads it at its first one."
         model = load_model(path, self.schema)  # SchemaMismatch or ModelError: nothing changed
         self.model_path, self.model = Path(path).expanduser(), model
-        if self.started and self.workers:
-            log.info("re-initialising the workers with model %s", model.version)
-            self._retire(kill=False)
-            self._new_executor()
+        log.info("model %s in use from the next cycle; each worker loads it once, at its first task", model.version)
         return model
 
     async def __aenter__(self) -> GlobalProcessPool:
@@ -583,7 +605,8 @@ async def _run_task(pool: GlobalProcessPool, task: Task, symbols: Sequence[str],
     "A ChunkResult, or `_BROKEN` / `_TIMEOUT`."
     fn, payload, a, b = task
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(pool.submit(fn, payload, strategy, blend)), timeout_s)
+        future = pool.submit(fn, payload, strategy, blend, pool.model_ref)  # the model in use when the task is sent
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
     except BrokenProcessPool:
         return _BROKEN
     except TimeoutError:
@@ -664,7 +687,7 @@ class ParallelAnalyzer:
         return collect(results, self.last)
 
     async def replace_model(self, path: str | Path) -> OnnxModel:
-        "Swap the model between cycles: validated here first, then every worker re-initialised."
+        "Swap the model between cycles (after the running one): validated here; the workers load it at their next task."
         async with self.pool.lock:
             return await asyncio.to_thread(self.pool.replace_model, path)
 

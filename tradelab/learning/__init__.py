@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['Costs', 'history_rows', 'outcomes', 'win_labels', 'ShadowingAnalyzer', 'ShadowLog', 'label_due', 'shadow_rows',
            'Evaluation', 'purged_folds', 'walk_forward', 'Decision', 'ModelEntry', 'ModelRegistry', 'decide', 'promote',
-           'rollback', 'LearnResult', 'learn']
+           'rollback', 'LearnResult', 'learn', 'Learner', 'ModelDecision', 'label_shadow', 'model_in_use']
 
 # %% ../../nbs/learning/00_learning.ipynb #c97ede0e
 from .labels import Costs, history_rows, outcomes, win_labels
@@ -13,7 +13,8 @@ from .shadow import ShadowingAnalyzer, ShadowLog, label_due, shadow_rows
 from .evaluate import Evaluation, purged_folds, walk_forward
 from .registry import Decision, ModelEntry, ModelRegistry, decide, promote, rollback
 from .learn import LearnResult, learn
+from .retrain import Learner, ModelDecision, label_shadow, model_in_use
 
 _all_ = ["Costs", "history_rows", "outcomes", "win_labels", "ShadowingAnalyzer", "ShadowLog", "label_due", "shadow_rows",
          "Evaluation", "purged_folds", "walk_forward", "Decision", "ModelEntry", "ModelRegistry", "decide", "promote", "rollback",
-         "LearnResult", "learn"]
+         "LearnResult", "learn", "Learner", "ModelDecision", "label_shadow", "model_in_use"]

@@ -30,7 +30,7 @@ from ..storage.store import Database
 from .registry import Decision, ModelEntry, ModelRegistry, decide, promote
 
 # %% auto #0
-__all__ = ['data_hash', 'LearnResult', 'learn', 'archive_rows', 'database_rows', 'load_rows', 'export_rows']
+__all__ = ['data_hash', 'LearnResult', 'learn', 'archive_rows', 'rows_of', 'database_rows', 'load_rows', 'export_rows']
 
 # %% ../../nbs/learning/48d_learn.ipynb #eceb0cff
 def data_hash(rows: pd.DataFrame, features: list[str]) -> str:
@@ -76,9 +76,10 @@ def _export(ok: pd.DataFrame, names: list[str], folder: Path, max_iter: int, see
 
 # %% ../../nbs/learning/48d_learn.ipynb #4be0d885
 def learn(rows: pd.DataFrame, settings: Settings, registry: ModelRegistry, now_ms: int, incumbent: OnnxModel | None = None,
-          *, max_iter: int = 150, seed: int = 0) -> LearnResult:
+          *, max_iter: int | None = None, seed: int = 0) -> LearnResult:
     "Evaluate, train, export, gate and register a candidate from learning `rows`; promoted models are put in use."
     ls, names = settings.learning, list(current_schema().names)
+    max_iter = ls.max_iter if max_iter is None else max_iter
     ok = _usable(rows, ls.min_rows)
 
     def fit(X, y):
@@ -109,14 +110,20 @@ def archive_rows(db: Database) -> pd.DataFrame:
                     target=np.nan, cost_r=np.nan)
 
 
-def database_rows(path: str | Path, costs: Costs | None = None) -> pd.DataFrame:
-    "Labelled shadow rows of a database, then its archived trades at (time, symbol) no shadow row has."
-    with Database(path) as db:
-        shadow, archived = shadow_rows(db, costs=costs), archive_rows(db)
+def rows_of(db: Database, costs: Costs | None = None) -> pd.DataFrame:
+    "Labelled shadow rows of an open database, then its archived trades at (time, symbol) no shadow row has."
+    shadow, archived = shadow_rows(db, costs=costs), archive_rows(db)
     seen = set(zip(shadow["time_ms"], shadow["symbol"], strict=True))
     extra = archived[[k not in seen for k in zip(archived["time_ms"], archived["symbol"], strict=True)]]
     parts = [f for f in (shadow, extra[[c for c in shadow.columns if c in extra.columns]]) if len(f)]
     return pd.concat(parts, ignore_index=True) if parts else shadow
+
+
+def database_rows(path: str | Path, costs: Costs | None = None) -> pd.DataFrame:
+    "`rows_of` the database file at `path` (a running bot's learner reads its own open database)."
+    with Database(path) as db:
+        return rows_of(db, costs)
+
 
 # %% ../../nbs/learning/48d_learn.ipynb #16b06844
 def load_rows(paths: Sequence[str | Path], settings: Settings, top_n: int | None = None) -> pd.DataFrame:
