@@ -10,7 +10,7 @@ import contextlib
 import logging
 import math
 import multiprocessing as mp
-from multiprocessing import synchronize as mp_synchronize
+from multiprocessing import forkserver, resource_tracker, synchronize as mp_synchronize
 import os
 import queue
 import re
@@ -440,6 +440,16 @@ def _run_semaphores() -> Iterator[None]:
         finally:
             names._make_name = before  # type: ignore[attr-defined]
 
+# %% ../../nbs/analysis/25_pool.ipynb #c6b43f60
+def _start_forkserver() -> None:
+    "Start the forkserver (if it is not running) with Ctrl-C blocked, so its import of `PRELOAD` cannot be interrupted."
+    resource_tracker.ensure_running()  # first: its own start blocks Ctrl-C and then unblocks it, ours included
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
 # %% ../../nbs/analysis/25_pool.ipynb #136dae9f
 def _launch(
     start_method: str, workers: int, model_path: Path | None, schema: FeatureSchema | None, generation: int
@@ -448,6 +458,7 @@ def _launch(
     ctx = mp.get_context(start_method)
     if start_method == "forkserver":
         ctx.set_forkserver_preload(list(PRELOAD))
+        _start_forkserver()
     with _run_semaphores():
         reports, peers = ctx.Queue(), ctx.Barrier(workers)
         initargs = (model_path, schema, generation, reports, peers, os.getpid())
