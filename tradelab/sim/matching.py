@@ -57,7 +57,7 @@ class SimExchange:
     def __init__(self, market: MarketSource, replay: Replay | None = None, fees: Fees | None = None,
                  slippage: float = 0.0001, fill_delay_ms: int = 0):
         if not 0 <= slippage < 0.1 or fill_delay_ms < 0:
-            raise ConfigError(f"slippage must be in [0, 0.1) and fill delay >= 0, got {slippage}, {fill_delay_ms}")
+            raise ConfigError(f"--slippage must be in [0, 0.1) and --fill-delay-ms >= 0, got {slippage} and {fill_delay_ms}")
         self.market, self.replay = market, replay if replay is not None else Replay(market)
         self.fees, self.slippage, self.fill_delay_ms = fees if fees is not None else Fees(), slippage, fill_delay_ms
         self.accounts: dict[str, Account] = {}
