@@ -4,6 +4,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import subprocess
 import sys
 import time
 import urllib.error
@@ -22,7 +23,7 @@ from tradelab.sim.signed import OrderLimits
 from tradelab.sim.synthetic import synthetic_market
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_sim import SimProcess, ccxt_client  # noqa: E402  the same process and ccxt helpers as the market-data tests
+from test_sim import TRADELAB, SimProcess, ccxt_client  # noqa: E402  the same process and ccxt helpers as the market-data tests
 
 MARKET = synthetic_market(3, 2, seed=1)
 SYM = "SYN001USDT"
@@ -298,3 +299,16 @@ def test_hmac_is_binances():
              "&timestamp=1499827319559")
     assert hmac.new(secret.encode(), query.encode(), hashlib.sha256).hexdigest() == \
         "c8db56825ae71d6d79447849e617115f4a920fa2acdcab2b053c4b2838bd6b71"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--api-key", "k" * 64], "--api-key and --api-secret go together"),
+    (["--api-secret", "s" * 64], "--api-key and --api-secret go together"),
+    (["--slippage", "0.5"], "--slippage must be in [0, 0.1)"),
+    (["--fill-delay-ms", "-5"], "--fill-delay-ms >= 0"),
+    (["--balance", "-1"], "--balance"),
+])
+def test_command_refuses_bad_account_arguments(args, words):
+    done = subprocess.run([TRADELAB, "sim", "--synthetic", "2", "--days", "1", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
