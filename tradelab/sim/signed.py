@@ -22,8 +22,8 @@ from .rules import Rejected
 __all__ = ['ORDER_FAULTS', 'Handler', 'SIGNED', 'unsigned', 'authenticate', 'OrderLimits', 'OrderFaults', 'figures',
            'account_answer', 'balance_answer', 'positions_answer', 'set_leverage', 'set_margin_type', 'income_answer',
            'trades_answer', 'open_orders_answer', 'open_algos_answer', 'cancel_all_orders', 'cancel_all_algos',
-           'place_answer', 'query_answer', 'cancel_answer', 'place_algo_answer', 'brackets_answer', 'query_algo',
-           'cancel_algo_answer', 'signed_weight']
+           'place_answer', 'query_answer', 'cancel_answer', 'place_algo_answer', 'brackets_answer', 'open_order_answer',
+           'all_orders_answer', 'commission_answer', 'query_algo', 'cancel_algo_answer', 'signed_weight']
 
 # %% ../../nbs/sim/11f_signed.ipynb #a75c5d9e
 def unsigned(query: str, body: str) -> tuple[str, str | None]:
@@ -307,6 +307,29 @@ def brackets_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int
     return [{"symbol": s, "notionalCoef": 1.0, "brackets": [bracket(s)]} for s in symbols]
 
 
+def open_order_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> dict:
+    "`GET /fapi/v1/openOrder`: the order if it is open, else -2013."
+    o = query_order(ex, acct, q)
+    if not o.is_open:
+        raise Rejected(400, -2013, "Order does not exist.")
+    return order_row(o, ex.market.infos[o.symbol])
+
+
+def all_orders_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> list[dict]:
+    "`GET /fapi/v1/allOrders`: the symbol's orders, oldest first, from `orderId` or in a time range."
+    s = symbol_of(ex, q)
+    start, end, limit = _window(q, t, None)
+    first = int(q["orderId"]) if _INT.match(q.get("orderId", "")) else 0
+    rows = [o for o in ex.orders.values() if o.key == acct.api_key and o.symbol == s and o.id >= first and start <= o.time <= end]
+    return [order_row(o, ex.market.infos[s]) for o in rows[: min(limit if q.get("limit") else 500, 1000)]]
+
+
+def commission_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> dict:
+    "`GET /fapi/v1/commissionRate`."
+    rates = {"makerCommissionRate": f"{ex.fees.maker:.6f}", "takerCommissionRate": f"{ex.fees.taker:.6f}"}
+    return {"symbol": symbol_of(ex, q)} | rates
+
+# %% ../../nbs/sim/11f_signed.ipynb #db1e3a4f
 def query_algo(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> dict:
     if (a := find_algo(ex, acct, q)) is None:
         raise Rejected(400, -2013, "Order does not exist.")
@@ -317,7 +340,7 @@ def cancel_algo_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: 
     a = cancel_algo(ex, acct, q, t)
     return {"algoId": a.id, "clientAlgoId": a.client_id, "code": "200", "msg": "success"}
 
-# %% ../../nbs/sim/11f_signed.ipynb #dddd6a97
+# %% ../../nbs/sim/11f_signed.ipynb #33dabbf5
 Handler = Callable[[SimExchange, Account, Mapping[str, str], int], object]
 
 SIGNED: dict[tuple[str, str], tuple[Handler, tuple[int, int], bool]] = {
@@ -325,6 +348,9 @@ SIGNED: dict[tuple[str, str], tuple[Handler, tuple[int, int], bool]] = {
     ("GET", "/fapi/v1/order"): (query_answer, (1, 1), False),
     ("DELETE", "/fapi/v1/order"): (cancel_answer, (1, 1), False),
     ("GET", "/fapi/v1/openOrders"): (open_orders_answer, (1, 40), False),
+    ("GET", "/fapi/v1/openOrder"): (open_order_answer, (1, 1), False),
+    ("GET", "/fapi/v1/allOrders"): (all_orders_answer, (5, 5), False),
+    ("GET", "/fapi/v1/commissionRate"): (commission_answer, (20, 20), False),
     ("DELETE", "/fapi/v1/allOpenOrders"): (cancel_all_orders, (1, 1), False),
     ("POST", "/fapi/v1/algoOrder"): (place_algo_answer, (0, 0), True),
     ("GET", "/fapi/v1/algoOrder"): (query_algo, (1, 1), False),
