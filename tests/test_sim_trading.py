@@ -307,6 +307,7 @@ def test_hmac_is_binances():
     (["--slippage", "0.5"], "--slippage must be in [0, 0.1)"),
     (["--fill-delay-ms", "-5"], "--fill-delay-ms >= 0"),
     (["--balance", "-1"], "--balance"),
+    (["--taker-fee", "0.05"], "--taker-fee must be in [-0.001, 0.01)"),
 ])
 def test_command_refuses_bad_account_arguments(args, words):
     done = subprocess.run([TRADELAB, "sim", "--synthetic", "2", "--days", "1", *args], capture_output=True, text=True, timeout=60)

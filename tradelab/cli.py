@@ -360,6 +360,8 @@ SIM_OPTIONS = (
     opt("--balance", type=positive(float), default=10_000.0, help="USDT in the account (default 10000)"),
     opt("--slippage", type=float, default=0.0001, help="market fills move this fraction against the order (default 0.0001)"),
     opt("--fill-delay-ms", type=int, default=0, help="market orders fill at the first bar open after this delay"),
+    opt("--maker-fee", type=float, default=0.0002, help="commission of a resting order's fill (default 0.0002)"),
+    opt("--taker-fee", type=float, default=0.0005, help="commission of a taking fill (default 0.0005)"),
 )
 
 # %% ../nbs/90_cli.ipynb #2d4ba256
@@ -388,6 +390,7 @@ def sim_account(sim: Any, args: argparse.Namespace) -> str:
 def cmd_sim(args: argparse.Namespace) -> int:
     "`tradelab sim`: build the market, clock, faults and account the arguments ask for and serve until a signal."
     from tradelab.sim.server import SimServer, serve_until_signal, sim_clock  # the server loads aiohttp: only for this command
+    from tradelab.sim.account import Fees
     from tradelab.sim.matching import SimExchange
 
     if (args.api_key is None) != (args.api_secret is None):
@@ -396,7 +399,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
     faults = Faults(**{k: getattr(args, k) for k in FAULT_KNOBS}, seed=args.fault_seed)
     source = sim_source(args)
     clock = sim_clock(source, start, args.speed, args.stepped)
-    exchange = SimExchange(source, slippage=args.slippage, fill_delay_ms=args.fill_delay_ms)
+    fees = Fees(args.maker_fee, args.taker_fee)
+    exchange = SimExchange(source, fees=fees, slippage=args.slippage, fill_delay_ms=args.fill_delay_ms)
     sim = SimServer(source, clock, args.host, args.port, faults, args.weight_limit, exchange=exchange)
     try:
         asyncio.run(serve_until_signal(sim, sim_account(sim, args)))
