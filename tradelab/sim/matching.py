@@ -25,7 +25,7 @@ __all__ = ['DUPLICATE', 'IMMEDIATE', 'Watch', 'Event', 'on_tick', 'trigger_level
            'price', 'marks', 'reducible', 'order_margin', 'check_margin', 'check_notional', 'max_orders', 'marketable',
            'admit', 'register', 'close', 'execute', 'slipped', 'start', 'symbol_of', 'new_order', 'find_order',
            'query_order', 'cancel_order', 'cancel_all', 'end_algo', 'arm', 'new_algo', 'find_algo', 'cancel_algo',
-           'trigger', 'crossed', 'watch', 'first_hit', 'walk', 'track', 'liquidate', 'active', 'events', 'run',
+           'trigger', 'crossed', 'watch', 'first_hit', 'walk', 'track', 'liquidate', 'active', 'events', 'quiet', 'run',
            'settle_funding', 'advance', 'position_row']
 
 # %% ../../nbs/sim/11e_matching.ipynb #320eaf83
@@ -457,8 +457,15 @@ def events(ex: SimExchange, t0: int, t1: int) -> list[Event]:
     return sorted(out)
 
 # %% ../../nbs/sim/11e_matching.ipynb #0ec54daf
+def quiet(ex: SimExchange, s: str, lo: float, hi: float, t: int) -> bool:
+    "Whether nothing in `s` can fire while the price stays within [lo, hi] (and no trailing stop follows it)."
+    if any(a.symbol == s and a.type == "TRAILING_STOP_MARKET" for a in ex.open_algos.values()):
+        return False
+    return not any(fires(lo) or fires(hi) for _, fires, _ in watch(ex, s, t))
+
+
 def run(ex: SimExchange, ev: Event) -> None:
-    "Play one event."
+    "Play one event; a bar in which nothing can fire is skipped."
     t, kind, s, i = ev
     if kind == 1:
         return settle_funding(ex, t)
@@ -466,9 +473,13 @@ def run(ex: SimExchange, ev: Event) -> None:
     o, hi, lo, c = (float(x[i]) for x in (b.open, b.high, b.low, b.close))
     if kind == 2:
         joined = i > 0 and b.open_time[i - 1] + b.step_ms == b.open_time[i]
-        walk(ex, s, float(b.close[i - 1]) if joined else o, o, t, gap=True)
+        prev = float(b.close[i - 1]) if joined else o
+        if not quiet(ex, s, min(prev, o), max(prev, o), t):
+            walk(ex, s, prev, o, t, gap=True)
         for m in [m for m in ex.open.values() if m.symbol == s and m.type == "MARKET" and m.not_before <= t]:
             execute(ex, m, slipped(ex, m, o), False, t)
+        return
+    if quiet(ex, s, lo, hi, t):
         return
     points = [o, hi, lo, c] if c < o else [o, lo, hi, c]
     for a, z in itertools.pairwise(points):
