@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, StateError, StorageError
 from ..trading.risk import BreakerRow
+from ..trading.reconcile import OrderLeg
 from ..trading.positions import POSITION_FIELDS, ExitReason, Kind, Position, PositionBook, PositionState, mark_pnl
 from ..analysis.model import FeatureSchema, current_schema
 
@@ -27,7 +28,7 @@ from ..analysis.model import FeatureSchema, current_schema
 __all__ = ['log', 'SYNCHRONOUS', 'MIGRATIONS', 'SCHEMA_VERSION', 'check_writable', 'write_failure', 'Database', 'Migration',
            'migrate', 'encode_features', 'decode_features', 'register_schema', 'stored_schemas', 'default_schema',
            'position_row', 'position_from_row', 'PositionReader', 'PositionRepository', 'BreakerRepository',
-           'RefusalRecord', 'RefusalRepository', 'OrderLeg', 'LiveOrderRepository']
+           'RefusalRecord', 'RefusalRepository', 'LiveOrderRepository']
 
 # %% ../../nbs/storage/32_store.ipynb #c6b6499e
 log = logging.getLogger(__name__)
@@ -677,20 +678,6 @@ class RefusalRepository:
 _LEG = ("client_id", "position_id", "symbol", "leg", "generation", "status", "exchange_id", "updated_ms")
 
 # %% ../../nbs/storage/32_store.ipynb #52321414
-@dataclass(frozen=True, slots=True)
-class OrderLeg:
-    "One order of a live position as stored: written SENT before the request, updated with the exchange's answer."
-
-    client_id: str
-    position_id: str
-    symbol: str
-    leg: str
-    generation: int
-    status: str
-    exchange_id: int | None = None
-    updated_ms: int = 0
-
-
 class LiveOrderRepository:
     "The live orders of each position, and the reconciliation actions, with their reasons."
 
