@@ -35,7 +35,7 @@ from .virtual import PositionStore
 # %% auto #0
 __all__ = ['log', 'OPPOSITE', 'cap_notional', 'Booked', 'book_close', 'pending_position', 'adopted_position', 'LegOrders',
            'LegPlacer', 'LiveBook', 'LiveTrader', 'LiveBooking', 'LiveProtector', 'LiveOpener', 'LiveRepairs',
-           'LiveActions', 'LiveReconciler', 'LiveExecution']
+           'LiveActions', 'LiveReconciler', 'LiveExecution', 'flatten_account']
 
 # %% ../../nbs/trading/36b_live.ipynb #5c082cc4
 log = logging.getLogger(__name__)
@@ -459,12 +459,12 @@ class LiveExecution(LiveReconciler):
 
     def __init__(self, trading: TradingSettings, live: LiveSettings, clock: Clock, contracts: Mapping[str, SymbolInfo],
                  client: AccountClient, *, store: PositionStore | None = None, legs: LegStore | None = None,
-                 account_events: AccountEvents | None = None, full_every: int = 30):
+                 account_events: AccountEvents | None = None, full_every: int = 30, halted: Callable[[], bool] | None = None):
         super().__init__(store)
         self.settings, self.live, self.clock, self.contracts, self.client = trading, live, clock, contracts, client
         self.orders, self.legs = LegPlacer(live, clock, contracts, client, legs), legs
         self.account_events = RestAccount(client) if account_events is None else account_events
-        self.halted: Callable[[], bool] = lambda: False  # the bot points this at its breaker
+        self.halted: Callable[[], bool] = (lambda: False) if halted is None else halted  # the bot's: its breaker is HALTED
         self.full_every, self._ticks, self._symbols = max(1, full_every), 0, {}
 
     async def update(self, prices: PriceSnapshot, *, bar_extremes: BarExtremes | None = None,
@@ -477,3 +477,23 @@ class LiveExecution(LiveReconciler):
     async def flatten(self) -> list[Position]:
         "Close every open position (legs cancelled first); the positions closed."
         return [await self._close(p, ExitReason.COMMAND) for p in list(self.book.values()) if p.is_open]
+
+# %% ../../nbs/trading/36b_live.ipynb #d3bdc0f6
+async def flatten_account(client: AccountClient, contracts: Mapping[str, SymbolInfo]) -> tuple[list[str], bool]:
+    "Cancel every open order and algo order, close every position; (one line per action, whether the account is flat)."
+    state, said = await RestAccount(client).state(None), []
+    for o in state.orders:
+        await client.cancel_order(o.symbol, o.client_id)
+        said.append(f"cancelled order {o.client_id}: {o.side} {o.type} {o.symbol} {o.qty:g}")
+    for a in (a for a in state.algos if a.is_open):
+        await client.cancel_algo(a.client_id)
+        said.append(f"cancelled algo order {a.client_id}: {a.side} {a.type} {a.symbol} at {a.trigger_price:g}")
+    for sym, r in sorted(state.positions.items()):
+        step = contracts[sym].market_step_size if sym in contracts else 10.0 ** -8
+        params = order_params(sym, "SELL" if r.amount > 0 else "BUY", "MARKET", on_step(abs(r.amount), step),
+                              client_id(uuid.uuid4().hex, "exit"), reduce_only=True)
+        order = await client.new_order(params)
+        said.append(f"closed {sym} {r.amount:+g} at {order.avg_price:g} ({order.status})")
+    after = await RestAccount(client).state(None)
+    flat = not after.positions and not after.orders and not any(a.is_open for a in after.algos)
+    return said, flat
