@@ -69,9 +69,12 @@ class Booked:
     gross: float
 
 
-def book_close(p: Position, trades: Sequence[AccountTrade], funding: Sequence[IncomeRecord], now_ms: int) -> Booked:
-    "The exit, fees, funding and gross PnL of `p` from its symbol's trades since it opened and the funding bookings."
-    mine = [t for t in trades if t.symbol == p.symbol and t.time_ms >= p.opened_ms - 1_000]
+def book_close(p: Position, trades: Sequence[AccountTrade], funding: Sequence[IncomeRecord], now_ms: int,
+               entry_order: int | None = None) -> Booked:
+    "The exit, fees, funding and gross PnL of `p` from its symbol's trades (from its entry order's first fill) and funding."
+    ordered = sorted((t for t in trades if t.symbol == p.symbol), key=lambda t: (t.time_ms, t.trade_id))
+    first = next((i for i, t in enumerate(ordered) if t.order_id == entry_order), None)
+    mine = ordered[first:] if first is not None else [t for t in ordered if t.time_ms >= p.opened_ms]
     outs = [t for t in mine if t.side == OPPOSITE[p.side]]
     qty = sum(t.qty for t in outs)
     exit_price = sum(t.price * t.qty for t in outs) / qty if qty > 0 else p.mark
@@ -107,6 +110,7 @@ class LegOrders:
                  legs: LegStore | None):
         self.live, self.clock, self.contracts, self.client, self.legs = live, clock, contracts, client, legs
         self._generations: dict[tuple[str, str], int] = {}
+        self._entries: dict[str, int] = {}  # position id -> its entry order's exchange id
 
     def _next_id(self, p: Position, leg: str) -> tuple[str, int]:
         known = [g.generation for g in self.legs.legs_of(p.id) if g.leg == leg] if self.legs is not None else []
@@ -117,6 +121,11 @@ class LegOrders:
     def _write(self, p: Position, leg: str, cid: str, gen: int, status: str, exchange_id: int | None = None) -> None:
         if self.legs is not None:
             self.legs.save_leg(OrderLeg(cid, p.id, p.symbol, leg, gen, status, exchange_id, self.clock.now_ms()))
+
+    def entry_order(self, p: Position) -> int | None:
+        "The exchange's id of `p`'s entry order, if it was sent by tradelab and answered."
+        known = [g.exchange_id for g in self.legs.legs_of(p.id) if g.leg == "entry"] if self.legs is not None else []
+        return self._entries.get(p.id, known[0] if known else None)
 
     def ids(self, p: Position, leg: str) -> list[str]:
         "Every client id of `leg` of `p` this process or the store knows."
@@ -138,6 +147,7 @@ class LegPlacer(LegOrders):
         self._write(p, "entry", cid, 0, "SENT")
         order = await self.client.new_order(params)
         self._write(p, "entry", cid, 0, order.status, order.order_id)
+        self._entries[p.id] = order.order_id
         return order
 
     async def protect(self, p: Position, leg: str) -> AlgoRecord:
@@ -285,7 +295,7 @@ class LiveBooking(LiveTrader):
         "Close `p` in the book and the store with the exchange's figures."
         trades = await self.client.user_trades(p.symbol, start_ms=p.opened_ms - 1_000)
         funding = await self.client.income(p.symbol, start_ms=p.opened_ms, income_type="FUNDING_FEE")
-        b = book_close(p, trades, funding, self.clock.now_ms())
+        b = book_close(p, trades, funding, self.clock.now_ms(), self.orders.entry_order(p))
         p.close(b.exit_price, reason, b.closed_ms)
         p.fees, p.funding = b.fees, b.funding
         p.realized_pnl = b.gross + b.funding - b.fees
@@ -302,7 +312,7 @@ class LiveProtector(LiveBooking):
     async def _filled(self, p: Position, order: OrderRecord) -> None:
         "The entry filled (perhaps partly): OPEN at the exchange's price and quantity, then protected."
         p.size = order.executed_qty
-        p.fill(order.avg_price, self.clock.now_ms())
+        p.fill(order.avg_price, order.update_ms or self.clock.now_ms())  # when the exchange filled it
         self._save(p)
         log.info("live %s %s opened: %g at %g, stop %g, target %g, leverage %d", p.side.name.lower(), p.symbol, p.size,
                  p.entry, p.stop, p.target, p.leverage)
@@ -367,6 +377,7 @@ class LiveRepairs(LiveOpener):
         if order is None or order.executed_qty <= 0:
             self._drop(p)
         else:
+            self.orders._entries[p.id] = order.order_id
             await self._filled(p, order)
 
     async def _closed_there(self, p: Position) -> Position:
