@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -13,7 +14,19 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 # %% auto #0
-__all__ = ['ALL_SYMBOL_WEIGHTS', 'kline_weight', 'request_weight', 'WeightLimiter', 'Faults', 'FaultDice', 'damage_rows']
+__all__ = ['ALL_SYMBOL_WEIGHTS', 'Rejected', 'kline_weight', 'request_weight', 'WeightLimiter', 'Faults', 'FaultDice',
+           'damage_rows']
+
+# %% ../../nbs/sim/11b_rules.ipynb #d4af0518
+class Rejected(Exception):
+    "A request the exchange refuses: HTTP status and Binance error code and message."
+
+    def __init__(self, status: int, code: int, msg: str):
+        super().__init__(msg)
+        self.status, self.code, self.msg = status, code, msg
+
+    def body(self) -> bytes:
+        return json.dumps({"code": self.code, "msg": self.msg}).encode()
 
 # %% ../../nbs/sim/11b_rules.ipynb #617d9fec
 def kline_weight(limit: int) -> int:

@@ -13,32 +13,24 @@ import json
 import logging
 import re
 import signal
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from ..clock import Clock, SimClock, TestClock
 from ..errors import ConfigError
+from .matching import SimExchange
 from .source import MarketSource
 from .replay import Replay
-from .rules import FaultDice, Faults, WeightLimiter, damage_rows, request_weight
+from .rules import FaultDice, Faults, Rejected, WeightLimiter, damage_rows, request_weight
+from .signed import SIGNED, OrderFaults, OrderLimits, authenticate, signed_weight
 
 # %% auto #0
-__all__ = ['log', 'FUNDING_MS', 'ENDPOINTS', 'Rejected', 'param_symbol', 'param_int', 'RequestLog', 'SimServer', 'sim_clock',
+__all__ = ['log', 'FUNDING_MS', 'ENDPOINTS', 'param_symbol', 'param_int', 'RequestLog', 'SimServer', 'sim_clock',
            'serve_until_signal']
 
 # %% ../../nbs/sim/12_server.ipynb #7a73634b
 log = logging.getLogger(__name__)
-
-# %% ../../nbs/sim/12_server.ipynb #9377d4cd
-class Rejected(Exception):
-    "A request the exchange refuses: HTTP status and Binance error code and message."
-
-    def __init__(self, status: int, code: int, msg: str):
-        super().__init__(msg)
-        self.status, self.code, self.msg = status, code, msg
-
-    def body(self) -> bytes:
-        return json.dumps({"code": self.code, "msg": self.msg}).encode()
 
 # %% ../../nbs/sim/12_server.ipynb #df5ad0be
 _SYMBOL = re.compile(r"^[A-Z0-9\-_.]{1,20}$")
@@ -230,7 +222,7 @@ class RequestLog:
 
 # %% ../../nbs/sim/12_server.ipynb #43e82ade
 class SimServer:
-    "A local Binance USDⓈ-M market-data server: `async with SimServer(market, clock) as sim: sim.url`."
+    "A local Binance USDⓈ-M exchange: `async with SimServer(market, clock) as sim: sim.url`."
 
     def __init__(
         self,
@@ -240,15 +232,20 @@ class SimServer:
         port: int = 0,
         faults: Faults | None = None,
         weight_limit: int = 2400,
+        exchange: SimExchange | None = None,
+        order_limits: OrderLimits | None = None,
     ):
         self.market, self.host, self.port = market, host, port
         self.clock = clock if clock is not None else SimClock(market.default_start_ms())
         self.faults = faults if faults is not None else Faults()
         self.limiter, self.replay = WeightLimiter(weight_limit), Replay(market)
+        self.exchange = exchange if exchange is not None else SimExchange(market, self.replay)
+        self.order_limits, self.order_faults = order_limits or OrderLimits(), OrderFaults()
         self._dice, self._info = FaultDice(self.faults.seed), _exchange_info_parts(market, weight_limit)
         self._stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.requests = RequestLog()
         self._runner: web.AppRunner | None = None
+        self._keeper: asyncio.Task | None = None
 
     @property
     def url(self) -> str:
@@ -256,18 +253,17 @@ class SimServer:
 
     def stats(self) -> dict:
         "Requests, weight and answers by status, per endpoint and in total; the weight header now and at its highest."
-        eps = {p: dict(sorted(c.items())) for p, c in sorted(self._stats.items())}
-        total = lambda k: sum(c.get(k, 0) for c in self._stats.values())
-        return {
-            "requests": total("requests"),
-            "weight": total("weight"),
-            "status_429": total("429"),
-            "status_418": total("418"),
-            "used_weight_1m": self.limiter.used,
-            "max_used_weight_1m": self.requests.max_used_weight,
-            "now_ms": self.clock.now_ms(),
-            "endpoints": eps,
-        }
+        return _stats_of(self)
+
+    def open_account(
+        self, balance: float = 10_000.0, api_key: str | None = None, api_secret: str | None = None
+    ) -> tuple[str, str]:
+        "Open a USDT account holding `balance`; its (api key, api secret), a generated pair unless given."
+        return self.exchange.open_account(balance, api_key, api_secret)
+
+    def inject_order_fault(self, kind: str, path: str = "/fapi/v1/order", count: int = 1) -> None:
+        "Answer the next `count` POST or DELETE requests to `path` with the fault `kind` (see `tradelab.sim.signed`)."
+        self.order_faults.add(kind, path, count)
 
     async def start(self) -> SimServer:
         "Listen on `host:port` (port 0: any free port, then `self.port` is the one chosen)."
@@ -286,6 +282,21 @@ class SimServer:
     def __repr__(self):
         return f"SimServer({self.market!r}, {self.clock!r}, {self.url if self._runner else 'stopped'})"
 
+# %% ../../nbs/sim/12_server.ipynb #f54d1614
+def _stats_of(sim: SimServer) -> dict:
+    eps = {p: dict(sorted(c.items())) for p, c in sorted(sim._stats.items())}
+    total = lambda k: sum(c.get(k, 0) for c in sim._stats.values())
+    return {
+        "requests": total("requests"),
+        "weight": total("weight"),
+        "status_429": total("429"),
+        "status_418": total("418"),
+        "used_weight_1m": sim.limiter.used,
+        "max_used_weight_1m": sim.requests.max_used_weight,
+        "now_ms": sim.clock.now_ms(),
+        "endpoints": eps,
+    }
+
 # %% ../../nbs/sim/12_server.ipynb #ba20762f
 def _reply(sim: SimServer, st: collections.Counter, status: int, body: bytes, headers: dict | None = None) -> web.Response:
     st[str(status)] += 1
@@ -293,9 +304,9 @@ def _reply(sim: SimServer, st: collections.Counter, status: int, body: bytes, he
     return web.Response(body=body, status=status, content_type="application/json", headers=h)
 
 # %% ../../nbs/sim/12_server.ipynb #850bea34
-def _admission(sim: SimServer, path: str, q, now: int, st: collections.Counter) -> web.Response | None:
-    "None if admitted (weight counted), else the 429 / 418 answer."
-    forced, w = sim.faults.force_status, request_weight(path, q)
+def _admission(sim: SimServer, path: str, q, now: int, st: collections.Counter, weight: int | None = None) -> web.Response | None:
+    "None if admitted (weight counted: `weight`, or the public endpoint's), else the 429 / 418 answer."
+    forced, w = sim.faults.force_status, request_weight(path, q) if weight is None else weight
     if forced:
         sim.faults.force_status = None
     status, retry = (
@@ -333,27 +344,78 @@ def _body(sim: SimServer, path: str, q, now: int, fired: dict) -> tuple[int, byt
     return 200, (out[: len(out) // 2] if fired["malformed"] else out)
 
 # %% ../../nbs/sim/12_server.ipynb #e448e321
-async def _answer(sim: SimServer, path: str, q, now: int, st: collections.Counter) -> web.Response:
-    if (refused := _admission(sim, path, q, now, st)) is not None:
-        return refused
+async def _network_fault(sim: SimServer, st: collections.Counter) -> tuple[dict, web.Response | None]:
+    "Roll the dice for one request, wait the added latency; the faults fired, and the answer of a held timeout or a 503."
     fired = sim._dice.roll(sim.faults)
     if sim.faults.latency_ms:
         await asyncio.sleep(sim.faults.latency_ms / 1000)
     if fired["timeout"]:
         await asyncio.sleep(sim.faults.timeout_s)
-        return _reply(sim, st, 504, Rejected(504, -1007, _TIMEOUT_MSG).body())
+        return fired, _reply(sim, st, 504, Rejected(504, -1007, _TIMEOUT_MSG).body())
     if fired["error"]:
-        return _reply(sim, st, 503, Rejected(503, -1001, _ERROR_MSG).body())
-    return _reply(sim, st, *_body(sim, path, q, now, fired))
+        return fired, _reply(sim, st, 503, Rejected(503, -1001, _ERROR_MSG).body())
+    return fired, None
+
+
+async def _answer(sim: SimServer, path: str, q, now: int, st: collections.Counter) -> web.Response:
+    if (refused := _admission(sim, path, q, now, st)) is not None:
+        return refused
+    fired, failed = await _network_fault(sim, st)
+    return failed if failed is not None else _reply(sim, st, *_body(sim, path, q, now, fired))
 
 
 async def _handle(sim: SimServer, request: web.Request) -> web.Response:
     path, q, now = request.path, request.query, sim.clock.now_ms()
+    sim.exchange.advance(now)
     st = sim._stats[path]
     st["requests"] += 1
-    answer = await _answer(sim, path, q, now, st)
+    if (request.method, path) in SIGNED:
+        answer = await _answer_signed(sim, request, now, st)
+    elif request.method != "GET":
+        answer = _reply(sim, st, 404, Rejected(404, -5000, f"Path {path}, Method {request.method} is invalid").body())
+    else:
+        answer = await _answer(sim, path, q, now, st)
     sim.requests.add(now, path, answer.status, int(answer.headers["X-MBX-USED-WEIGHT-1M"]))
     return answer
+
+# %% ../../nbs/sim/12_server.ipynb #7914159d
+def _order_headers(counts: tuple[int, int]) -> dict[str, str]:
+    return {"X-MBX-ORDER-COUNT-10S": str(counts[0]), "X-MBX-ORDER-COUNT-1M": str(counts[1])}
+
+
+async def _answer_signed(sim: SimServer, request: web.Request, now: int, st: collections.Counter) -> web.Response:
+    method, path, body = request.method, request.path, await request.text()
+    seen = dict(parse_qsl(request.query_string)) | dict(parse_qsl(body))
+    if (refused := _admission(sim, path, seen, now, st, signed_weight(method, path, seen))) is not None:
+        return refused
+    try:
+        acct, q = authenticate(sim.exchange, request.headers.get("X-MBX-APIKEY"), request.query_string, body, now)
+    except Rejected as r:
+        return _reply(sim, st, r.status, r.body())
+    handler, _, is_order = SIGNED[(method, path)]
+    headers: dict[str, str] = {}
+    if is_order:
+        try:
+            headers = _order_headers(sim.order_limits.take(acct.api_key, now))
+        except Rejected as r:
+            return _reply(sim, st, r.status, r.body(), _order_headers(sim.order_limits.counts(acct.api_key, now)))
+    _, failed = await _network_fault(sim, st)
+    if failed is not None:
+        return failed
+    return await _trade(sim, lambda: handler(sim.exchange, acct, q, now), st, headers, sim.order_faults.take(method, path))
+
+# %% ../../nbs/sim/12_server.ipynb #49ba8e7d
+async def _trade(sim: SimServer, run, st: collections.Counter, headers: dict[str, str], fault: str | None) -> web.Response:
+    unknown = Rejected(503, -1007, _TIMEOUT_MSG).body()
+    if fault == "reject_5xx":
+        return _reply(sim, st, 503, unknown, headers)
+    try:
+        status, out = 200, _dumps(run())
+    except Rejected as r:
+        status, out = r.status, r.body()
+    if fault == "accept_then_drop":
+        await asyncio.sleep(sim.faults.timeout_s)  # the client has given up by now
+    return _reply(sim, st, 503, unknown, headers) if fault else _reply(sim, st, status, out, headers)
 
 # %% ../../nbs/sim/12_server.ipynb #5467a086
 def _json_error(status: int, msg: str) -> web.Response:
@@ -401,15 +463,18 @@ async def _faults(sim: SimServer, request: web.Request) -> web.Response:
 # %% ../../nbs/sim/12_server.ipynb #640c3df6
 async def _start(sim: SimServer) -> SimServer:
     app = web.Application()
-    app.router.add_route("GET", "/fapi/{tail:.*}", functools.partial(_handle, sim))
+    app.router.add_route("*", "/fapi/{tail:.*}", functools.partial(_handle, sim))
     app.router.add_route("*", "/_sim/clock", functools.partial(_clock, sim))
     app.router.add_route("*", "/_sim/faults", functools.partial(_faults, sim))
     app.router.add_get("/_sim/stats", functools.partial(_stats_response, sim))
     app.router.add_get("/_sim/requests", functools.partial(_requests_response, sim))
+    app.router.add_post("/_sim/account", functools.partial(_account, sim))
+    app.router.add_post("/_sim/order_fault", functools.partial(_order_fault, sim))
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, sim.host, sim.port).start()
     sim._runner, sim.port = runner, runner.addresses[0][1]
+    sim._keeper = asyncio.create_task(_keep_up(sim), name="sim-exchange-keep-up")
     log.info("exchange simulator serving %r at %s", sim.market, sim.url)
     return sim
 
@@ -423,8 +488,49 @@ async def _requests_response(sim: SimServer, request: web.Request) -> web.Respon
     keys = ("now_ms", "path", "status", "used_weight")
     return web.json_response([dict(zip(keys, r, strict=True)) for r in sim.requests.rows(since)])
 
+# %% ../../nbs/sim/12_server.ipynb #49c29890
+async def _json_object(request: web.Request) -> dict | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+async def _account(sim: SimServer, request: web.Request) -> web.Response:
+    if (body := await _json_object(request)) is None:
+        return _json_error(400, "the body must be a JSON object")
+    try:
+        key, secret = sim.open_account(float(body.get("balance", 10_000.0)), body.get("api_key"), body.get("api_secret"))
+    except (ConfigError, TypeError, ValueError) as e:
+        return _json_error(400, str(e))
+    return web.json_response({"api_key": key, "api_secret": secret})
+
+
+async def _order_fault(sim: SimServer, request: web.Request) -> web.Response:
+    if (body := await _json_object(request)) is None:
+        return _json_error(400, "the body must be a JSON object")
+    try:
+        sim.inject_order_fault(str(body.get("kind")), str(body.get("path", "/fapi/v1/order")), int(body.get("count", 1)))
+    except (ConfigError, TypeError, ValueError) as e:
+        return _json_error(400, str(e))
+    return web.json_response({"pending": sim.order_faults.pending})
+
+# %% ../../nbs/sim/12_server.ipynb #e42dd821
+async def _keep_up(sim: SimServer, every_s: float = 0.5) -> None:
+    "Bring the matching engine up to the clock every `every_s` real seconds, until cancelled."
+    while True:
+        try:
+            sim.exchange.advance(sim.clock.now_ms())
+        except Exception:  # a bug in the engine must not stop the server; the next request meets it again
+            log.exception("the matching engine could not advance to the clock")
+        await asyncio.sleep(every_s)
+
 # %% ../../nbs/sim/12_server.ipynb #bf2416e2
 async def _stop(sim: SimServer) -> None:
+    if sim._keeper is not None:
+        sim._keeper.cancel()
+        sim._keeper = None
     if sim._runner is not None:
         await sim._runner.cleanup()
         sim._runner = None
@@ -441,12 +547,14 @@ def sim_clock(source: MarketSource, start_ms: int | None = None, speed: float = 
     return TestClock(start) if stepped else SimClock(start, speed)
 
 # %% ../../nbs/sim/12_server.ipynb #3ce419eb
-async def serve_until_signal(sim: SimServer) -> None:
-    "Run `sim` until SIGINT or SIGTERM (the headless command's loop)."
+async def serve_until_signal(sim: SimServer, banner: str = "") -> None:
+    "Run `sim` until SIGINT or SIGTERM (the headless command's loop); `banner` is printed after the address."
     stop, loop = asyncio.Event(), asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with sim:
         print(f"tradelab sim: serving {sim.market!r} at {sim.url} with {sim.clock!r}", flush=True)
+        if banner:
+            print(banner, flush=True)
         await stop.wait()
     log.info("exchange simulator stopped after %d requests", sim.stats()["requests"])
