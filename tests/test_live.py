@@ -21,7 +21,7 @@ from tradelab.cli import main
 from tradelab.clock import LiveClock, TestClock
 from tradelab.config import LiveSettings
 from tradelab.errors import OrderRejected, StateError
-from tradelab.exchange.orders import ORDER, AccountClient, client_id, order_params
+from tradelab.exchange.orders import ORDER, AccountClient, client_id, on_step, order_params
 from tradelab.records import Side
 from tradelab.sim.rules import Faults
 from tradelab.storage.store import Database
@@ -181,7 +181,7 @@ def test_rejections_for_precision_and_margin(tmp_path):
             with pytest.raises(OrderRejected) as e:
                 await r.client.new_order(order_params(sym, "BUY", "MARKET", too_fine, "tl-precision-test"))
             assert e.value.code == -1111
-            huge = str(round(1_000_000 / price / info.market_step_size) * info.market_step_size)
+            huge = on_step(round(1_000_000 / price / info.market_step_size) * info.market_step_size, info.market_step_size)
             with pytest.raises(OrderRejected) as e:
                 await r.client.new_order(order_params(sym, "BUY", "MARKET", huge, "tl-margin-test"))
             assert e.value.code == -2019
@@ -189,9 +189,9 @@ def test_rejections_for_precision_and_margin(tmp_path):
             # through the backend: the margin is taken by a resting order the bot does not know, the entry is refused
             live = r.live(clock)
             await live.reconcile(full=True)
-            far = order_params(sym, "BUY", "LIMIT", str(round(9_900 * 3 / (price * 0.5) / info.step_size) * info.step_size),
-                               "hand_far_bid", price=repr(round(price * 0.5 / info.tick_size) * info.tick_size),
-                               time_in_force="GTC")
+            bid = round(price * 0.5 / info.tick_size) * info.tick_size
+            far = order_params(sym, "BUY", "LIMIT", on_step(round(9_900 * 3 / bid / info.step_size) * info.step_size, info.step_size),
+                               "hand_far_bid", price=on_step(bid, info.tick_size), time_in_force="GTC")
             await r.client.set_leverage(sym, 3)
             await r.client.new_order(far)
             other = sorted(r.contracts)[1]
@@ -240,7 +240,8 @@ def test_position_closed_by_hand_while_down(tmp_path):
             p = await first.open(signal_for(sym, (await r.client.all_prices()).price(sym)))
             # the bot goes down; a hand closes the position on the exchange (its legs stay)
             clock.advance(600)
-            await r.client.new_order(order_params(sym, "SELL", "MARKET", repr(p.size), "web_hand_close", reduce_only=True))
+            step = r.contracts[sym].market_step_size
+            await r.client.new_order(order_params(sym, "SELL", "MARKET", on_step(p.size, step), "web_hand_close", reduce_only=True))
             clock.advance(600)
             second = r.live(clock)
             assert second.restore() == 1
@@ -261,7 +262,7 @@ def test_unknown_position_is_adopted_or_flattened(tmp_path, unknown):
         async with rig(tmp_path / "live.sqlite", clock) as r:
             sym = sorted(r.contracts)[0]
             info, price = r.contracts[sym], (await r.client.all_prices()).price(sym)
-            qty = repr(round(300 / price / info.market_step_size) * info.market_step_size)
+            qty = on_step(round(300 / price / info.market_step_size) * info.market_step_size, info.market_step_size)
             await r.client.new_order(order_params(sym, "BUY", "MARKET", qty, "web_by_hand"))
             live = r.live(clock, live=LiveSettings(unknown_positions=unknown))
             await live.reconcile(full=True)
