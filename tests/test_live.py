@@ -26,7 +26,7 @@ from tradelab.records import Side
 from tradelab.sim.rules import Faults
 from tradelab.storage.store import Database
 from tradelab.trading.execution import Refusal, RefusalReason
-from tradelab.trading.positions import ExitReason, PositionState
+from tradelab.trading.positions import ExitReason, Kind, PositionState
 
 HERE = Path(__file__).parent
 
@@ -158,8 +158,10 @@ def test_entry_timeout_but_placed_is_found_not_doubled(tmp_path, fault):
                 sim.inject_order_fault(fault, "/fapi/v1/order", 1)
                 p = await live.open(signal_for(sym, (await client.all_prices()).price(sym)))
                 assert not isinstance(p, Refusal), p
-                entries = [o for o in sim.exchange.orders.values() if getattr(o, "client_id", None) == client_id(p.id, "entry")]
-                assert len(entries) <= 1  # (the engine may keep filled orders elsewhere; the position says the rest)
+                entries = [o for o in sim.exchange.orders.values() if o.client_id == client_id(p.id, "entry")]
+                assert len(entries) == 1 and entries[0].status == "FILLED"
+                unknown = ("POST " + ORDER, 503 if fault == "accept_then_timeout" else 0)  # 0: no answer in time
+                assert client.stats.by_status.get(unknown) == 1
                 [row] = sim.exchange.positions(key)
                 assert float(row["positionAmt"]) == pytest.approx(p.size)  # one entry's worth, not two
                 assert len(sim.exchange.open_algo_orders(key)) == 2
@@ -222,6 +224,8 @@ def test_conditional_types_never_reach_the_order_endpoint(tmp_path):
             posted = r.client.stats.by_status
             assert posted.get(("POST " + ORDER, 400), 0) == 1  # the careless one above, and nothing of tradelab's
             assert posted.get(("POST /fapi/v1/algoOrder", 200), 0) == 2  # stop and target went to the Algo Service
+            seen = [row for row in r.sim.requests.rows() if row[1] == ORDER and row[2] == 400]
+            assert len(seen) == 1  # the simulator's own log agrees
 
     asyncio.run(go())
 
@@ -393,3 +397,68 @@ def test_live_without_confirmation_or_unnamed_mainnet_stops_with_one_line(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and missing in err[0], err
     assert "k" * 16 not in err[0] and "s" * 16 not in err[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole bot in live mode: it opens, protects and closes positions, and agrees with the exchange's books
+
+
+def test_live_bot_opens_protects_closes_and_agrees_with_income(tmp_path):
+    from tradelab.bot import BotControl, TradingBot
+    from tradelab.config import load_settings
+    from tradelab.sim.server import SimServer
+    from tradelab.sim.synthetic import synthetic_market
+
+    async def go():
+        market = synthetic_market(12, 4, seed=7)
+        clock = TestClock(market.span_ms[0] + 2 * 86_400_000)
+        async with SimServer(market, clock) as sim:
+            key, secret = sim.open_account(10_000.0)
+            settings = load_settings(
+                env={}, mode="live", home=str(tmp_path),
+                exchange={"base_url": sim.url, "api_key": key, "api_secret": secret, "max_retries": 0},
+                live={"account": "sim", "confirm": "sim", "max_order_notional": 2_000.0},
+                data={"timeframes": ["15m", "5m", "1m"], "limits": {"15m": 100, "5m": 100, "1m": 100}},
+                universe={"top_n": 12}, pool={"workers": 0}, strategy={"min_confidence": 0.5},
+                trading={"expiry_s": 1800, "max_exposure": 20, "max_trades": 2, "risk_per_trade": 0.005},
+                risk={"losses_reduce": 20, "losses_pause": 30, "losses_halt": 40},
+            )
+            bot = await TradingBot(settings, clock=clock).initialize()
+            c = bot.components
+            assert c.execution.name == "live"
+            protected = set()
+            try:
+                for _ in range(240):
+                    clock.advance(60)
+                    assert (await bot.scan.run_once()).ok
+                    algos = {a["clientAlgoId"][3:23] for a in sim.exchange.open_algo_orders(key)}
+                    for p in c.execution.positions:  # every open position is protected on the exchange
+                        assert p.id[:20] in algos, p
+                        protected.add(p.id)
+                    for _ in range(3):
+                        clock.advance(20)
+                        assert (await bot.monitor.run_once()).ok
+                    if c.run.counters["closed"] >= 3:
+                        break
+                await BotControl(bot).flatten()
+                counters = dict(c.run.counters)
+                print("live bot:", counters, len(protected), "protected")
+                assert counters["opened"] >= 3 and counters["closed"] >= 3, counters
+                assert sim.exchange.positions(key) == [] and sim.exchange.open_algo_orders(key) == []
+                assert sim.exchange.open_orders(key) == []
+                rows = c.db.query("SELECT id, fees, funding, realized_pnl FROM positions WHERE kind = 'REAL' AND state = 'CLOSED' "
+                                  "AND exit_reason != 'CANCELLED'")
+                assert {r[0] for r in rows} == protected
+                income = await c.client.income()
+                by_type: dict[str, float] = {}
+                for i in income:
+                    by_type[i.income_type] = by_type.get(i.income_type, 0.0) + i.income
+                assert sum(r[1] for r in rows) == pytest.approx(-by_type.get("COMMISSION", 0.0), abs=1e-6)
+                assert sum(r[2] for r in rows) == pytest.approx(by_type.get("FUNDING_FEE", 0.0), abs=1e-6)
+                assert sum(r[3] for r in rows) == pytest.approx(sum(by_type.values()), abs=1e-6)
+                assert sim.exchange.balance(key) == pytest.approx(10_000.0 + sum(by_type.values()), abs=1e-6)
+                assert c.archive.count(Kind.REAL) == len(rows)
+            finally:
+                await bot.stop()
+
+    asyncio.run(go())
