@@ -64,6 +64,15 @@ async def _step_until(live, clock, done, minutes: int = 24 * 60, step_s: float =
     raise AssertionError("the condition was not reached within the simulated time")
 
 
+async def _moving(clock, coro):
+    "Await `coro` while the stepped clock moves a second every few milliseconds (a backoff waits on it)."
+    task = asyncio.ensure_future(coro)
+    while not task.done():
+        await asyncio.sleep(0.005)
+        clock.advance(1)
+    return task.result()
+
+
 def _target_ahead(sym: str, start_ms: int, price: float, minutes: int = 600):
     "A long's (stop, target) such that the target is reached, on the 1m bars ahead, before the stop."
     import numpy as np
@@ -138,10 +147,11 @@ def test_funding_and_command_close_agree_with_income(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The entry POST times out but the order was placed: found by its client id, never sent twice
+# The entry POST times out but the order was placed: found by its client id, never sent twice (and a 5xx that placed
+# nothing: looked up, not found, sent again once with the same id)
 
 
-@pytest.mark.parametrize("fault", ["accept_then_timeout", "accept_then_drop"])
+@pytest.mark.parametrize("fault", ["accept_then_timeout", "accept_then_drop", "reject_5xx"])
 def test_entry_timeout_but_placed_is_found_not_doubled(tmp_path, fault):
     async def go():
         clock = TestClock(_start())
@@ -156,11 +166,11 @@ def test_entry_timeout_but_placed_is_found_not_doubled(tmp_path, fault):
                 await live.reconcile(full=True)
                 sym = sorted(contracts)[0]
                 sim.inject_order_fault(fault, "/fapi/v1/order", 1)
-                p = await live.open(signal_for(sym, (await client.all_prices()).price(sym)))
+                p = await _moving(clock, live.open(signal_for(sym, (await client.all_prices()).price(sym))))
                 assert not isinstance(p, Refusal), p
                 entries = [o for o in sim.exchange.orders.values() if o.client_id == client_id(p.id, "entry")]
                 assert len(entries) == 1 and entries[0].status == "FILLED"
-                unknown = ("POST " + ORDER, 503 if fault == "accept_then_timeout" else 0)  # 0: no answer in time
+                unknown = ("POST " + ORDER, 0 if fault == "accept_then_drop" else 503)  # 0: no answer in time
                 assert client.stats.by_status.get(unknown) == 1
                 [row] = sim.exchange.positions(key)
                 assert float(row["positionAmt"]) == pytest.approx(p.size)  # one entry's worth, not two

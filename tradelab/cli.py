@@ -748,7 +748,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("run a benchmark: tradelab bench NAME [--json] ('tradelab bench' lists them)", None),
     "train": Command("train the scoring model on a training file and export it to ONNX", cmd_train, TRAIN_OPTIONS),
     "sim": Command("serve a local Binance USD-M compatible exchange: replayed or synthetic market", cmd_sim, SIM_OPTIONS),
-    "run": Command("run the bot headless: paper trading against the configured exchange until SIGINT/SIGTERM", cmd_run,
+    "run": Command("run the bot headless: paper (or confirmed live) trading until SIGINT/SIGTERM", cmd_run,
                    RUN_OPTIONS),
     "flatten": Command("live account: cancel every order and algo order, close every position (exit 0 when flat)", cmd_flatten,
                        FLATTEN_OPTIONS),

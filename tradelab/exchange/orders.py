@@ -310,7 +310,7 @@ class TradingClient(SignedRequests):
                                   lambda: self.query_algo(cid), cid)
 
     async def _placed(self, post, find, cid: str):
-        "POST; on a timeout, 5xx or duplicate id, look the order up by `cid`; post again only if it does not exist."
+        "POST; on a timeout, 5xx or duplicate id, look the order up by `cid` (twice, a pause apart); post again only if absent."
         for attempt in range(self.settings.max_retries + 1):
             try:
                 return await post()
@@ -319,9 +319,10 @@ class TradingClient(SignedRequests):
             except OrderRejected as e:
                 if e.code != DUPLICATE_ID:
                     raise
-            if (found := await find()) is not None:
-                return found
-            await self.governor.backoff(attempt)
+            for look in range(2):  # an order whose answer was lost may reach the engine after our first look
+                if (found := await find()) is not None:
+                    return found
+                await self.governor.backoff(attempt + look)
         raise TemporaryExchangeError(f"order {cid}: no answer after {self.settings.max_retries + 1} attempts, "
                                      "and the exchange does not know it", endpoint=f"POST {ORDER}")
 
