@@ -423,8 +423,8 @@ class LiveActions(LiveRepairs):
         elif p is not None and a.kind == "resize":
             p.size = abs(state.positions[p.symbol].amount)
             self._save(p)
-        elif p is not None and a.kind == "expire":
-            return await self._close(p, ExitReason.EXPIRY)
+        elif p is not None and a.kind in ("expire", "finish_close"):
+            return await self._close(p, ExitReason.EXPIRY if a.kind == "expire" else ExitReason.COMMAND)
         elif a.kind in ("adopt", "flatten"):
             await (self._adopt if a.kind == "adopt" else self._flatten_symbol)(state.positions[a.symbol])
         elif a.kind == "cancel_order" and a.client_id:

@@ -87,7 +87,7 @@ class LegStore(Protocol):
 class Action:
     "One step that makes the store and the exchange agree, and why."
 
-    kind: str  # resolve_entry | closed_on_exchange | place_leg | resize | expire | adopt | flatten | cancel_order | cancel_algo
+    kind: str  # resolve_entry | closed_on_exchange | finish_close | place_leg | resize | expire | adopt | flatten | cancel_*
     symbol: str
     reason: str
     position_id: str | None = None
@@ -117,6 +117,8 @@ def _position_actions(p: Position, state: AccountState, algos: Mapping[tuple[str
     risk = state.positions.get(sym)
     if risk is None or risk.amount * int(p.side) <= 0:
         return [act("closed_on_exchange", "the store holds it open, the exchange has no such position")]
+    if p.state is PositionState.CLOSING:
+        return [act("finish_close", "its close was under way when tradelab stopped")]
     out = []
     if abs(abs(risk.amount) - p.size) > 1e-12 * max(1.0, p.size):
         out.append(act("resize", f"the exchange holds {abs(risk.amount):g}, the store {p.size:g}"))
