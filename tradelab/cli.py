@@ -38,10 +38,10 @@ __all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'RUN_
            'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'LAB_OPTIONS', 'DOCS_OPTIONS', 'TUNE_OPTIONS', 'COMMANDS',
            'LEARN_OPTIONS', 'Option', 'opt', 'int_list', 'name_list', 'positive', 'Parser', 'parser', 'settings_from',
            'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train',
-           'parse_start', 'sim_source', 'cmd_sim', 'check_home', 'port', 'secrets_of', 'cmd_run', 'cmd_flatten',
-           'cmd_status', 'BarSafeHandler', 'demo_log', 'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar',
-           'cmd_backtest', 'notebooks_dir', 'lab_command', 'cmd_lab', 'cmd_docs', 'cmd_tune', 'Command', 'cmd_learn',
-           'cmd_models', 'cmd_export', 'package_version', 'main']
+           'parse_start', 'sim_source', 'sim_account', 'cmd_sim', 'check_home', 'port', 'secrets_of', 'cmd_run',
+           'cmd_flatten', 'cmd_status', 'BarSafeHandler', 'demo_log', 'DemoBar', 'cmd_demo', 'research_settings',
+           'CycleBar', 'cmd_backtest', 'notebooks_dir', 'lab_command', 'cmd_lab', 'cmd_docs', 'cmd_tune', 'Command',
+           'cmd_learn', 'cmd_models', 'cmd_export', 'package_version', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -355,6 +355,13 @@ SIM_OPTIONS = (
     opt("--weight-limit", type=positive(int), default=2400, help="request weight per simulated minute"),
     *(opt("--" + k.replace("_", "-"), type=float, default=getattr(Faults(), k)) for k in FAULT_KNOBS),
     opt("--fault-seed", type=int, default=0, help="seed of the fault decisions"),
+    opt("--api-key", help="API key of the account to open (with --api-secret; default: a generated pair, printed)"),
+    opt("--api-secret", help="API secret of that account"),
+    opt("--balance", type=positive(float), default=10_000.0, help="USDT in the account (default 10000)"),
+    opt("--slippage", type=float, default=0.0001, help="market fills move this fraction against the order (default 0.0001)"),
+    opt("--fill-delay-ms", type=int, default=0, help="market orders fill at the first bar open after this delay"),
+    opt("--maker-fee", type=float, default=0.0002, help="commission of a resting order's fill (default 0.0002)"),
+    opt("--taker-fee", type=float, default=0.0005, help="commission of a taking fill (default 0.0005)"),
 )
 
 # %% ../nbs/90_cli.ipynb #2d4ba256
@@ -371,16 +378,32 @@ def sim_source(args: argparse.Namespace) -> MarketSource:
     return synthetic_market(args.synthetic, args.days, args.seed)
 
 # %% ../nbs/90_cli.ipynb #b61726ff
-def cmd_sim(args: argparse.Namespace) -> int:
-    "`tradelab sim`: build the market, clock and faults the arguments ask for and serve until a signal."
-    from tradelab.sim.server import SimServer, serve_until_signal, sim_clock  # the server loads aiohttp: only for this command
+def sim_account(sim: Any, args: argparse.Namespace) -> str:
+    "Open the account `tradelab sim` was asked for on `sim` (a `SimServer`); the line to print about it."
+    key, secret = sim.open_account(args.balance, args.api_key, args.api_secret)
+    if args.api_key:
+        return f"tradelab sim: an account with the given API key holds {args.balance:g} USDT"
+    made = f"generated for this local simulator: api key {key} api secret {secret}"
+    return f"tradelab sim: an account holds {args.balance:g} USDT; {made}"
 
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    "`tradelab sim`: build the market, clock, faults and account the arguments ask for and serve until a signal."
+    from tradelab.sim.server import SimServer, serve_until_signal, sim_clock  # the server loads aiohttp: only for this command
+    from tradelab.sim.account import Fees
+    from tradelab.sim.matching import SimExchange
+
+    if (args.api_key is None) != (args.api_secret is None):
+        raise UsageError("tradelab sim: --api-key and --api-secret go together (give neither for a generated pair)")
     start = parse_start(args.start) if args.start else None  # bad arguments fail before a large file loads
     faults = Faults(**{k: getattr(args, k) for k in FAULT_KNOBS}, seed=args.fault_seed)
     source = sim_source(args)
     clock = sim_clock(source, start, args.speed, args.stepped)
+    fees = Fees(args.maker_fee, args.taker_fee)
+    exchange = SimExchange(source, fees=fees, slippage=args.slippage, fill_delay_ms=args.fill_delay_ms)
+    sim = SimServer(source, clock, args.host, args.port, faults, args.weight_limit, exchange=exchange)
     try:
-        asyncio.run(serve_until_signal(SimServer(source, clock, args.host, args.port, faults, args.weight_limit)))
+        asyncio.run(serve_until_signal(sim, sim_account(sim, args)))
     except OSError as e:  # the address is taken, unknown or not ours: a mistake in the arguments, not a bug
         raise UsageError(f"--host {args.host} --port {args.port}: cannot serve there ({e.strerror or e})") from None
     return 0

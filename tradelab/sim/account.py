@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+
 # %% auto #0
 __all__ = ['Fees', 'clean', 'Position', 'liquidation_price', 'Fill', 'Income', 'Account', 'book', 'unrealized', 'position_margin',
            'available', 'position_liquidation', 'fund']
@@ -19,6 +21,11 @@ class Fees:
 
     maker: float = 0.0002
     taker: float = 0.0005
+
+    def __post_init__(self):
+        for name in ("maker", "taker"):
+            if not -0.001 <= getattr(self, name) < 0.01:
+                raise ConfigError(f"--{name}-fee must be in [-0.001, 0.01) (0.0005 is 0.05 %), got {getattr(self, name)}")
 
     def rate(self, maker: bool) -> float:
         return self.maker if maker else self.taker

@@ -22,11 +22,11 @@ from .source import FUNDING_MS, MarketSource
 
 # %% auto #0
 __all__ = ['DUPLICATE', 'IMMEDIATE', 'Watch', 'Event', 'on_tick', 'trigger_level', 'triggers', 'SimExchange', 'open_account',
-           'price', 'marks', 'reducible', 'order_margin', 'check_margin', 'check_notional', 'marketable', 'admit',
-           'register', 'close', 'execute', 'slipped', 'start', 'symbol_of', 'new_order', 'find_order', 'query_order',
-           'cancel_order', 'cancel_all', 'end_algo', 'arm', 'new_algo', 'find_algo', 'cancel_algo', 'trigger',
-           'crossed', 'watch', 'first_hit', 'walk', 'track', 'liquidate', 'active', 'events', 'run', 'settle_funding',
-           'advance', 'position_row']
+           'price', 'marks', 'reducible', 'order_margin', 'check_margin', 'check_notional', 'max_orders', 'marketable',
+           'admit', 'register', 'close', 'execute', 'slipped', 'start', 'symbol_of', 'new_order', 'find_order',
+           'query_order', 'cancel_order', 'cancel_all', 'end_algo', 'arm', 'new_algo', 'find_algo', 'cancel_algo',
+           'trigger', 'crossed', 'watch', 'first_hit', 'walk', 'track', 'liquidate', 'active', 'events', 'quiet', 'run',
+           'settle_funding', 'advance', 'position_row']
 
 # %% ../../nbs/sim/11e_matching.ipynb #320eaf83
 def on_tick(price: float, tick: float, up: bool) -> float:
@@ -57,7 +57,7 @@ class SimExchange:
     def __init__(self, market: MarketSource, replay: Replay | None = None, fees: Fees | None = None,
                  slippage: float = 0.0001, fill_delay_ms: int = 0):
         if not 0 <= slippage < 0.1 or fill_delay_ms < 0:
-            raise ConfigError(f"slippage must be in [0, 0.1) and fill delay >= 0, got {slippage}, {fill_delay_ms}")
+            raise ConfigError(f"--slippage must be in [0, 0.1) and --fill-delay-ms >= 0, got {slippage} and {fill_delay_ms}")
         self.market, self.replay = market, replay if replay is not None else Replay(market)
         self.fees, self.slippage, self.fill_delay_ms = fees if fees is not None else Fees(), slippage, fill_delay_ms
         self.accounts: dict[str, Account] = {}
@@ -154,6 +154,12 @@ def check_notional(ex: SimExchange, symbol: str, qty: float, px: float) -> None:
         raise Rejected(400, -4164, f"Order's notional must be no smaller than {least:g} (unless you choose reduce only).")
 
 # %% ../../nbs/sim/11e_matching.ipynb #904184ce
+def max_orders(ex: SimExchange, symbol: str, kind: str) -> int:
+    "The limit of the contract's MAX_NUM_ORDERS or MAX_NUM_ALGO_ORDERS filter (200 and 10 if it has none)."
+    f = {x["filterType"]: x for x in ex.market.entries[symbol]["filters"]}
+    return int(f.get(kind, {}).get("limit", 200 if kind == "MAX_NUM_ORDERS" else 10))
+
+
 def marketable(o: Order, px: float) -> bool:
     "Whether the LIMIT order `o` would take at `px`."
     return o.sign * (o.price - px) >= 0
@@ -170,6 +176,9 @@ def admit(ex: SimExchange, acct: Account, o: Order, px: float, t: int) -> None:
         raise Rejected(400, -5022, "Due to the order could not be executed as maker, the Post Only order will be rejected.")
     if o.type == "LIMIT" and o.tif == "FOK" and not marketable(o, px):
         raise Rejected(400, -5021, "Due to the order could not be filled immediately, the FOK order has been rejected.")
+    held = sum(x.key == acct.api_key and x.symbol == o.symbol for x in ex.open.values())
+    if held >= max_orders(ex, o.symbol, "MAX_NUM_ORDERS"):
+        raise Rejected(400, -2025, "Reach max open order limit.")
     if not o.reduce_only:
         check_notional(ex, o.symbol, o.qty, ref)
         check_margin(ex, acct, o.symbol, o.sign, o.qty, ref, t)
@@ -302,6 +311,9 @@ def new_algo(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> Al
     a = parse_algo(q, symbol, ex.market.entries[symbol], ex.market.infos[symbol])
     if a.client_id and any(x.client_id == a.client_id for x in ex.algos.values() if x.key == acct.api_key):
         raise DUPLICATE
+    held = sum(x.key == acct.api_key and x.symbol == symbol for x in ex.open_algos.values())
+    if held >= max_orders(ex, symbol, "MAX_NUM_ALGO_ORDERS"):
+        raise Rejected(400, -4045, "Reach max stop order limit.")
     px = price(ex, symbol, t)
     arm(a, px)
     if not a.reduce_only:
@@ -445,8 +457,15 @@ def events(ex: SimExchange, t0: int, t1: int) -> list[Event]:
     return sorted(out)
 
 # %% ../../nbs/sim/11e_matching.ipynb #0ec54daf
+def quiet(ex: SimExchange, s: str, lo: float, hi: float, t: int) -> bool:
+    "Whether nothing in `s` can fire while the price stays within [lo, hi] (and no trailing stop follows it)."
+    if any(a.symbol == s and a.type == "TRAILING_STOP_MARKET" for a in ex.open_algos.values()):
+        return False
+    return not any(fires(lo) or fires(hi) for _, fires, _ in watch(ex, s, t))
+
+
 def run(ex: SimExchange, ev: Event) -> None:
-    "Play one event."
+    "Play one event; a bar in which nothing can fire is skipped."
     t, kind, s, i = ev
     if kind == 1:
         return settle_funding(ex, t)
@@ -454,9 +473,13 @@ def run(ex: SimExchange, ev: Event) -> None:
     o, hi, lo, c = (float(x[i]) for x in (b.open, b.high, b.low, b.close))
     if kind == 2:
         joined = i > 0 and b.open_time[i - 1] + b.step_ms == b.open_time[i]
-        walk(ex, s, float(b.close[i - 1]) if joined else o, o, t, gap=True)
+        prev = float(b.close[i - 1]) if joined else o
+        if not quiet(ex, s, min(prev, o), max(prev, o), t):
+            walk(ex, s, prev, o, t, gap=True)
         for m in [m for m in ex.open.values() if m.symbol == s and m.type == "MARKET" and m.not_before <= t]:
             execute(ex, m, slipped(ex, m, o), False, t)
+        return
+    if quiet(ex, s, lo, hi, t):
         return
     points = [o, hi, lo, c] if c < o else [o, lo, hi, c]
     for a, z in itertools.pairwise(points):

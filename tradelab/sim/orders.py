@@ -275,7 +275,9 @@ def decimals(step: float) -> int:
 
 
 def fmt(x: float, dp: int) -> str:
-    return f"{x:.{dp}f}"
+    "`x` with `dp` decimals; never a negative zero."
+    text = f"{x:.{dp}f}"
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text
 
 # %% ../../nbs/sim/11d_orders.ipynb #1c8ea0f1
 def order_row(o: Order, info: SymbolInfo) -> dict:

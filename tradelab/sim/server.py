@@ -530,6 +530,7 @@ async def _keep_up(sim: SimServer, every_s: float = 0.5) -> None:
 async def _stop(sim: SimServer) -> None:
     if sim._keeper is not None:
         sim._keeper.cancel()
+        await asyncio.gather(sim._keeper, return_exceptions=True)  # let it end before the loop might
         sim._keeper = None
     if sim._runner is not None:
         await sim._runner.cleanup()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from urllib.parse import parse_qsl
 
 from ..errors import ConfigError
-from .account import Account, available, position_margin, unrealized
+from .account import Account, Position, available, position_margin, unrealized
 from .matching import (SimExchange, cancel_algo, cancel_order, find_algo, marks, new_algo, new_order,
                                    order_margin, position_row, query_order, symbol_of)
 from .orders import algo_row, decimals, fmt, missing, not_valid, order_row
@@ -22,8 +22,8 @@ from .rules import Rejected
 __all__ = ['ORDER_FAULTS', 'Handler', 'SIGNED', 'unsigned', 'authenticate', 'OrderLimits', 'OrderFaults', 'figures',
            'account_answer', 'balance_answer', 'positions_answer', 'set_leverage', 'set_margin_type', 'income_answer',
            'trades_answer', 'open_orders_answer', 'open_algos_answer', 'cancel_all_orders', 'cancel_all_algos',
-           'place_answer', 'query_answer', 'cancel_answer', 'place_algo_answer', 'query_algo', 'cancel_algo_answer',
-           'signed_weight']
+           'place_answer', 'query_answer', 'cancel_answer', 'place_algo_answer', 'brackets_answer', 'open_order_answer',
+           'all_orders_answer', 'commission_answer', 'query_algo', 'cancel_algo_answer', 'signed_weight']
 
 # %% ../../nbs/sim/11f_signed.ipynb #a75c5d9e
 def unsigned(query: str, body: str) -> tuple[str, str | None]:
@@ -101,7 +101,7 @@ ORDER_FAULTS = ("accept_then_timeout", "accept_then_drop", "reject_5xx")
 class OrderFaults:
     "Faults queued for the next order requests: (kind, path, how many more)."
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pending: list[list] = []
 
     def add(self, kind: str, path: str = "/fapi/v1/order", count: int = 1) -> None:
@@ -144,10 +144,10 @@ _TOTALS = {"totalInitialMargin": "initialMargin", "totalMaintMargin": "maintMarg
 
 
 def account_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> dict:
-    "`GET /fapi/v2/account`: totals, the USDT asset and the positions."
+    "`GET /fapi/v2/account`: totals, the USDT asset and the open positions."
     f = {k: fmt(v, 8) for k, v in figures(ex, acct, t).items()}
     asset = {"asset": "USDT", **f, "marginAvailable": True, "updateTime": t}
-    rows = [position_row(ex, acct, p, t) for p in acct.positions.values()]
+    rows = [position_row(ex, acct, p, t) for p in acct.open_positions()]
     positions = [{"symbol": r["symbol"], "positionAmt": r["positionAmt"], "entryPrice": r["entryPrice"],
                   "breakEvenPrice": r["breakEvenPrice"], "unrealizedProfit": r["unRealizedProfit"],
                   "leverage": r["leverage"], "isolated": r["marginType"] == "isolated", "positionSide": "BOTH",
@@ -169,7 +169,7 @@ def positions_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: in
     symbols = [symbol_of(ex, q)] if q.get("symbol") else list(ex.market.symbols)
     rows = []
     for s in symbols:
-        p = acct.positions.get(s) or acct.position(s)
+        p = acct.positions.get(s) or Position(s, acct.leverage.get(s, 20), acct.isolated.get(s, False))
         if (v3 and not p.qty) or ex.replay.last_price(s, t) is None:
             continue
         rows.append(position_row(ex, acct, p, t))
@@ -299,6 +299,37 @@ def place_algo_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: i
     return algo_row(a, ex.market.infos[a.symbol])
 
 # %% ../../nbs/sim/11f_signed.ipynb #f7c02be8
+def brackets_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> list[dict]:
+    "`GET /fapi/v1/leverageBracket`: one bracket per symbol, up to 125x, at the symbol's maintenance rate."
+    symbols = [symbol_of(ex, q)] if q.get("symbol") else list(ex.market.symbols)
+    bracket = lambda s: {"bracket": 1, "initialLeverage": 125, "notionalCap": 1_000_000, "notionalFloor": 0,
+                         "maintMarginRatio": ex.mmr[s], "cum": 0.0}
+    return [{"symbol": s, "notionalCoef": 1.0, "brackets": [bracket(s)]} for s in symbols]
+
+
+def open_order_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> dict:
+    "`GET /fapi/v1/openOrder`: the order if it is open, else -2013."
+    o = query_order(ex, acct, q)
+    if not o.is_open:
+        raise Rejected(400, -2013, "Order does not exist.")
+    return order_row(o, ex.market.infos[o.symbol])
+
+
+def all_orders_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> list[dict]:
+    "`GET /fapi/v1/allOrders`: the symbol's orders, oldest first, from `orderId` or in a time range."
+    s = symbol_of(ex, q)
+    start, end, limit = _window(q, t, None)
+    first = int(q["orderId"]) if _INT.match(q.get("orderId", "")) else 0
+    rows = [o for o in ex.orders.values() if o.key == acct.api_key and o.symbol == s and o.id >= first and start <= o.time <= end]
+    return [order_row(o, ex.market.infos[s]) for o in rows[: min(limit if q.get("limit") else 500, 1000)]]
+
+
+def commission_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> dict:
+    "`GET /fapi/v1/commissionRate`."
+    rates = {"makerCommissionRate": f"{ex.fees.maker:.6f}", "takerCommissionRate": f"{ex.fees.taker:.6f}"}
+    return {"symbol": symbol_of(ex, q)} | rates
+
+# %% ../../nbs/sim/11f_signed.ipynb #db1e3a4f
 def query_algo(ex: SimExchange, acct: Account, q: Mapping[str, str], t: int) -> dict:
     if (a := find_algo(ex, acct, q)) is None:
         raise Rejected(400, -2013, "Order does not exist.")
@@ -309,7 +340,7 @@ def cancel_algo_answer(ex: SimExchange, acct: Account, q: Mapping[str, str], t: 
     a = cancel_algo(ex, acct, q, t)
     return {"algoId": a.id, "clientAlgoId": a.client_id, "code": "200", "msg": "success"}
 
-# %% ../../nbs/sim/11f_signed.ipynb #dddd6a97
+# %% ../../nbs/sim/11f_signed.ipynb #33dabbf5
 Handler = Callable[[SimExchange, Account, Mapping[str, str], int], object]
 
 SIGNED: dict[tuple[str, str], tuple[Handler, tuple[int, int], bool]] = {
@@ -317,6 +348,9 @@ SIGNED: dict[tuple[str, str], tuple[Handler, tuple[int, int], bool]] = {
     ("GET", "/fapi/v1/order"): (query_answer, (1, 1), False),
     ("DELETE", "/fapi/v1/order"): (cancel_answer, (1, 1), False),
     ("GET", "/fapi/v1/openOrders"): (open_orders_answer, (1, 40), False),
+    ("GET", "/fapi/v1/openOrder"): (open_order_answer, (1, 1), False),
+    ("GET", "/fapi/v1/allOrders"): (all_orders_answer, (5, 5), False),
+    ("GET", "/fapi/v1/commissionRate"): (commission_answer, (20, 20), False),
     ("DELETE", "/fapi/v1/allOpenOrders"): (cancel_all_orders, (1, 1), False),
     ("POST", "/fapi/v1/algoOrder"): (place_algo_answer, (0, 0), True),
     ("GET", "/fapi/v1/algoOrder"): (query_algo, (1, 1), False),
@@ -332,6 +366,7 @@ SIGNED: dict[tuple[str, str], tuple[Handler, tuple[int, int], bool]] = {
     ("POST", "/fapi/v1/leverage"): (set_leverage, (1, 1), False),
     ("POST", "/fapi/v1/marginType"): (set_margin_type, (1, 1), False),
     ("GET", "/fapi/v1/positionSide/dual"): (lambda ex, a, q, t: {"dualSidePosition": False}, (30, 30), False),
+    ("GET", "/fapi/v1/leverageBracket"): (brackets_answer, (1, 1), False),
     ("GET", "/fapi/v1/income"): (income_answer, (30, 30), False),
     ("GET", "/fapi/v1/userTrades"): (trades_answer, (5, 5), False),
 }
