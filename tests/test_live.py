@@ -468,6 +468,8 @@ def test_live_bot_opens_protects_closes_and_agrees_with_income(tmp_path):
                 assert sum(r[3] for r in rows) == pytest.approx(sum(by_type.values()), abs=1e-6)
                 assert sim.exchange.balance(key) == pytest.approx(10_000.0 + sum(by_type.values()), abs=1e-6)
                 assert c.archive.count(Kind.REAL) == len(rows)
+                refused = [row for row in sim.requests.rows() if row[1] == ORDER and row[2] != 200]
+                assert refused == []  # no -4120 (nor any other refusal) on the order endpoint in the whole run
             finally:
                 await bot.stop()
 

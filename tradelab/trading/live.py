@@ -133,7 +133,7 @@ class LegOrders:
         gens |= set(range(self._generations.get((p.id, leg), -1) + 1))
         return [client_id(p.id, leg, g) for g in sorted(gens)]
 
-# %% ../../nbs/trading/36b_live.ipynb #e7e3e3cb
+# %% ../../nbs/trading/36b_live.ipynb #a230875d
 class LegPlacer(LegOrders):
     "Entry, protection and market exit of a position."
 
@@ -181,7 +181,7 @@ class LegPlacer(LegOrders):
         "Cancel every stop and target of `p` still open; how many were."
         return sum([await self.client.cancel_algo(cid) for leg in ("stop", "target") for cid in self.ids(p, leg)])
 
-# %% ../../nbs/trading/36b_live.ipynb #04228bd7
+# %% ../../nbs/trading/36b_live.ipynb #6c338aa8
 class LiveBook:
     "The open live positions, the account's balance and unrealised PnL as last reported."
 
@@ -236,7 +236,7 @@ class LiveBook:
     def __repr__(self):
         return f"{type(self).__name__}({len(self.book)} open, balance {self._balance:.2f})"
 
-# %% ../../nbs/trading/36b_live.ipynb #122434a9
+# %% ../../nbs/trading/36b_live.ipynb #154d3141
 class LiveTrader(LiveBook):
     "Limits, planning, symbol set-up and the close, shared by opening, closing and reconciling."
 
@@ -279,7 +279,7 @@ class LiveTrader(LiveBook):
         self._save(p)
         self.book.pop(p.id, None)
 
-# %% ../../nbs/trading/36b_live.ipynb #d54fe6c0
+# %% ../../nbs/trading/36b_live.ipynb #682cc153
 class LiveBooking(LiveTrader):
     "A close: legs cancelled, reduce-only exit, booked from the exchange's records."
 
@@ -305,7 +305,7 @@ class LiveBooking(LiveTrader):
                  reason.name.lower(), p.exit_price, p.realized_pnl, p.r_multiple, p.fees, p.funding)
         return p
 
-# %% ../../nbs/trading/36b_live.ipynb #c1444b1b
+# %% ../../nbs/trading/36b_live.ipynb #6d5727a3
 class LiveProtector(LiveBooking):
     "A fill, and the stop and target placed after it."
 
@@ -332,7 +332,7 @@ class LiveProtector(LiveBooking):
                         leg, e)
             return await self._close(p, ExitReason.STOP if leg == "stop" else ExitReason.TARGET)
 
-# %% ../../nbs/trading/36b_live.ipynb #d66f3026
+# %% ../../nbs/trading/36b_live.ipynb #76ca0ddb
 class LiveOpener(LiveProtector):
     "`open`: plan, store PENDING, send, protect; `close`."
 
@@ -365,7 +365,7 @@ class LiveOpener(LiveProtector):
             raise StateError(f"{position.symbol} {position.side.name}: not an open position of this backend")
         return await self._close(position, reason)
 
-# %% ../../nbs/trading/36b_live.ipynb #a94a20e6
+# %% ../../nbs/trading/36b_live.ipynb #55b01e00
 class LiveRepairs(LiveOpener):
     "The repairs reconciliation carries out."
 
@@ -408,7 +408,7 @@ class LiveRepairs(LiveOpener):
         qty = on_step(abs(risk.amount), step)
         await self.client.new_order(order_params(risk.symbol, side, "MARKET", qty, cid, reduce_only=True))
 
-# %% ../../nbs/trading/36b_live.ipynb #11b7a292
+# %% ../../nbs/trading/36b_live.ipynb #bb5f05f5
 class LiveActions(LiveRepairs):
     "One handler per kind of `Action`."
 
@@ -433,7 +433,7 @@ class LiveActions(LiveRepairs):
             await self.client.cancel_algo(a.client_id)
         return None
 
-# %% ../../nbs/trading/36b_live.ipynb #1af79536
+# %% ../../nbs/trading/36b_live.ipynb #4f9e6682
 class LiveReconciler(LiveActions):
     "Carrying out the actions of `plan_reconcile`, each logged and recorded."
 
@@ -464,7 +464,7 @@ class LiveReconciler(LiveActions):
         if self.legs is not None:
             self.legs.record_action(self.clock.now_ms(), a.symbol, what, a.reason, a.position_id)
 
-# %% ../../nbs/trading/36b_live.ipynb #5e6901e1
+# %% ../../nbs/trading/36b_live.ipynb #18b9bd29
 class LiveExecution(LiveReconciler):
     "An `ExecutionBackend` that trades on Binance USDⓈ-M: exchange-side stops and targets, reconciled every tick."
 
@@ -489,7 +489,7 @@ class LiveExecution(LiveReconciler):
         "Close every open position (legs cancelled first); the positions closed."
         return [await self._close(p, ExitReason.COMMAND) for p in list(self.book.values()) if p.is_open]
 
-# %% ../../nbs/trading/36b_live.ipynb #d3bdc0f6
+# %% ../../nbs/trading/36b_live.ipynb #bcadfc48
 async def flatten_account(client: AccountClient, contracts: Mapping[str, SymbolInfo]) -> tuple[list[str], bool]:
     "Cancel every open order and algo order, close every position; (one line per action, whether the account is flat)."
     state, said = await RestAccount(client).state(None), []
