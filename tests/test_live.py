@@ -474,3 +474,23 @@ def test_live_bot_opens_protects_closes_and_agrees_with_income(tmp_path):
                 await bot.stop()
 
     asyncio.run(go())
+
+
+def test_limit_ioc_entry_and_the_notional_cap(tmp_path):
+    async def go():
+        clock = TestClock(_start())
+        async with rig(tmp_path / "live.sqlite", clock) as r:
+            live = r.live(clock, live=LiveSettings(entry="limit_ioc", max_order_notional=300.0, max_total_notional=500.0))
+            await live.reconcile(full=True)
+            a, b = sorted(r.contracts)[:2]
+            prices = await r.client.all_prices()
+            p = await live.open(signal_for(a, prices.price(a)))
+            assert not isinstance(p, Refusal), p
+            entry = await r.client.query_order(a, client_id(p.id, "entry"))
+            assert (entry.type, entry.status) == ("LIMIT", "FILLED") and p.notional <= 300.0 + 1e-9
+            q = await live.open(signal_for(b, prices.price(b)))
+            assert not isinstance(q, Refusal), q
+            assert p.notional + q.notional <= 500.0 + 1e-6  # the second was cut to what the total cap left
+            assert len(r.sim.exchange.open_algo_orders(r.key)) == 4
+
+    asyncio.run(go())
