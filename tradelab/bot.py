@@ -314,6 +314,9 @@ async def build_execution(
     await live.reconcile(full=True)  # a crash's leftovers are repaired before anything new is sent
     log.info("live trading on %s, account %r: balance %.2f, %d position(s) held", s.exchange.url, s.live.account,
              live.balance, len(live.positions))
+    if abs(live.balance - s.trading.starting_equity) > 0.05 * s.trading.starting_equity:
+        log.warning("the account holds %.2f but trading.starting_equity is %.2f: the breaker measures drawdown from the "
+                    "latter; set it to the account's balance", live.balance, s.trading.starting_equity)
     return live
 
 # %% ../nbs/50_bot.ipynb #3eab4d2a
