@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from .storage.archive import DataArchiver
 from .exchange.client import BinanceClient
+from .exchange.orders import AccountClient
 from .clock import Clock, LiveClock, bar_open_ms, interval_ms
-from .config import Settings, settings_toml
+from .config import NETWORKS, Settings, settings_toml
 from .data.service import DataService
 from tradelab.errors import (
     ClockDriftError,
@@ -34,14 +35,15 @@ from tradelab.errors import (
     TemporaryExchangeError,
 )
 from .trading.execution import ExecutionBackend, PaperExecution
+from .trading.live import LiveExecution
 from .loops import CycleRecord, Loop
 from .storage.performance import PerformanceManager, PerformanceStats
 from .analysis.pool import GlobalProcessPool, ParallelAnalyzer
 from .analysis.strategy import scorer_named
 from .trading.positions import FUNDING_INTERVAL_MS, BarExtremes, Kind, Position
 from .records import Klines, PriceSnapshot, Signal, SymbolInfo
-from .trading.risk import BreakerStore, CircuitBreaker, catch_up, hear_closes, open_ranked
-from .storage.store import BreakerRepository, Database, PositionRepository, RefusalRepository
+from .trading.risk import BreakerStore, CircuitBreaker, Level, catch_up, hear_closes, open_ranked
+from .storage.store import BreakerRepository, Database, LiveOrderRepository, PositionRepository, RefusalRepository
 from .timing import StageTimes
 from .events import BotEvent, EventFeed, EventHandler
 from .data.universe import Universe
@@ -53,22 +55,35 @@ from .trading.virtual import VirtualPositionManager
 # %% auto #0
 __all__ = ['log', 'T', 'STARTUP_BACKOFF_S', 'TRANSIENT', 'check_mode', 'BotState', 'PositionView', 'TradeView', 'EquityPoint',
            'BotSnapshot', 'RunState', 'Components', 'paper_balance', 'start_step', 'check_intervals', 'archived_costs',
-           'learner_of', 'build_components', 'refresh_universe', 'open_real', 'learn_after_scan', 'scan_once',
-           'SnapshotTap', 'store_real_marks', 'tell_opened', 'tell_closed', 'record_closes', 'update_breaker',
-           'storage_failed', 'storage_recovered', 'storage_watch', 'funding_due', 'mark_books', 'monitor_once',
-           'closed_bar_extremes', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real', 'BotControl']
+           'learner_of', 'build_execution', 'build_components', 'refresh_universe', 'open_real', 'learn_after_scan',
+           'scan_once', 'SnapshotTap', 'store_real_marks', 'tell_opened', 'tell_closed', 'record_closes',
+           'update_breaker', 'storage_failed', 'storage_recovered', 'storage_watch', 'funding_due', 'mark_books',
+           'monitor_once', 'closed_bar_extremes', 'flush', 'BotLifecycle', 'TradingBot', 'snapshot_of', 'close_real',
+           'flatten_real', 'BotControl']
 
 # %% ../nbs/50_bot.ipynb #cfe32644
 log = logging.getLogger(__name__)
 
 
-def check_mode(settings: Settings) -> None:
-    "`ConfigError` unless the settings ask for paper trading: live execution is not available yet."
-    if settings.mode != "paper":
-        raise ConfigError(
-            f"config key 'mode': {settings.mode!r} execution is not available yet; this version trades on "
-            'paper only (mode = "paper"), with real or simulated market data'
-        )
+def check_mode(settings: Settings) -> Settings:
+    "The settings to run with: paper as given; live only confirmed, on the testnet unless mainnet is named (else `ConfigError`)."
+    if settings.mode == "paper":
+        return settings
+    live, ex = settings.live, settings.exchange
+    if ex.api_key is None or ex.api_secret is None:
+        raise ConfigError("mode 'live' needs exchange.api_key and exchange.api_secret (environment or exchange.secret_file)")
+    if not live.account:
+        raise ConfigError("mode 'live' needs live.account: a label naming the account the API keys belong to")
+    if live.confirm != live.account:
+        raise ConfigError(f"mode 'live' on account {live.account!r} is not confirmed: set live.confirm = {live.account!r} "
+                          f"or run with --confirm-live {live.account}")
+    if "base_url" not in ex.model_fields_set:
+        url = "binance" if live.mainnet else "testnet"
+        return settings.model_copy(update={"exchange": ex.model_copy(update={"base_url": url})})
+    if ex.url == NETWORKS["binance"] and not live.mainnet:
+        raise ConfigError(f"mode 'live' on mainnet ({ex.url}) needs live.mainnet = true; "
+                          "leave exchange.base_url unset to trade on the testnet")
+    return settings
 
 # %% ../nbs/50_bot.ipynb #911ae8f4
 class BotState(enum.Enum):
@@ -283,6 +298,27 @@ def learner_of(s: Settings, registry: ModelRegistry, pool: GlobalProcessPool, cl
     return Learner(s, registry, ShadowingAnalyzer(pool, s, shadow), clock, events, shadow)
 
 
+# %% ../nbs/50_bot.ipynb #a5615e4c
+async def build_execution(
+    s: Settings, clock: Clock, contracts: Mapping[str, SymbolInfo], client: AccountClient, positions: PositionRepository,
+    archive: DataArchiver, breaker: CircuitBreaker, open_real: Sequence[Position],
+) -> ExecutionBackend:
+    "The execution backend, chosen once: paper, or live (reconciled with the exchange before the first scan)."
+    if s.mode != "live":
+        paper = PaperExecution(s.trading, clock, contracts, client, balance=paper_balance(s, archive, open_real), store=positions)
+        paper.restore(open_real)
+        return paper
+    live = LiveExecution(s.trading, s.live, clock, contracts, client, store=positions, legs=LiveOrderRepository(positions.db),
+                         halted=lambda: breaker.level is Level.HALTED)
+    live.restore(open_real)
+    await live.reconcile(full=True)  # a crash's leftovers are repaired before anything new is sent
+    log.info("live trading on %s, account %r: balance %.2f, %d position(s) held", s.exchange.url, s.live.account,
+             live.balance, len(live.positions))
+    if abs(live.balance - s.trading.starting_equity) > 0.05 * s.trading.starting_equity:
+        log.warning("the account holds %.2f but trading.starting_equity is %.2f: the breaker measures drawdown from the "
+                    "latter; set it to the account's balance", live.balance, s.trading.starting_equity)
+    return live
+
 # %% ../nbs/50_bot.ipynb #3eab4d2a
 async def build_components(
     settings: Settings, clock: Clock, stack: AsyncExitStack, events: EventFeed | None = None
@@ -294,7 +330,7 @@ async def build_components(
     db = Database(s.home_dir / s.bot.db_file)
     stack.callback(db.close)
     positions, archive, registry = PositionRepository(db), DataArchiver(db), ModelRegistry(db, s.home_dir / s.learning.models_dir)
-    client = await stack.enter_async_context(BinanceClient(s.exchange, clock))
+    client = await stack.enter_async_context(AccountClient(s.exchange, clock))
     await start_step("exchange clock sync", client.sync_clock, s.exchange.url)
     contracts = await start_step("exchange contracts", lambda: client.contracts(s.universe.quote), s.exchange.url)
     for tf in s.data.timeframes:  # one step each: a retry repeats one request, not all of them
@@ -303,12 +339,11 @@ async def build_components(
     pool = await stack.enter_async_context(GlobalProcessPool(s.pool, model_path=model_in_use(s, registry)))
     data = await stack.enter_async_context(DataService(s, client, clock))  # loads the warm cache; saves it on close
     open_real = positions.load_open(Kind.REAL)
-    execution = PaperExecution(s.trading, clock, contracts, client, balance=paper_balance(s, archive, open_real), store=positions)
-    execution.restore(open_real)
-    virtual = VirtualPositionManager(s, clock, store=positions)
-    virtual.restore()
     breaker = CircuitBreaker(s.risk, clock, s.trading.starting_equity, BreakerStore(BreakerRepository(db), RefusalRepository(db)))
     breaker.restore()
+    execution = await build_execution(s, clock, contracts, client, positions, archive, breaker, open_real)
+    virtual = VirtualPositionManager(s, clock, store=positions)
+    virtual.restore()
     catch_up(breaker, archive.pnls_as_archived(Kind.REAL), execution.balance)  # a close the breaker missed in a kill
     performance = PerformanceManager.from_archive(db, s.trading.starting_equity)
     events = EventFeed(clock) if events is None else events
@@ -666,7 +701,7 @@ class TradingBot(BotLifecycle):
     "The composition root: builds every component once and runs the scan and monitor loops."
 
     def __init__(self, settings: Settings, *, clock: Clock | None = None):
-        check_mode(settings)
+        settings = check_mode(settings)
         super().__init__()
         self.settings, self.clock = settings, clock if clock is not None else LiveClock()
         self.events = EventFeed(self.clock)
@@ -709,6 +744,10 @@ class TradingBot(BotLifecycle):
     async def close_position(self, position_id: str) -> PositionView:
         "Close the open real position `position_id` at the market (the operator's command)."
         return PositionView.of(await close_real(self._ready(), position_id))
+
+    async def flatten(self) -> list[PositionView]:
+        "Close every open real position at the market (the operator's command; live: stops and targets cancelled first)."
+        return [PositionView.of(p) for p in await flatten_real(self._ready())]
 
     async def retrain(self) -> ModelDecision:
         "Train, evaluate and gate a candidate now (in a thread: trading goes on); a promoted one is used from the next scan."
@@ -771,6 +810,15 @@ async def close_real(c: Components, position_id: str) -> Position:
     update_breaker(c, [pos])
     return pos
 
+
+async def flatten_real(c: Components) -> list[Position]:
+    "Close every open real position now (live: both legs cancelled first); archived and told to the breaker."
+    async with c.run.lock:
+        closed = [await c.execution.close(p) for p in list(c.execution.positions) if p.is_open]
+    record_closes(c, closed)
+    update_breaker(c, closed)
+    return closed
+
 # %% ../nbs/50_bot.ipynb #9627a3c3
 class BotControl:
     "What a UI may do to a bot: start, stop, close a real position, retrain, and look (`snapshot`)."
@@ -791,6 +839,10 @@ class BotControl:
 
     async def close_position(self, position_id: str) -> PositionView:
         return await self._bot.close_position(position_id)
+
+    async def flatten(self) -> list[PositionView]:
+        "Close every open real position (the panel's flatten)."
+        return await self._bot.flatten()
 
     async def retrain(self) -> ModelDecision:
         "Run a learning cycle now; its decision (the model in use changes only if the gate promotes)."

@@ -34,14 +34,14 @@ if TYPE_CHECKING:  # for annotations only: the source module is imported where a
     from tradelab.sim.source import MarketSource
 
 # %% auto #0
-__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'RUN_OPTIONS', 'STATUS_OPTIONS', 'DEMO_OPTIONS',
-           'BACKTEST_OPTIONS', 'LAB_OPTIONS', 'DOCS_OPTIONS', 'TUNE_OPTIONS', 'COMMANDS', 'LEARN_OPTIONS', 'Option',
-           'opt', 'int_list', 'name_list', 'positive', 'Parser', 'parser', 'settings_from', 'Benchmark', 'benchmarks',
-           'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train', 'parse_start', 'sim_source',
-           'sim_account', 'cmd_sim', 'check_home', 'port', 'secrets_of', 'cmd_run', 'cmd_status', 'BarSafeHandler',
-           'demo_log', 'DemoBar', 'cmd_demo', 'research_settings', 'CycleBar', 'cmd_backtest', 'notebooks_dir',
-           'lab_command', 'cmd_lab', 'cmd_docs', 'cmd_tune', 'Command', 'cmd_learn', 'cmd_models', 'cmd_export',
-           'package_version', 'main']
+__all__ = ['log', 'COMMON', 'TRAIN_OPTIONS', 'FAULT_KNOBS', 'SIM_OPTIONS', 'RUN_OPTIONS', 'FLATTEN_OPTIONS', 'STATUS_OPTIONS',
+           'DEMO_OPTIONS', 'BACKTEST_OPTIONS', 'LAB_OPTIONS', 'DOCS_OPTIONS', 'TUNE_OPTIONS', 'COMMANDS',
+           'LEARN_OPTIONS', 'Option', 'opt', 'int_list', 'name_list', 'positive', 'Parser', 'parser', 'settings_from',
+           'Benchmark', 'benchmarks', 'run_benchmark', 'cmd_config', 'bench_overview', 'cmd_bench', 'cmd_train',
+           'parse_start', 'sim_source', 'sim_account', 'cmd_sim', 'check_home', 'port', 'secrets_of', 'cmd_run',
+           'cmd_flatten', 'cmd_status', 'BarSafeHandler', 'demo_log', 'DemoBar', 'cmd_demo', 'research_settings',
+           'CycleBar', 'cmd_backtest', 'notebooks_dir', 'lab_command', 'cmd_lab', 'cmd_docs', 'cmd_tune', 'Command',
+           'cmd_learn', 'cmd_models', 'cmd_export', 'package_version', 'main']
 
 # %% ../nbs/90_cli.ipynb #6754686b
 log = logging.getLogger(__name__)
@@ -438,25 +438,59 @@ RUN_OPTIONS = (
     opt("--home", help="directory of the database, caches, log and status file (default: the 'home' setting)"),
     opt("--metrics-port", type=port, metavar="PORT", help="serve Prometheus metrics here (0: any free port; on metrics.host, "
         "loopback unless set)"),
+    opt("--confirm-live", metavar="NAME", help="with mode = \"live\": the account label (live.account) this run may trade on"),
 )
 
 # %% ../nbs/90_cli.ipynb #4de9a335
 def cmd_run(args: argparse.Namespace) -> int:
-    "`tradelab run`: paper trading headless until SIGINT/SIGTERM, with its log file, status file, metrics and notifications."
+    "`tradelab run`: paper (or confirmed live) trading headless until SIGINT/SIGTERM; log and status files, metrics, notices."
     # imported here: the bot loads the whole package (about 3 s), metrics and notifications prometheus-client and apprise
+    from tradelab.bot import check_mode
     from tradelab.ops.operations import Operations
     from tradelab.runner import run_headless
 
     overrides: dict[str, Any] = {"home": args.home} if args.home else {}
     if args.metrics_port is not None:
         overrides["metrics"] = {"port": args.metrics_port}
+    if args.confirm_live is not None:
+        overrides["live"] = {"confirm": args.confirm_live}
     settings = load_settings(args.config, env=args.env, **overrides)
     check_home(settings.home_dir, "--home" if args.home else "config key 'home'")
+    check_mode(settings)  # live without its confirmation, or on mainnet unnamed: one line, before anything starts
     oplog = operator_logging(settings.home_dir, settings.log, secrets_of(settings), logging.getLogger().level)
     try:
         return run_headless(settings, around=Operations)
     finally:
         oplog.close()
+
+# %% ../nbs/90_cli.ipynb #135b8959
+FLATTEN_OPTIONS = (opt("--confirm-live", metavar="NAME", help="the account label (live.account) whose orders and positions go"),)
+
+
+def cmd_flatten(args: argparse.Namespace) -> int:
+    "`tradelab flatten`: cancel every order and algo order, close every position of the live account; 0 when it is flat."
+    from tradelab.bot import check_mode  # the live safety check and the trading client: only for this command
+
+    overrides: dict[str, Any] = {"mode": "live"}
+    if args.confirm_live is not None:
+        overrides["live"] = {"confirm": args.confirm_live}
+    settings = check_mode(load_settings(args.config, env=args.env, **overrides))
+    said, flat = asyncio.run(_flatten(settings))
+    for line in said:
+        print(line)
+    print(f"{settings.live.account}: flat, no open order and no position" if flat
+          else f"{settings.live.account}: NOT flat; run tradelab flatten again or look at the exchange")
+    return 0 if flat else 1
+
+
+async def _flatten(settings: Settings) -> tuple[list[str], bool]:
+    from tradelab.clock import LiveClock  # with the trading client below: only for this command
+    from tradelab.exchange.orders import AccountClient
+    from tradelab.trading.live import flatten_account
+
+    async with AccountClient(settings.exchange, LiveClock()) as client:
+        await client.sync_clock()
+        return await flatten_account(client, await client.contracts(settings.universe.quote))
 
 # %% ../nbs/90_cli.ipynb #7455763b
 STATUS_OPTIONS = (
@@ -737,8 +771,10 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("run a benchmark: tradelab bench NAME [--json] ('tradelab bench' lists them)", None),
     "train": Command("train the scoring model on a training file and export it to ONNX", cmd_train, TRAIN_OPTIONS),
     "sim": Command("serve a local Binance USD-M compatible exchange: replayed or synthetic market", cmd_sim, SIM_OPTIONS),
-    "run": Command("run the bot headless: paper trading against the configured exchange until SIGINT/SIGTERM", cmd_run,
+    "run": Command("run the bot headless: paper (or confirmed live) trading until SIGINT/SIGTERM", cmd_run,
                    RUN_OPTIONS),
+    "flatten": Command("live account: cancel every order and algo order, close every position (exit 0 when flat)", cmd_flatten,
+                       FLATTEN_OPTIONS),
     "status": Command("is the bot of a home running? its positions, breaker, last cycles and model (--json)", cmd_status,
                       STATUS_OPTIONS),
     "demo": Command("the whole system offline: simulator and bot at high speed, then a summary", cmd_demo, DEMO_OPTIONS),

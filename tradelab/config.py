@@ -22,8 +22,8 @@ from .errors import ConfigError
 # %% auto #0
 __all__ = ['log', 'NETWORKS', 'INTERVALS', 'ENV_PREFIX', 'SECRET_KEYS', 'SECRET_SETTINGS', 'ExchangeSettings', 'DataSettings',
            'UniverseSettings', 'StrategySettings', 'ModelSettings', 'PoolSettings', 'TradingSettings', 'RiskSettings',
-           'BotSettings', 'MetricsSettings', 'LogSettings', 'NotifySettings', 'LearningSettings', 'Settings',
-           'load_settings', 'shared_data_dir', 'settings_toml']
+           'BotSettings', 'MetricsSettings', 'LogSettings', 'NotifySettings', 'LearningSettings', 'LiveSettings',
+           'Settings', 'load_settings', 'shared_data_dir', 'settings_toml']
 
 # %% ../nbs/01_config.ipynb #df02e361
 log = logging.getLogger(__name__)
@@ -295,6 +295,27 @@ class LearningSettings(_Section):
     models_dir: str = Field("models", min_length=1, description="under `home`: every candidate's ONNX file and report")
 
 
+# %% ../nbs/01_config.ipynb #289c8bab
+class LiveSettings(_Section):
+    "Live trading: which account, its confirmation, the network, how orders are sent, and notional caps."
+
+    account: str = Field("", max_length=64, description="a label naming the account the API keys belong to")
+    confirm: str = Field("", max_length=64, description="equal to `account` to trade live (or --confirm-live NAME)")
+    mainnet: bool = Field(False, description="true to trade on fapi.binance.com; live mode starts on testnet otherwise")
+    entry: Literal["market", "limit_ioc"] = Field("market", description="entry order: MARKET, or LIMIT IOC at the slipped price")
+    margin_type: Literal["ISOLATED", "CROSSED"] = "ISOLATED"
+    protect: Literal["close_position", "reduce_only"] = Field(
+        "close_position", description="stop and target as closePosition=true algo orders, or reduce-only with the quantity"
+    )
+    working_type: Literal["MARK_PRICE", "CONTRACT_PRICE"] = Field("MARK_PRICE", description="the price stops trigger on")
+    unknown_positions: Literal["adopt", "flatten"] = Field(
+        "adopt", description="an exchange position the store does not know: protect it and follow it, or close it"
+    )
+    adopt_stop_pct: float = Field(0.02, gt=0, lt=0.5, description="stop of an adopted position without one, from its entry")
+    adopt_target_pct: float = Field(0.04, gt=0, lt=5, description="target of an adopted position without one, from its entry")
+    max_order_notional: float = Field(1_000.0, gt=0, description="one entry's notional at most (quote units); larger is cut")
+    max_total_notional: float = Field(5_000.0, gt=0, description="open notional at most (quote units)")
+
 # %% ../nbs/01_config.ipynb #cfe32812
 class Settings(_Section):
     "Every setting of a tradelab process."
@@ -314,6 +335,7 @@ class Settings(_Section):
     log: LogSettings = LogSettings()
     notify: NotifySettings = NotifySettings()
     learning: LearningSettings = LearningSettings()
+    live: LiveSettings = LiveSettings()
 
     @model_validator(mode="after")
     def _live_needs_keys(self):

@@ -215,6 +215,8 @@ class PanelWidgets:
         self.status, self.breaker, self.summary = widgets.HTML("not started"), widgets.HTML(), widgets.HTML()
         self.close_choice = widgets.Dropdown(description="position", options=[], layout=widgets.Layout(width="340px"))
         self.close_button = widgets.Button(description="Close position", disabled=True, icon="times")
+        self.flatten_button = widgets.Button(description="Flatten", button_style="warning", icon="ban", disabled=True,
+                                             tooltip="close every open real position at the market (live: legs cancelled)")
         self.symbol = widgets.Dropdown(description="symbol", options=[], layout=widgets.Layout(width="260px"))
         self.positions = SortableTable("open positions", OPEN_COLUMNS, "opened", labels={"exit": "mark"})
         self.virtual = SortableTable("virtual positions", OPEN_COLUMNS, "opened", limit=100, labels={"exit": "mark"})
@@ -224,8 +226,8 @@ class PanelWidgets:
         self.scan_fig, self.monitor_fig = stage_figure("scan stages"), stage_figure("monitor stages")
         self.tabs = tabs({
             "Overview": widgets.VBox([self.symbol, flow(self.equity_fig, self.price_fig, min_width="480px")]),
-            "Positions": widgets.VBox([widgets.HBox([self.close_choice, self.close_button]), self.positions.widget,
-                                       self.virtual.widget]),
+            "Positions": widgets.VBox([widgets.HBox([self.close_choice, self.close_button, self.flatten_button]),
+                                       self.positions.widget, self.virtual.widget]),
             "Trades": self.trades.widget,
             "Timing": flow(self.scan_fig, self.monitor_fig),
             "Log": self.log,
@@ -279,7 +281,7 @@ class PanelView(PanelWidgets):
             keep, ids = self.close_choice.value, [i for _, i in options]
             self.close_choice.options = options
             self.close_choice.value = keep if keep in ids else (ids[0] if ids else None)
-        self.close_button.disabled = not options or snap.state.name != "RUNNING"
+        self.close_button.disabled = self.flatten_button.disabled = not options or snap.state.name != "RUNNING"
         traded = list(dict.fromkeys([*opened["symbol"], *closed["symbol"][::-1]]))
         if traded != list(self.symbol.options):
             keep = self.symbol.value
@@ -361,7 +363,7 @@ class PanelLifecycle(PanelTasks):
 
     async def stop(self) -> None:
         "Cancel the refresh, stop the target in order, draw the final state; Start is offered again whatever failed."
-        self.stop_button.disabled = self.close_button.disabled = True
+        self.stop_button.disabled = self.close_button.disabled = self.flatten_button.disabled = True
         try:
             if self._refresher is not None:
                 self._refresher.cancel()
@@ -370,7 +372,8 @@ class PanelLifecycle(PanelTasks):
         finally:
             if self.control is not None:
                 self.render(self.control.snapshot())
-            self.close_button.disabled, self.start_button.disabled = True, False
+            self.close_button.disabled = self.flatten_button.disabled = True
+            self.start_button.disabled = False
             self._choose(True)
 
     async def close_selected(self) -> PositionView | None:
@@ -380,6 +383,14 @@ class PanelLifecycle(PanelTasks):
         view = await self.control.close_position(self.close_choice.value)
         self.redraw()
         return view
+
+    async def flatten(self) -> list[PositionView]:
+        "Close every open real position (the bot's flatten), then redraw."
+        if self.control is None:
+            return []
+        views = await self.control.flatten()
+        self.redraw()
+        return views
 
     async def _refresh(self) -> None:
         while True:
@@ -398,6 +409,7 @@ class BotPanel(PanelLifecycle):
         self.start_button.on_click(on(lambda: self._spawn(self.start(), "start")))
         self.stop_button.on_click(on(lambda: self._spawn(self.stop(), "stop")))
         self.close_button.on_click(on(lambda: self._spawn(self.close_selected(), "close")))
+        self.flatten_button.on_click(on(lambda: self._spawn(self.flatten(), "flatten")))
         self.symbol.observe(on(self.draw_price), names="value")
         for table in (self.positions, self.virtual, self.trades):
             table.on_sort(on(table.redraw))

@@ -47,9 +47,19 @@ ONE_OR_ALL = MappingProxyType(
         "/fapi/v1/ticker/24hr": (1, 40),
         "/fapi/v1/ticker/bookTicker": (2, 5),
         "/fapi/v1/premiumIndex": (1, 10),
+        "/fapi/v1/openOrders": (1, 40),
+        "/fapi/v1/openAlgoOrders": (1, 40),
     }
 )
-FIXED_WEIGHT = MappingProxyType({"/fapi/v1/ping": 1, "/fapi/v1/time": 1, "/fapi/v1/exchangeInfo": 1})
+FIXED_WEIGHT = MappingProxyType(
+    {
+        **{"/fapi/v1/ping": 1, "/fapi/v1/time": 1, "/fapi/v1/exchangeInfo": 1},
+        # signed account and order endpoints (an order also counts against the account's order rate limits)
+        **{"/fapi/v1/order": 1, "/fapi/v1/algoOrder": 1, "/fapi/v1/allOpenOrders": 1, "/fapi/v1/leverage": 1},
+        **{"/fapi/v1/marginType": 1, "/fapi/v2/positionRisk": 5, "/fapi/v2/account": 5, "/fapi/v2/balance": 5},
+        **{"/fapi/v1/userTrades": 5, "/fapi/v1/income": 30},
+    }
+)
 _DEPTH = ((50, 2), (100, 5), (500, 10), (1000, 20))
 
 # %% ../../nbs/exchange/04_governor.ipynb #4ab58642

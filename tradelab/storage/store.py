@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, StateError, StorageError
 from ..trading.risk import BreakerRow
+from ..trading.reconcile import OrderLeg
 from ..trading.positions import POSITION_FIELDS, ExitReason, Kind, Position, PositionBook, PositionState, mark_pnl
 from ..analysis.model import FeatureSchema, current_schema
 
@@ -27,7 +28,7 @@ from ..analysis.model import FeatureSchema, current_schema
 __all__ = ['log', 'SYNCHRONOUS', 'MIGRATIONS', 'SCHEMA_VERSION', 'check_writable', 'write_failure', 'Database', 'Migration',
            'migrate', 'encode_features', 'decode_features', 'register_schema', 'stored_schemas', 'default_schema',
            'position_row', 'position_from_row', 'PositionReader', 'PositionRepository', 'BreakerRepository',
-           'RefusalRecord', 'RefusalRepository']
+           'RefusalRecord', 'RefusalRepository', 'LiveOrderRepository']
 
 # %% ../../nbs/storage/32_store.ipynb #c6b6499e
 log = logging.getLogger(__name__)
@@ -329,8 +330,25 @@ _V5_LEARNING = Migration(
 )
 
 
+# %% ../../nbs/storage/32_store.ipynb #20015a73
+_V6_LIVE = Migration(
+    6,
+    "live orders (written before they are sent) and reconciliation actions",
+    (
+        """CREATE TABLE live_orders (
+            client_id TEXT PRIMARY KEY, position_id TEXT NOT NULL, symbol TEXT NOT NULL,
+            leg TEXT NOT NULL CHECK (leg IN ('entry', 'stop', 'target', 'exit')), generation INTEGER NOT NULL,
+            status TEXT NOT NULL, exchange_id INTEGER, updated_ms INTEGER NOT NULL) STRICT""",
+        "CREATE INDEX live_orders_by_position ON live_orders (position_id)",
+        """CREATE TABLE reconcile_actions (
+            id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, symbol TEXT NOT NULL, action TEXT NOT NULL,
+            reason TEXT NOT NULL, position_id TEXT) STRICT""",
+        "CREATE INDEX reconcile_actions_by_time ON reconcile_actions (time_ms)",
+    ),
+)
+
 # %% ../../nbs/storage/32_store.ipynb #daecebb7
-MIGRATIONS: tuple[Migration, ...] = (_V1_RISK, _V2_POSITIONS, _V3_ARCHIVE, _V4_BREAKER_HEARD, _V5_LEARNING)
+MIGRATIONS: tuple[Migration, ...] = (_V1_RISK, _V2_POSITIONS, _V3_ARCHIVE, _V4_BREAKER_HEARD, _V5_LEARNING, _V6_LIVE)
 "The schema, in order; the next change is a new entry at the end."
 SCHEMA_VERSION = MIGRATIONS[-1].version
 "The schema version this code writes; older files are upgraded to it when opened."
@@ -655,3 +673,37 @@ class RefusalRepository:
 
     def count(self) -> int:
         return self.db.query("SELECT COUNT(*) FROM refusals")[0][0]
+
+# %% ../../nbs/storage/32_store.ipynb #74ec1508
+_LEG = ("client_id", "position_id", "symbol", "leg", "generation", "status", "exchange_id", "updated_ms")
+
+# %% ../../nbs/storage/32_store.ipynb #52321414
+class LiveOrderRepository:
+    "The live orders of each position, and the reconciliation actions, with their reasons."
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def save_leg(self, leg: OrderLeg) -> None:
+        "Insert or update one order (write-ahead: SENT before the request goes)."
+        with self.db.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO live_orders VALUES (?, ?, ?, ?, ?, ?, ?, ?)", tuple(getattr(leg, f) for f in _LEG))
+
+    def legs_of(self, position_id: str) -> list[OrderLeg]:
+        "Every stored order of `position_id`, oldest generation first."
+        rows = self.db.query(f"SELECT {', '.join(_LEG)} FROM live_orders WHERE position_id = ? ORDER BY leg, generation",
+                             (position_id,))
+        return [OrderLeg(*r) for r in rows]
+
+    def record_action(self, time_ms: int, symbol: str, action: str, reason: str, position_id: str | None = None) -> None:
+        with self.db.transaction() as c:
+            c.execute("INSERT INTO reconcile_actions (time_ms, symbol, action, reason, position_id) VALUES (?, ?, ?, ?, ?)",
+                      (time_ms, symbol, action, reason, position_id))
+
+    def actions(self, limit: int = 100) -> list[tuple[int, str, str, str, str | None]]:
+        "The last `limit` actions, oldest first: (time_ms, symbol, action, reason, position_id)."
+        rows = self.db.query("SELECT time_ms, symbol, action, reason, position_id FROM reconcile_actions "
+                             "ORDER BY id DESC LIMIT ?", (limit,))
+        return rows[::-1]

@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['ExitReason', 'Kind', 'Position', 'PositionBook', 'PositionState', 'ExecutionBackend', 'PaperExecution', 'Refusal',
-           'VirtualPositionManager', 'CircuitBreaker']
+           'LiveExecution', 'VirtualPositionManager', 'CircuitBreaker']
 
 # %% ../../nbs/trading/00_trading.ipynb #b196ed9b
 from .positions import ExitReason, Kind, Position, PositionBook, PositionState
 from .execution import ExecutionBackend, PaperExecution, Refusal
+from .live import LiveExecution
 from .virtual import VirtualPositionManager
 from .risk import CircuitBreaker
 
@@ -21,6 +22,7 @@ _all_ = [
     "ExecutionBackend",
     "PaperExecution",
     "Refusal",
+    "LiveExecution",
     "VirtualPositionManager",
     "CircuitBreaker",
 ]

@@ -55,6 +55,9 @@ class RefusalReason(enum.Enum):
     TARGET_CROSSED = "the fill would be at or beyond the target"
     BREAKER_PAUSED = "the circuit breaker allows no new entries"
     BREAKER_HALTED = "the circuit breaker has halted trading"
+    NOTIONAL_CAP = "the live notional caps leave no room"
+    EXCHANGE_REJECTED = "the exchange rejected the order"
+    NOT_FILLED = "the entry order did not fill"
 
 # %% ../../nbs/trading/36_execution.ipynb #388000eb
 @dataclass(frozen=True, slots=True)
