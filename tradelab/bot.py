@@ -355,8 +355,8 @@ async def build_components(
         RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl, costs=archived_costs(db)), learner,
     )
     log.info(
-        "bot ready: %d real and %d virtual positions restored, breaker %s, %d contracts, model %s, database %s",
-        len(open_real), len(virtual), breaker.level.name, len(contracts), pool.model.version if pool.model else "none (the rule)",
+        "bot ready: %d real and %d virtual positions open (after reconciliation, live), breaker %s, %d contracts, model %s, database %s",
+        len(execution.positions), len(virtual), breaker.level.name, len(contracts), pool.model.version if pool.model else "none (the rule)",
         db.path,
     )
     return c
