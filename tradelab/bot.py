@@ -354,10 +354,10 @@ async def build_components(
         performance, Universe(s.universe, client, clock), events,
         RunState(virtual_realized=performance.stats(Kind.VIRTUAL).total_pnl, costs=archived_costs(db)), learner,
     )
+    model = pool.model.version if pool.model else "none (the rule)"
     log.info(
-        "bot ready: %d real and %d virtual positions open (after reconciliation, live), breaker %s, %d contracts, model %s, database %s",
-        len(execution.positions), len(virtual), breaker.level.name, len(contracts), pool.model.version if pool.model else "none (the rule)",
-        db.path,
+        "bot ready: %d real and %d virtual positions open (live: after reconciliation), breaker %s, %d contracts, "
+        "model %s, database %s", len(execution.positions), len(virtual), breaker.level.name, len(contracts), model, db.path,
     )
     return c
 
