@@ -34,8 +34,8 @@ from .virtual import PositionStore
 
 # %% auto #0
 __all__ = ['log', 'OPPOSITE', 'cap_notional', 'Booked', 'book_close', 'pending_position', 'adopted_position', 'LegOrders',
-           'LegPlacer', 'LiveBook', 'LiveTrader', 'LiveBooking', 'LiveProtector', 'LiveOpener', 'LiveRepairs',
-           'LiveActions', 'LiveReconciler', 'LiveExecution', 'flatten_account']
+           'LegPlacer', 'LiveBook', 'LiveCloser', 'LiveProtector', 'LiveOpener', 'LiveRepairs', 'Reconciler',
+           'LiveExecution', 'flatten_account']
 
 # %% ../../nbs/trading/36b_live.ipynb #5c082cc4
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ class LegOrders:
         known = [g.exchange_id for g in self.legs.legs_of(p.id) if g.leg == "entry"] if self.legs is not None else []
         return self._entries.get(p.id, known[0] if known else None)
 
+    def found_entry(self, p: Position, order_id: int) -> None:
+        "Remember `p`'s entry order, found on the exchange after a restart."
+        self._entries[p.id] = order_id
+
     def ids(self, p: Position, leg: str) -> list[str]:
         "Every client id of `leg` of `p` this process or the store knows."
         gens = {g.generation for g in self.legs.legs_of(p.id) if g.leg == leg} if self.legs is not None else set()
@@ -183,35 +187,20 @@ class LegPlacer(LegOrders):
 
 # %% ../../nbs/trading/36b_live.ipynb #6c338aa8
 class LiveBook:
-    "The open live positions, the account's balance and unrealised PnL as last reported."
-
-    name = "live"
+    "The open live positions, as held in memory and in the store; the balance and unrealised PnL last reported."
 
     def __init__(self, store: PositionStore | None):
-        self.store, self.book = store, dict[str, Position]()
-        self._balance = 0.0
-        self._risks: Mapping[str, PositionRisk] = {}
-
-    @property
-    def positions(self) -> list[Position]:
-        return list(self.book.values())
-
-    @property
-    def balance(self) -> float:
-        return self._balance
+        self.store, self.held = store, dict[str, Position]()
+        self.balance = 0.0
+        self.risks: Mapping[str, PositionRisk] = {}
 
     def unrealized_pnl(self) -> float:
-        return sum(r.unrealized_pnl for r in self._risks.values())
-
-    def equity(self) -> float:
-        return self._balance + self.unrealized_pnl()
-
-    def marked_positions(self) -> list[Position]:
-        return self.positions
+        return sum(r.unrealized_pnl for r in self.risks.values())
 
     def account(self) -> Account:
-        ps = [p for p in self.book.values() if p.is_open]
-        return Account(self.equity(), sum(p.notional for p in ps), sum(p.notional / p.leverage for p in ps))
+        ps = [p for p in self.held.values() if p.is_open]
+        equity = self.balance + self.unrealized_pnl()
+        return Account(equity, sum(p.notional for p in ps), sum(p.notional / p.leverage for p in ps))
 
     def restore(self, positions: Sequence[Position] | None = None) -> int:
         "Put back the stored open real positions (PENDING ones too: reconciliation resolves them)."
@@ -220,47 +209,147 @@ class LiveBook:
         for p in positions:
             if p.kind is not Kind.REAL:
                 raise StateError(f"{p.symbol}: a {p.kind.name} position cannot be restored as real")
-            self.book[p.id] = p
+            self.held[p.id] = p
         return len(positions)
 
-    def _save(self, p: Position) -> None:
+    def save(self, p: Position) -> None:
         if self.store is not None:
             (self.store.close_many if p.state is PositionState.CLOSED else self.store.save_open)([p])
 
+    def remove(self, p: Position) -> None:
+        "Store `p` (closed or cancelled), then let it go."
+        self.save(p)
+        self.held.pop(p.id, None)
+
+    def add(self, p: Position) -> None:
+        "Store `p`, then hold it: a crash from here on is found at the next start."
+        self.save(p)
+        self.held[p.id] = p
+
+    def drop(self, p: Position, now: int) -> None:
+        "A PENDING position whose entry never filled: CANCELLED in the store, out of the book."
+        p.cancel(now)
+        self.remove(p)
+
     def mark(self, prices: PriceSnapshot, now: int) -> None:
-        for p in self.book.values():
+        for p in self.held.values():
             if p.is_open and p.symbol in prices:
                 p.mark, p.mark_ms = prices.price(p.symbol), now
                 p.unrealized_pnl = int(p.side) * (p.mark - p.entry) * p.size
 
     def __repr__(self):
-        return f"{type(self).__name__}({len(self.book)} open, balance {self._balance:.2f})"
+        return f"{type(self).__name__}({len(self.held)} open, balance {self.balance:.2f})"
 
-# %% ../../nbs/trading/36b_live.ipynb #154d3141
-class LiveTrader(LiveBook):
-    "Limits, planning, symbol set-up and the close, shared by opening, closing and reconciling."
 
-    settings: TradingSettings
-    live: LiveSettings
-    clock: Clock
-    contracts: Mapping[str, SymbolInfo]
-    client: AccountClient
-    orders: LegPlacer
-    _symbols: dict[str, int]
+# %% ../../nbs/trading/36b_live.ipynb #682cc153
+class LiveCloser:
+    "A close: legs cancelled, reduce-only exit, booked from the exchange's records."
+
+    def __init__(self, clock: Clock, client: AccountClient, book: LiveBook, placer: LegPlacer):
+        self.clock, self.client, self.book, self.placer = clock, client, book, placer
+
+    async def close(self, p: Position, reason: ExitReason) -> Position:
+        if p.state is PositionState.OPEN:
+            p.begin_close()
+            self.book.save(p)
+        await self.placer.cancel_protection(p)
+        await self.placer.exit(p)
+        return await self.settle(p, reason)
+
+    async def settle(self, p: Position, reason: ExitReason) -> Position:
+        "Close `p` in the book and the store with the exchange's figures."
+        trades = await self.client.user_trades(p.symbol, start_ms=p.opened_ms - 1_000)
+        funding = await self.client.income(p.symbol, start_ms=p.opened_ms, income_type="FUNDING_FEE")
+        b = book_close(p, trades, funding, self.clock.now_ms(), self.placer.entry_order(p))
+        p.close(b.exit_price, reason, b.closed_ms)
+        p.fees, p.funding = b.fees, b.funding
+        p.realized_pnl = b.gross + b.funding - b.fees
+        self.book.remove(p)
+        log.info("live %s %s closed by %s at %g: %+.2f (%+.2fR), fees %.2f, funding %+.2f", p.side.name.lower(), p.symbol,
+                 reason.name.lower(), p.exit_price, p.realized_pnl, p.r_multiple, p.fees, p.funding)
+        return p
+
+
+# %% ../../nbs/trading/36b_live.ipynb #6d5727a3
+class LiveProtector:
+    "A fill, and the stop and target placed after it."
+
+    def __init__(self, clock: Clock, book: LiveBook, placer: LegPlacer, closer: LiveCloser):
+        self.clock, self.book, self.placer, self.closer = clock, book, placer, closer
+
+    async def filled(self, p: Position, order: OrderRecord) -> None:
+        "The entry filled (perhaps partly): OPEN at the exchange's price and quantity, then protected."
+        p.size = order.executed_qty
+        p.fill(order.avg_price, order.update_ms or self.clock.now_ms())  # when the exchange filled it
+        self.book.save(p)
+        log.info("live %s %s opened: %g at %g, stop %g, target %g, leverage %d", p.side.name.lower(), p.symbol, p.size,
+                 p.entry, p.stop, p.target, p.leverage)
+        await self.protect_all(p)
+
+    async def protect_all(self, p: Position) -> None:
+        "Place the stop, then the target, while `p` stays open."
+        for leg in ("stop", "target"):
+            if p.is_open:
+                await self.protect(p, leg)
+
+    async def protect(self, p: Position, leg: str) -> Position | None:
+        "Place `leg`; if the exchange says it would trigger at once, the level is passed: close now for that reason."
+        try:
+            await self.placer.protect(p, leg)
+            return None
+        except OrderRejected as e:
+            if e.code != -2021:
+                raise
+            log.warning("live %s %s: the %s would trigger at once (%s); closing at the market", p.side.name.lower(), p.symbol,
+                        leg, e)
+            return await self.closer.close(p, ExitReason.STOP if leg == "stop" else ExitReason.TARGET)
+
+
+# %% ../../nbs/trading/36b_live.ipynb #76ca0ddb
+class LiveOpener:
+    "`open`: limits, plan, store PENDING, set the symbol up, send, protect the fill."
+
+    def __init__(self, trading: TradingSettings, live: LiveSettings, clock: Clock, contracts: Mapping[str, SymbolInfo],
+                 client: AccountClient, book: LiveBook, placer: LegPlacer, protector: LiveProtector):
+        self.settings, self.live, self.clock, self.contracts, self.client = trading, live, clock, contracts, client
+        self.book, self.placer, self.protector = book, placer, protector
+        self._symbols: dict[str, int] = {}  # symbol -> the leverage set on it
+
+    async def open(self, signal: Signal, rank: int, size_factor: float) -> Position | Refusal:
+        now, sym = self.clock.now_ms(), signal.symbol
+        if (refusal := self._limits(sym, now)) is not None:
+            return refusal
+        plan = await self._plan(signal, size_factor, now)
+        if isinstance(plan, Refusal):
+            return plan
+        p = pending_position(plan, signal, now, self.settings, rank)
+        self.book.add(p)  # write-ahead
+        try:
+            await self._setup(sym, plan.leverage)
+            order = await self.placer.enter(p)
+        except OrderRejected as e:
+            self.book.drop(p, self.clock.now_ms())
+            return Refusal(now, sym, RefusalReason.EXCHANGE_REJECTED, f"code {e.code}: {e}")
+        if order.executed_qty <= 0:
+            self.book.drop(p, self.clock.now_ms())
+            return Refusal(now, sym, RefusalReason.NOT_FILLED, f"{order.type} {order.status}")
+        await self.protector.filled(p, order)
+        return p
 
     def _limits(self, sym: str, now: int) -> Refusal | None:
+        held = self.book.held
         if sym not in self.contracts:
             return Refusal(now, sym, RefusalReason.UNKNOWN_SYMBOL)
-        if any(p.symbol == sym for p in self.book.values()):
+        if any(p.symbol == sym for p in held.values()):
             return Refusal(now, sym, RefusalReason.ALREADY_OPEN)
-        if len(self.book) >= self.settings.max_open_positions:
-            return Refusal(now, sym, RefusalReason.MAX_POSITIONS, f"{len(self.book)} open")
+        if len(held) >= self.settings.max_open_positions:
+            return Refusal(now, sym, RefusalReason.MAX_POSITIONS, f"{len(held)} open")
         return None
 
     async def _plan(self, signal: Signal, size_factor: float, now: int) -> EntryPlan | Refusal:
         snap = await self.client.all_prices()
         price = snap.price(signal.symbol) if signal.symbol in snap else math.nan
-        info, acct = self.contracts[signal.symbol], self.account()
+        info, acct = self.contracts[signal.symbol], self.book.account()
         plan = plan_entry(signal, info, price, acct, self.settings, size_factor=size_factor, now_ms=now)
         return plan if isinstance(plan, Refusal) else cap_notional(plan, info, self.live, acct.exposure, now)
 
@@ -273,134 +362,45 @@ class LiveTrader(LiveBook):
         await self.client.set_leverage(sym, leverage)
         self._symbols[sym] = leverage
 
-    def _drop(self, p: Position) -> None:
-        "A PENDING position whose entry never filled: CANCELLED in the store, out of the book."
-        p.cancel(self.clock.now_ms())
-        self._save(p)
-        self.book.pop(p.id, None)
-
-# %% ../../nbs/trading/36b_live.ipynb #682cc153
-class LiveBooking(LiveTrader):
-    "A close: legs cancelled, reduce-only exit, booked from the exchange's records."
-
-    async def _close(self, p: Position, reason: ExitReason) -> Position:
-        if p.state is PositionState.OPEN:
-            p.begin_close()
-            self._save(p)
-        await self.orders.cancel_protection(p)
-        await self.orders.exit(p)
-        return await self._book(p, reason)
-
-    async def _book(self, p: Position, reason: ExitReason) -> Position:
-        "Close `p` in the book and the store with the exchange's figures."
-        trades = await self.client.user_trades(p.symbol, start_ms=p.opened_ms - 1_000)
-        funding = await self.client.income(p.symbol, start_ms=p.opened_ms, income_type="FUNDING_FEE")
-        b = book_close(p, trades, funding, self.clock.now_ms(), self.orders.entry_order(p))
-        p.close(b.exit_price, reason, b.closed_ms)
-        p.fees, p.funding = b.fees, b.funding
-        p.realized_pnl = b.gross + b.funding - b.fees
-        self._save(p)
-        self.book.pop(p.id, None)
-        log.info("live %s %s closed by %s at %g: %+.2f (%+.2fR), fees %.2f, funding %+.2f", p.side.name.lower(), p.symbol,
-                 reason.name.lower(), p.exit_price, p.realized_pnl, p.r_multiple, p.fees, p.funding)
-        return p
-
-# %% ../../nbs/trading/36b_live.ipynb #6d5727a3
-class LiveProtector(LiveBooking):
-    "A fill, and the stop and target placed after it."
-
-    async def _filled(self, p: Position, order: OrderRecord) -> None:
-        "The entry filled (perhaps partly): OPEN at the exchange's price and quantity, then protected."
-        p.size = order.executed_qty
-        p.fill(order.avg_price, order.update_ms or self.clock.now_ms())  # when the exchange filled it
-        self._save(p)
-        log.info("live %s %s opened: %g at %g, stop %g, target %g, leverage %d", p.side.name.lower(), p.symbol, p.size,
-                 p.entry, p.stop, p.target, p.leverage)
-        for leg in ("stop", "target"):
-            if p.is_open:
-                await self._protect(p, leg)
-
-    async def _protect(self, p: Position, leg: str) -> Position | None:
-        "Place `leg`; if the exchange says it would trigger at once, the level is passed: close now for that reason."
-        try:
-            await self.orders.protect(p, leg)
-            return None
-        except OrderRejected as e:
-            if e.code != -2021:
-                raise
-            log.warning("live %s %s: the %s would trigger at once (%s); closing at the market", p.side.name.lower(), p.symbol,
-                        leg, e)
-            return await self._close(p, ExitReason.STOP if leg == "stop" else ExitReason.TARGET)
-
-# %% ../../nbs/trading/36b_live.ipynb #76ca0ddb
-class LiveOpener(LiveProtector):
-    "`open`: plan, store PENDING, send, protect; `close`."
-
-    async def open(self, signal: Signal, *, rank: int = 1, size_factor: float = 1.0) -> Position | Refusal:
-        "Open `signal` on the exchange and protect it, or return the `Refusal`."
-        now, sym = self.clock.now_ms(), signal.symbol
-        if (refusal := self._limits(sym, now)) is not None:
-            return refusal
-        plan = await self._plan(signal, size_factor, now)
-        if isinstance(plan, Refusal):
-            return plan
-        p = pending_position(plan, signal, now, self.settings, rank)
-        self._save(p)  # write-ahead: a crash from here on is found at the next start
-        self.book[p.id] = p
-        try:
-            await self._setup(sym, plan.leverage)
-            order = await self.orders.enter(p)
-        except OrderRejected as e:
-            self._drop(p)
-            return Refusal(now, sym, RefusalReason.EXCHANGE_REJECTED, f"code {e.code}: {e}")
-        if order.executed_qty <= 0:
-            self._drop(p)
-            return Refusal(now, sym, RefusalReason.NOT_FILLED, f"{order.type} {order.status}")
-        await self._filled(p, order)
-        return p
-
-    async def close(self, position: Position, reason: ExitReason = ExitReason.COMMAND) -> Position:
-        "Close `position` at the market: legs cancelled, reduce-only exit, booked from the exchange's records."
-        if self.book.get(position.id) is not position or not position.is_open:
-            raise StateError(f"{position.symbol} {position.side.name}: not an open position of this backend")
-        return await self._close(position, reason)
 
 # %% ../../nbs/trading/36b_live.ipynb #55b01e00
-class LiveRepairs(LiveOpener):
-    "The repairs reconciliation carries out."
+class LiveRepairs:
+    "The repairs reconciliation carries out on a position: its entry resolved, its close booked, a stranger's taken in."
 
-    async def _resolve_entry(self, p: Position) -> None:
+    def __init__(self, trading: TradingSettings, live: LiveSettings, clock: Clock, contracts: Mapping[str, SymbolInfo],
+                 client: AccountClient, book: LiveBook, placer: LegPlacer, closer: LiveCloser, protector: LiveProtector):
+        self.settings, self.live, self.clock, self.contracts, self.client = trading, live, clock, contracts, client
+        self.book, self.placer, self.closer, self.protector = book, placer, closer, protector
+
+    async def resolve_entry(self, p: Position) -> None:
         "A PENDING position after a restart: its entry filled (open and protect) or not (cancelled)."
         order = await self.client.query_order(p.symbol, client_id(p.id, "entry"))
         if order is not None and order.is_open:
             order = await self.client.cancel_order(p.symbol, order.client_id) or order
         if order is None or order.executed_qty <= 0:
-            self._drop(p)
+            self.book.drop(p, self.clock.now_ms())
         else:
-            self.orders._entries[p.id] = order.order_id
-            await self._filled(p, order)
+            self.placer.found_entry(p, order.order_id)
+            await self.protector.filled(p, order)
 
-    async def _closed_there(self, p: Position) -> Position:
+    async def closed_there(self, p: Position) -> Position:
         "The exchange holds no position any more: the stop or target fired, or a hand closed it."
         reason = ExitReason.COMMAND
         for leg, why in (("stop", ExitReason.STOP), ("target", ExitReason.TARGET)):
-            for cid in self.orders.ids(p, leg):
+            for cid in self.placer.ids(p, leg):
                 algo = await self.client.query_algo(cid)
                 if algo is not None and algo.triggered:
                     reason = why
-        await self.orders.cancel_protection(p)
-        return await self._book(p, reason)
+        await self.placer.cancel_protection(p)
+        return await self.closer.settle(p, reason)
 
-    async def _adopt(self, risk: PositionRisk) -> None:
+    async def adopt(self, risk: PositionRisk) -> None:
         "Take in a position nobody stored: store it, protect it, follow it."
         p = adopted_position(risk, self.contracts[risk.symbol], self.live, self.settings, self.clock.now_ms())
-        self._save(p)
-        self.book[p.id] = p
-        for leg in ("stop", "target"):
-            if p.is_open:
-                await self._protect(p, leg)
+        self.book.add(p)
+        await self.protector.protect_all(p)
 
-    async def _flatten_symbol(self, risk: PositionRisk) -> None:
+    async def flatten(self, risk: PositionRisk) -> None:
         "Close a position nobody stored: a reduce-only MARKET order for all of it."
         step = self.contracts[risk.symbol].market_step_size
         side = "SELL" if risk.amount > 0 else "BUY"
@@ -408,48 +408,25 @@ class LiveRepairs(LiveOpener):
         qty = on_step(abs(risk.amount), step)
         await self.client.new_order(order_params(risk.symbol, side, "MARKET", qty, cid, reduce_only=True))
 
-# %% ../../nbs/trading/36b_live.ipynb #bb5f05f5
-class LiveActions(LiveRepairs):
-    "One handler per kind of `Action`."
-
-    async def _apply(self, a: Action, state: AccountState) -> Position | None:
-        p = self.book.get(a.position_id) if a.position_id else None
-        if p is not None and a.kind == "resolve_entry":
-            await self._resolve_entry(p)
-        elif p is not None and a.kind == "closed_on_exchange":
-            return await self._closed_there(p)
-        elif p is not None and a.kind == "place_leg" and a.leg is not None:
-            return await self._protect(p, a.leg)
-        elif p is not None and a.kind == "resize":
-            p.size = abs(state.positions[p.symbol].amount)
-            self._save(p)
-        elif p is not None and a.kind in ("expire", "finish_close"):
-            return await self._close(p, ExitReason.EXPIRY if a.kind == "expire" else ExitReason.COMMAND)
-        elif a.kind in ("adopt", "flatten"):
-            await (self._adopt if a.kind == "adopt" else self._flatten_symbol)(state.positions[a.symbol])
-        elif a.kind == "cancel_order" and a.client_id:
-            await self.client.cancel_order(a.symbol, a.client_id)
-        elif a.kind == "cancel_algo" and a.client_id:
-            await self.client.cancel_algo(a.client_id)
-        return None
 
 # %% ../../nbs/trading/36b_live.ipynb #4f9e6682
-class LiveReconciler(LiveActions):
+class Reconciler:
     "Carrying out the actions of `plan_reconcile`, each logged and recorded."
 
-    account_events: AccountEvents
-    legs: LegStore | None
-    halted: Callable[[], bool]
-    full_every: int
-    _ticks: int
+    def __init__(self, live: LiveSettings, clock: Clock, client: AccountClient, book: LiveBook, closer: LiveCloser,
+                 protector: LiveProtector, repairs: LiveRepairs, account_events: AccountEvents, legs: LegStore | None,
+                 halted: Callable[[], bool], full_every: int):
+        self.live, self.clock, self.client, self.book, self.closer = live, clock, client, book, closer
+        self.protector, self.repairs, self.account_events, self.legs = protector, repairs, account_events, legs
+        self.halted, self.full_every, self._ticks = halted, max(1, full_every), 0
 
     async def reconcile(self, full: bool | None = None) -> list[Position]:
         "Make the store and the exchange agree; the positions this closed."
         full = self._ticks % self.full_every == 0 if full is None else full
         self._ticks += 1
-        state = await self.account_events.state(None if full else {p.symbol for p in self.book.values()})
-        self._balance, self._risks = state.balance, state.positions
-        plan = plan_reconcile(list(self.book.values()), state, self.clock.now_ms(), unknown=self.live.unknown_positions,
+        state = await self.account_events.state(None if full else {p.symbol for p in self.book.held.values()})
+        self.book.balance, self.book.risks = state.balance, state.positions
+        plan = plan_reconcile(list(self.book.held.values()), state, self.clock.now_ms(), unknown=self.live.unknown_positions,
                               halted=self.halted())
         closed = []
         for action in plan:
@@ -464,30 +441,99 @@ class LiveReconciler(LiveActions):
         if self.legs is not None:
             self.legs.record_action(self.clock.now_ms(), a.symbol, what, a.reason, a.position_id)
 
+    async def _apply(self, a: Action, state: AccountState) -> Position | None:
+        p = self.book.held.get(a.position_id) if a.position_id else None
+        if p is not None and a.kind == "resolve_entry":
+            await self.repairs.resolve_entry(p)
+        elif p is not None and a.kind == "closed_on_exchange":
+            return await self.repairs.closed_there(p)
+        elif p is not None and a.kind == "place_leg" and a.leg is not None:
+            return await self.protector.protect(p, a.leg)
+        elif p is not None and a.kind == "resize":
+            p.size = abs(state.positions[p.symbol].amount)
+            self.book.save(p)
+        elif p is not None and a.kind in ("expire", "finish_close"):
+            return await self.closer.close(p, ExitReason.EXPIRY if a.kind == "expire" else ExitReason.COMMAND)
+        elif a.kind in ("adopt", "flatten"):
+            await (self.repairs.adopt if a.kind == "adopt" else self.repairs.flatten)(state.positions[a.symbol])
+        elif a.kind == "cancel_order" and a.client_id:
+            await self.client.cancel_order(a.symbol, a.client_id)
+        elif a.kind == "cancel_algo" and a.client_id:
+            await self.client.cancel_algo(a.client_id)
+        return None
+
+
 # %% ../../nbs/trading/36b_live.ipynb #18b9bd29
-class LiveExecution(LiveReconciler):
+class LiveExecution:
     "An `ExecutionBackend` that trades on Binance USDⓈ-M: exchange-side stops and targets, reconciled every tick."
+
+    name = "live"
 
     def __init__(self, trading: TradingSettings, live: LiveSettings, clock: Clock, contracts: Mapping[str, SymbolInfo],
                  client: AccountClient, *, store: PositionStore | None = None, legs: LegStore | None = None,
                  account_events: AccountEvents | None = None, full_every: int = 30, halted: Callable[[], bool] | None = None):
-        super().__init__(store)
-        self.settings, self.live, self.clock, self.contracts, self.client = trading, live, clock, contracts, client
-        self.orders, self.legs = LegPlacer(live, clock, contracts, client, legs), legs
-        self.account_events = RestAccount(client) if account_events is None else account_events
-        self.halted: Callable[[], bool] = (lambda: False) if halted is None else halted  # the bot's: its breaker is HALTED
-        self.full_every, self._ticks, self._symbols = max(1, full_every), 0, {}
+        self.clock, self.client, self.store, self.legs = clock, client, store, legs
+        self.book, self.placer = LiveBook(store), LegPlacer(live, clock, contracts, client, legs)
+        self.closer = LiveCloser(clock, client, self.book, self.placer)
+        self.protector = LiveProtector(clock, self.book, self.placer, self.closer)
+        self.opener = LiveOpener(trading, live, clock, contracts, client, self.book, self.placer, self.protector)
+        repairs = LiveRepairs(trading, live, clock, contracts, client, self.book, self.placer, self.closer, self.protector)
+        events = RestAccount(client) if account_events is None else account_events
+        stopped = (lambda: False) if halted is None else halted  # the bot's: its breaker is HALTED
+        self.reconciler = Reconciler(live, clock, client, self.book, self.closer, self.protector, repairs, events, legs,
+                                     stopped, full_every)
+
+    @property
+    def positions(self) -> list[Position]:
+        return list(self.book.held.values())
+
+    @property
+    def balance(self) -> float:
+        return self.book.balance
+
+    def unrealized_pnl(self) -> float:
+        return self.book.unrealized_pnl()
+
+    def equity(self) -> float:
+        return self.book.balance + self.book.unrealized_pnl()
+
+    def marked_positions(self) -> list[Position]:
+        return self.positions
+
+    def account(self) -> Account:
+        return self.book.account()
+
+    def restore(self, positions: Sequence[Position] | None = None) -> int:
+        return self.book.restore(positions)
+
+    async def open(self, signal: Signal, *, rank: int = 1, size_factor: float = 1.0) -> Position | Refusal:
+        "Open `signal` on the exchange and protect it, or return the `Refusal`."
+        return await self.opener.open(signal, rank, size_factor)
+
+    async def close(self, position: Position, reason: ExitReason = ExitReason.COMMAND) -> Position:
+        "Close `position` at the market: legs cancelled, reduce-only exit, booked from the exchange's records."
+        if self.book.held.get(position.id) is not position or not position.is_open:
+            raise StateError(f"{position.symbol} {position.side.name}: not an open position of this backend")
+        return await self.closer.close(position, reason)
 
     async def update(self, prices: PriceSnapshot, *, bar_extremes: BarExtremes | None = None,
                      funding_rates: Mapping[str, float] | None = None) -> list[Position]:
         "Reconcile with the exchange (stops and targets fire there), then mark the open positions to `prices`."
         closed = await self.reconcile()
-        self.mark(prices, self.clock.now_ms())
+        self.book.mark(prices, self.clock.now_ms())
         return closed
+
+    async def reconcile(self, full: bool | None = None) -> list[Position]:
+        "Make the store and the exchange agree; the positions this closed."
+        return await self.reconciler.reconcile(full)
 
     async def flatten(self) -> list[Position]:
         "Close every open position (legs cancelled first); the positions closed."
-        return [await self._close(p, ExitReason.COMMAND) for p in list(self.book.values()) if p.is_open]
+        return [await self.closer.close(p, ExitReason.COMMAND) for p in self.positions if p.is_open]
+
+    def __repr__(self):
+        return f"{type(self).__name__}({len(self.book.held)} open, balance {self.book.balance:.2f})"
+
 
 # %% ../../nbs/trading/36b_live.ipynb #bcadfc48
 async def flatten_account(client: AccountClient, contracts: Mapping[str, SymbolInfo]) -> tuple[list[str], bool]:
