@@ -33,7 +33,8 @@ from .virtual import PositionStore
 
 # %% auto #0
 __all__ = ['log', 'RefusalReason', 'Refusal', 'EntryPlan', 'Account', 'plan_entry', 'ExecutionBackend', 'own_limits',
-           'position_from_plan', 'exit_price', 'log_opened', 'log_closed', 'PaperAccount', 'PaperExecution']
+           'position_from_plan', 'exit_price', 'log_opened', 'log_closed', 'real_to_restore', 'PaperAccount',
+           'PaperExecution']
 
 # %% ../../nbs/trading/36_execution.ipynb #b4c9a37e
 log = logging.getLogger(__name__)
@@ -253,6 +254,16 @@ def log_closed(p: Position) -> None:
         p.r_multiple,
     )
 
+# %% ../../nbs/trading/36_execution.ipynb #a5bc9391
+def real_to_restore(store: PositionStore | None, positions: Sequence[Position] | None = None) -> Sequence[Position]:
+    "`positions` (by default the store's open REAL ones), each checked to be REAL: what a backend takes back at a restart."
+    if positions is None:
+        positions = [] if store is None else store.load_open(Kind.REAL)
+    for p in positions:
+        if p.kind is not Kind.REAL:
+            raise StateError(f"{p.symbol}: a {p.kind.name} position cannot be restored as real")
+    return positions
+
 # %% ../../nbs/trading/36_execution.ipynb #59bbdb311c014d738909a11f9e486628
 class PaperAccount:
     "The paper backend's account: open positions in a `PositionBook`, the cash balance, the store they are written to."
@@ -286,11 +297,8 @@ class PaperAccount:
 
     def restore(self, positions: Sequence[Position] | None = None) -> int:
         "Put back the open REAL positions (by default the store's) after a restart; how many."
-        if positions is None:
-            positions = [] if self.store is None else self.store.load_open(Kind.REAL)
+        positions = real_to_restore(self.store, positions)
         for p in positions:
-            if p.kind is not Kind.REAL:
-                raise StateError(f"{p.symbol}: a {p.kind.name} position cannot be restored as real")
             self.book.add(p)
         return len(positions)
 

@@ -27,7 +27,7 @@ from tradelab.exchange.orders import (
     order_params,
 )
 from ..records import PriceSnapshot, Side, Signal, SymbolInfo, round_price, round_qty
-from .execution import Account, EntryPlan, Refusal, RefusalReason, plan_entry
+from .execution import Account, EntryPlan, Refusal, RefusalReason, plan_entry, real_to_restore
 from .positions import BarExtremes, ExitReason, Kind, Position, PositionState
 from .reconcile import AccountEvents, AccountState, Action, LegStore, OrderLeg, RestAccount, plan_reconcile
 from .virtual import PositionStore
@@ -204,11 +204,8 @@ class LiveBook:
 
     def restore(self, positions: Sequence[Position] | None = None) -> int:
         "Put back the stored open real positions (PENDING ones too: reconciliation resolves them)."
-        if positions is None:
-            positions = [] if self.store is None else self.store.load_open(Kind.REAL)
+        positions = real_to_restore(self.store, positions)
         for p in positions:
-            if p.kind is not Kind.REAL:
-                raise StateError(f"{p.symbol}: a {p.kind.name} position cannot be restored as real")
             self.held[p.id] = p
         return len(positions)
 
