@@ -8,9 +8,10 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 from processes import bot_env, command, heartbeats, kill_session, sim_process, wait_for
+
+from tradelab.ops.status import STATUS_FILE
 
 TIMING = ("wall_s", "stage_ms", "log_file")
 
@@ -66,12 +67,20 @@ def test_ctrl_c_ends_demo_without_a_traceback(tmp_path):
     assert code == 130, (code, err[-2000:])
 
 
+def _scanned(home) -> bool:
+    "Whether the run's status file says a scan has ended (a busy machine may take a while to start)."
+    try:
+        return json.loads((home / STATUS_FILE).read_text())["last_cycles"]["scan"] is not None
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def test_ctrl_c_ends_run_with_a_summary_and_without_a_traceback(tmp_path):
     with sim_process(12, 5) as url:
         proc = subprocess.Popen([command("tradelab"), "run", "--home", str(tmp_path / "home"), "--log-level", "WARNING"],
                                 env=bot_env(url, 12), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-        time.sleep(8)  # start-up, the first scans
+        wait_for(lambda: _scanned(tmp_path / "home") or proc.poll() is not None, 180, "a finished scan")
         code, out, err = _interrupt(proc)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert code == 0, (code, err[-2000:])
